@@ -1,0 +1,151 @@
+"""Domain types shared by every part of the gateway.
+
+Plain, frozen, typed values: the parser produces them, the routing decision consumes them, the
+adapters (transport, store, CLI) carry them. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NewType
+
+Eui = NewType("Eui", str)
+"""An EUI-64 as written in DUIS: eight upper-case hex pairs joined by '-', e.g. 00-DB-12-34-56-78-90-A0."""
+
+_EUI_RE = re.compile(r"[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){7}")
+MAX_COUNTER = 2**64 - 1
+
+
+def parse_eui(text: str) -> Eui:
+    """Normalise an EUI-64 to DUIS upper-case form; ValueError if it is not one."""
+    if _EUI_RE.fullmatch(text) is None:
+        raise ValueError(f"not an EUI-64 (expected 8 hex pairs joined by '-'): {text!r}")
+    return Eui(text.upper())
+
+
+def eui_to_int(eui: Eui) -> int:
+    """The EUI as a 64-bit integer: the compact key used by in-memory views."""
+    return int(eui.replace("-", ""), 16)
+
+
+def int_to_eui(value: int) -> Eui:
+    raw = f"{value:016X}"
+    return Eui("-".join(raw[i : i + 2] for i in range(0, 16, 2)))
+
+
+class Role(StrEnum):
+    """DUIS User Roles."""
+
+    IMPORT_SUPPLIER = "IS"
+    EXPORT_SUPPLIER = "ES"
+    GAS_SUPPLIER = "GS"
+    ELECTRICITY_DISTRIBUTOR = "ED"
+    GAS_TRANSPORTER = "GT"
+    REGISTERED_SUPPLIER_AGENT = "RSA"
+    OTHER_USER = "OU"
+
+
+class DeviceType(StrEnum):
+    ESME = "ESME"
+    GSME = "GSME"
+    CHF = "CHF"
+    GPF = "GPF"
+    PPMID = "PPMID"
+    HCALCS = "HCALCS"
+    IHD = "IHD"
+
+
+class DeviceStatus(StrEnum):
+    """Smart Metering Inventory status."""
+
+    PENDING = "Pending"
+    WHITELISTED = "Whitelisted"
+    INSTALLED_NOT_COMMISSIONED = "InstalledNotCommissioned"
+    COMMISSIONED = "Commissioned"
+    DECOMMISSIONED = "Decommissioned"
+    WITHDRAWN = "Withdrawn"
+    SUSPENDED = "Suspended"
+    RECOVERED = "Recovered"
+
+
+class Tariff(StrEnum):
+    """Tariff regime of the metering point; multi-rate, Economy 7 and RTS need a communicating meter."""
+
+    SINGLE = "single"
+    MULTI_RATE = "multi-rate"
+    ECONOMY7 = "economy7"
+    RTS = "rts"
+
+
+# CommandVariant values (DUIS): 1-3 non-critical, 4 critical to be transformed, 5-7 signed
+# pre-commands, 8 non-device requests handled by the DCC itself.
+NON_DEVICE_COMMAND_VARIANT = 8
+COMMAND_VARIANTS = range(1, 9)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestId:
+    """DUIS RequestID: originator EUI : target EUI : counter (counters rise per originator)."""
+
+    originator: Eui
+    target: Eui
+    counter: int
+
+    def __str__(self) -> str:
+        return f"{self.originator}:{self.target}:{self.counter}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlagInstruction:
+    """Body of the MP169 flag Service Requests 8.15.1 (set) and 8.15.2 (remove)."""
+
+    device_id: Eui
+    set: bool
+    all_reasonable_steps_taken: bool
+    consumer_reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequest:
+    """A parsed DUIS sr:Request: the header, plus what routing needs from the body."""
+
+    request_id: RequestId
+    command_variant: int
+    service_reference: str
+    srv: str
+    body_element: str
+    """Local name of the Body's child, e.g. ReadActiveImportProfileData."""
+    concerned_devices: tuple[Eui, ...]
+    """Devices the request is about: the RequestID target for device requests (CV 1-7); for
+    non-device requests (CV 8) the devices named in the body (11.1 DeviceIDList, 5.1 DeviceID,
+    8.15.x DeviceID, ...), possibly empty."""
+    scheduled_srv: str | None = None
+    """5.1 Create Schedule: the SRV the DCC will execute on the schedule."""
+    flag: FlagInstruction | None = None
+    """8.15.1 / 8.15.2: the flag instruction."""
+    raw: bytes = field(default=b"", repr=False, compare=False)
+
+
+class DeviceMessageKind(StrEnum):
+    RESPONSE = "response"
+    DEVICE_ALERT = "device-alert"
+    DCC_ALERT = "dcc-alert"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMessage:
+    """A parsed DUIS sr:Response that a device (or the DCC) publishes on dsp/device/<eui>/up."""
+
+    kind: DeviceMessageKind
+    response_code: str
+    request_id: RequestId | None
+    """The request this answers (responses), from Header/RequestID."""
+    srv: str | None
+    """ResponseMessage/ServiceReferenceVariant for responses, if present."""
+    alert_code: str | None
+    """Upper-case hex GBCS alert code (DeviceAlertMessage/AlertCode) or a DCC alert code (AD1, N1...)."""
+    scheduled: bool = False
+    """True for a DCC-scheduled execution (ResponseMessage carries DSPScheduledMessage)."""
+    raw: bytes = field(default=b"", repr=False, compare=False)
