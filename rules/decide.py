@@ -1,0 +1,281 @@
+"""The routing decision: pure functions from a parsed message, the facts about it and the rules table.
+
+No I/O, no clock, no logging: the same inputs always give an equal decision. The caller (the pipeline,
+`mp169 check`) gathers the facts (user roles, inventory status, flags) and acts on the decision. Every
+MP169 choice comes from rules/table.toml; this module only applies it, in this order:
+known SRV, CommandVariant, user roles, devices, locally handled requests, consumer choice, forward.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from gateway.model import (
+    NON_DEVICE_COMMAND_VARIANT,
+    DeviceMessageKind,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    Role,
+)
+from rules.codes import ResponseCode
+from rules.table import FLAG_SRVS, Category, RulesTable, SrvRule
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from gateway.model import DeviceMessage, ServiceRequest
+
+READ_INVENTORY = "8.2"
+CREATE_SCHEDULE = "5.1"
+NON_CRITICAL_COMMAND_VARIANTS = frozenset({1, 2, 3})
+"""Non-critical Service Requests: via WAN, for local delivery, or both."""
+CRITICAL_COMMAND_VARIANTS = frozenset({4, 5, 6, 7})
+"""Critical Service Requests: to be transformed (4), or signed pre-commands (5 WAN, 6 local, 7 both)."""
+INACTIVE_STATUSES = frozenset({DeviceStatus.DECOMMISSIONED, DeviceStatus.WITHDRAWN})
+
+_GBCS_ALERT_CODE = re.compile(r"[0-9A-F]{4}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    device_id: Eui
+    device_type: DeviceType
+    smets: int
+    status: DeviceStatus
+    flagged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    requester_roles: frozenset[Role] | None
+    """None: roles not checked (offline `mp169 check`); empty: unknown user."""
+    devices: Mapping[Eui, DeviceFacts]
+    """Facts for request.concerned_devices (5.1: the schedule's device); absent = unknown device."""
+    dcc_eui: Eui
+
+
+class Action(StrEnum):
+    FORWARD = "forward"
+    REFUSE = "refuse"
+    REJECT = "reject"
+    LOCAL = "handle-locally"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    response_code: ResponseCode
+    reason: str
+    """Machine-readable, kebab-case (consumer-choice, unknown-srv, role-not-eligible...)."""
+    detail: str
+    """A sentence a supplier can pass on."""
+    rule: SrvRule | None
+
+
+class Delivery(StrEnum):
+    DELIVER = "deliver"
+    WITHHOLD = "withhold"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDecision:
+    delivery: Delivery
+    reason: str
+    detail: str
+    category: Category | None
+    notify_network_operator: bool
+
+
+def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> Decision:  # noqa: C901, PLR0911, PLR0912 - one flat list of checks in the documented order
+    """What the gateway does with a Service Request, and which DUIS response code says so."""
+    srv = request.srv
+    rule = table.srvs.get(srv)
+    if rule is None:
+        return _reject(ResponseCode.INVALID_REQUEST, "unknown-srv", f"SRV {srv} is not in the rules table.")
+    if request.service_reference != rule.service_reference:
+        return _reject(
+            ResponseCode.INVALID_REQUEST,
+            "service-reference",
+            f"ServiceReference {request.service_reference} does not belong to SRV {srv} "
+            f"(expected {rule.service_reference}).",
+            rule,
+        )
+
+    variant = request.command_variant
+    if rule.non_device:
+        if variant != NON_DEVICE_COMMAND_VARIANT or request.request_id.target != facts.dcc_eui:
+            return _reject(
+                ResponseCode.INVALID_REQUEST,
+                "command-variant",
+                f"{rule.name} ({srv}) is a non-device request: it needs CommandVariant 8 and the DCC "
+                f"({facts.dcc_eui}) as RequestID target, not CommandVariant {variant} to "
+                f"{request.request_id.target}.",
+                rule,
+            )
+    elif variant not in (CRITICAL_COMMAND_VARIANTS if rule.critical else NON_CRITICAL_COMMAND_VARIANTS):
+        allowed = "4 to 7" if rule.critical else "1 to 3"
+        kind = "critical" if rule.critical else "non-critical"
+        return _reject(
+            ResponseCode.INVALID_REQUEST,
+            "command-variant",
+            f"{rule.name} ({srv}) is a {kind} device request: CommandVariant must be {allowed}, "
+            f"not {variant}.",
+            rule,
+        )
+
+    roles = facts.requester_roles
+    if roles is not None:
+        if not roles:
+            return _reject(
+                ResponseCode.USER_NOT_AUTHORISED,
+                "unknown-user",
+                f"User {request.request_id.originator} is not a known DCC user.",
+                rule,
+            )
+        if roles.isdisjoint(rule.eligible_roles):
+            return _reject(
+                ResponseCode.ROLE_NOT_ELIGIBLE,
+                "role-not-eligible",
+                f"None of the user's roles ({_roles(roles)}) may send {rule.name} ({srv}); "
+                f"eligible: {_roles(rule.eligible_roles) or 'none'}.",
+                rule,
+            )
+
+    flagged: Eui | None = None
+    devices = facts.devices
+    for eui in request.concerned_devices:
+        device = devices.get(eui)
+        if device is None:
+            return _reject(
+                ResponseCode.UNKNOWN_DEVICE,
+                "unknown-device",
+                f"Device {eui} is not in the Smart Metering Inventory.",
+                rule,
+            )
+        if device.status in INACTIVE_STATUSES:
+            return _reject(
+                ResponseCode.DEVICE_STATUS_INVALID,
+                "device-status",
+                f"Device {eui} is {device.status}: it takes no more Service Requests.",
+                rule,
+            )
+        if flagged is None and device.flagged:
+            flagged = eui
+
+    if srv in FLAG_SRVS:
+        # Placeholder code: the flag handler decides the outcome (responsible supplier, exceptions).
+        return Decision(Action.LOCAL, ResponseCode.SUCCESS, "flag-request", _FLAG_REQUEST, rule)
+    if srv == READ_INVENTORY:
+        return Decision(Action.LOCAL, ResponseCode.SUCCESS, "read-inventory", _READ_INVENTORY, rule)
+
+    if flagged is not None and rule.refused_when_flagged:
+        return _refuse(rule, f"{rule.name} ({srv}) returns consumption data", flagged)
+    if srv == CREATE_SCHEDULE:
+        scheduled_srv = request.scheduled_srv
+        scheduled = table.srvs.get(scheduled_srv) if scheduled_srv is not None else None
+        if scheduled is None:
+            return _reject(
+                ResponseCode.INVALID_REQUEST,
+                "unknown-srv",
+                f"Create Schedule names SRV {scheduled_srv}, which is not in the rules table."
+                if scheduled_srv is not None
+                else "Create Schedule names no SRV to schedule.",
+                rule,
+            )
+        if flagged is not None and scheduled.refused_when_flagged:
+            return _refuse(
+                rule,
+                f"a schedule of {scheduled.name} ({scheduled.srv}) would return consumption data",
+                flagged,
+            )
+    return Decision(Action.FORWARD, ResponseCode.ACKNOWLEDGED, "forwarded", _FORWARDED, rule)
+
+
+def decide_device_message(
+    message: DeviceMessage, device: DeviceFacts | None, table: RulesTable
+) -> MessageDecision:
+    """Whether a device's response or alert reaches users; device None: not in the inventory."""
+    flagged = device is not None and device.flagged
+    if message.kind is DeviceMessageKind.RESPONSE:
+        srv = message.srv
+        rule = table.srvs.get(srv) if srv is not None else None
+        if rule is None:
+            return MessageDecision(
+                Delivery.REJECT,
+                "unknown-srv",
+                f"The response is for SRV {srv}, which is not in the rules table."
+                if srv is not None
+                else "The response names no SRV.",
+                None,
+                notify_network_operator=False,
+            )
+        if flagged and rule.refused_when_flagged:
+            return MessageDecision(
+                Delivery.WITHHOLD,
+                "consumer-choice",
+                f"The consumer has chosen reduced communications for this device (MP169): the "
+                f"{rule.name} ({rule.srv}) data it sent was not passed on.",
+                rule.category,
+                notify_network_operator=False,
+            )
+        return MessageDecision(
+            Delivery.DELIVER, "delivered", _DELIVERED, rule.category, notify_network_operator=False
+        )
+
+    code = message.alert_code
+    alert = table.alert(code) if code is not None else None
+    # A GBCS code must come in a device alert and a DCC code (AD1, N1...) in a DCC alert.
+    if alert is None or (message.kind is DeviceMessageKind.DEVICE_ALERT) != bool(
+        _GBCS_ALERT_CODE.fullmatch(alert.code)
+    ):
+        return MessageDecision(
+            Delivery.REJECT,
+            "unknown-alert-code",
+            f"Alert code {code} is not a known {message.kind} code in the rules table."
+            if code is not None
+            else "The alert carries no alert code.",
+            None,
+            notify_network_operator=False,
+        )
+    if flagged and alert.withheld_when_flagged:
+        return MessageDecision(
+            Delivery.WITHHOLD,
+            "consumer-choice",
+            f"The consumer has chosen reduced communications for this device (MP169): alert {alert.code} "
+            f"{alert.name} carries consumption data and was not passed on.",
+            alert.category,
+            notify_network_operator=False,
+        )
+    return MessageDecision(
+        Delivery.DELIVER, "delivered", _DELIVERED, alert.category, alert.notify_network_operator
+    )
+
+
+_FORWARDED = "Forwarded for delivery; the response follows."
+_DELIVERED = "Delivered to the users it concerns."
+_FLAG_REQUEST = "MP169 flag request: decided by the gateway's flag handler."
+_READ_INVENTORY = "Read Inventory: answered by the gateway, with each device's MP169 flag."
+
+
+def _reject(code: ResponseCode, reason: str, detail: str, rule: SrvRule | None = None) -> Decision:
+    return Decision(Action.REJECT, code, reason, detail, rule)
+
+
+def _refuse(rule: SrvRule, what: str, device: Eui) -> Decision:
+    return Decision(
+        Action.REFUSE,
+        ResponseCode.CONSUMER_CHOICE,
+        "consumer-choice",
+        f"The consumer has chosen reduced communications for device {device} (MP169): {what}, "
+        "so it was not sent.",
+        rule,
+    )
+
+
+def _roles(roles: frozenset[Role]) -> str:
+    return " ".join(sorted(role.value for role in roles))
