@@ -1,0 +1,330 @@
+"""Administration commands: `mp169 inventory import`, `mp169 users import`, `mp169 flags show`.
+
+Imports upsert: a row for a device already known updates it, which is how a Change of Supplier or
+a tariff change reaches the gateway (a running gateway picks it up within a second). A file is
+validated whole first; one bad line and nothing is imported (exit status 1, every bad line named).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+from gateway.config import ConfigError, load_settings
+from gateway.inventory import (
+    DeviceRecord,
+    InventoryFileError,
+    UserRecord,
+    parse_inventory,
+    parse_users,
+    responsible_supplier,
+)
+from gateway.model import parse_eui
+from gateway.store import OUTCOME_ACCEPTED, OUTCOME_UNCHANGED, FlagEvent, FlagState, SqliteStore, UpsertCounts
+from rules.codes import ResponseCode
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Awaitable, Callable, Iterable
+
+    from gateway.model import Eui
+
+_Record = TypeVar("_Record", DeviceRecord, UserRecord)
+
+# A broken file of a million lines would bury the terminal: the first ones say what is wrong.
+_SHOWN_PROBLEMS = 100
+EXIT_BAD_FILE = 1
+EXIT_USAGE = 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inventory = subparsers.add_parser("inventory", help="Smart Metering Inventory administration")
+    inventory_actions = inventory.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command = inventory_actions.add_parser(
+        "import", help="validate an inventory CSV and upsert it (all or nothing)"
+    )
+    command.add_argument("file", type=Path, metavar="FILE.csv")
+    _config_option(command)
+    command.set_defaults(handler=import_inventory)
+
+    users = subparsers.add_parser("users", help="user registry administration")
+    users_actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command = users_actions.add_parser("import", help="validate a users CSV and upsert it (all or nothing)")
+    command.add_argument("file", type=Path, metavar="FILE.csv")
+    _config_option(command)
+    command.set_defaults(handler=import_users)
+
+    flags = subparsers.add_parser("flags", help="MP169 reduced-communications flags")
+    flags_actions = flags.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command = flags_actions.add_parser(
+        "show", help="current flags and their history (of one device, or of all: the most recent)"
+    )
+    command.add_argument(
+        "device", nargs="?", metavar="DEVICE", help="a Device ID, e.g. 00-DB-12-34-56-78-90-A0"
+    )
+    command.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    command.add_argument(
+        "--limit", type=int, default=20, help="history events shown without DEVICE (default 20)"
+    )
+    _config_option(command)
+    command.set_defaults(handler=show_flags)
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None, metavar="PATH", help="configuration file (default ./config.toml)"
+    )
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    return Path(load_settings(args.config).store.path)
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"mp169: {message}\n")
+
+
+# -- imports ------------------------------------------------------------------------------------------
+
+
+def import_inventory(args: argparse.Namespace) -> int:
+    return _import(args, "devices", parse_inventory, SqliteStore.upsert_devices)
+
+
+def import_users(args: argparse.Namespace) -> int:
+    return _import(args, "users", parse_users, SqliteStore.upsert_users)
+
+
+def _import(
+    args: argparse.Namespace,
+    noun: str,
+    parse: Callable[[Iterable[str]], list[_Record]],
+    upsert: Callable[[SqliteStore, list[_Record]], Awaitable[UpsertCounts]],
+) -> int:
+    source: Path = args.file
+    try:
+        path = _store_path(args)
+        with source.open(encoding="utf-8-sig", newline="") as lines:
+            records = parse(lines)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except (OSError, UnicodeDecodeError) as exc:
+        _error(f"{source}: cannot read: {exc}")
+        return EXIT_BAD_FILE
+    except InventoryFileError as exc:
+        problems = exc.problems
+        _error(f"{source}: {len(problems)} bad line(s); nothing imported")
+        for problem in problems[:_SHOWN_PROBLEMS]:
+            sys.stderr.write(f"{source}:{problem.line}: {problem.message}\n")
+        if len(problems) > _SHOWN_PROBLEMS:
+            sys.stderr.write(f"... and {len(problems) - _SHOWN_PROBLEMS} more bad line(s)\n")
+        return EXIT_BAD_FILE
+
+    async def run() -> UpsertCounts:
+        async with SqliteStore(path) as store:
+            return await upsert(store, records)
+
+    counts = asyncio.run(run())
+    sys.stdout.write(
+        f"imported {counts.received:,} {noun} from {source} into {path}: {counts.inserted:,} new, "
+        f"{counts.updated:,} updated, {counts.unchanged:,} unchanged\n"
+    )
+    return 0
+
+
+# -- flags show -------------------------------------------------------------------------------------
+
+
+def show_flags(args: argparse.Namespace) -> int:
+    try:
+        path = _store_path(args)
+        device = None if args.device is None else parse_eui(args.device)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if not path.exists():
+        _error(f"no database at {path} (import an inventory first)")
+        return EXIT_BAD_FILE
+    if device is None:
+        flags, history = asyncio.run(_all_flags(path, args.limit))
+        if args.json:
+            _write_json({"flags": [_flag_json(flag) for flag in flags], "history": _history_json(history)})
+        else:
+            _print_all(flags, history)
+        return 0
+    record, flag, history = asyncio.run(_device_flag(path, device))
+    if args.json:
+        _write_json(
+            {
+                "device": None if record is None else _device_json(record),
+                "flag": None if flag is None else _flag_json(flag),
+                "history": _history_json(history),
+            }
+        )
+    else:
+        _print_device(device, record, flag, history)
+    return 0
+
+
+async def _all_flags(path: Path, limit: int) -> tuple[list[FlagState], list[FlagEvent]]:
+    async with SqliteStore(path) as store:
+        flags = list((await store.load_flags()).values())
+        return flags, await store.flag_history(limit=limit)
+
+
+async def _device_flag(
+    path: Path, device: Eui
+) -> tuple[DeviceRecord | None, FlagState | None, list[FlagEvent]]:
+    async with SqliteStore(path) as store:
+        flags = await store.load_flags()
+        return await store.get_device(device), flags.get(device), await store.flag_history(device)
+
+
+def _write_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _refusal_name(code: str) -> str:
+    return ResponseCode(code).name.lower().replace("_", "-")
+
+
+def _legend(history: list[FlagEvent]) -> str:
+    codes = sorted({event.outcome for event in history} - {OUTCOME_ACCEPTED, OUTCOME_UNCHANGED})
+    return "; ".join(f"{code} {_refusal_name(code)}" for code in codes)
+
+
+def _flag_json(flag: FlagState) -> dict[str, Any]:
+    return {
+        "device_id": flag.device_id,
+        "set_by": flag.set_by,
+        "set_at": flag.set_at.isoformat(),
+        "request_id": flag.request_id,
+        "consumer_reference": flag.consumer_reference,
+    }
+
+
+def _history_json(history: list[FlagEvent]) -> list[dict[str, Any]]:
+    return [
+        {
+            "at": event.at.isoformat(),
+            "device_id": event.device_id,
+            "action": "set" if event.set else "clear",
+            "requester": event.requester,
+            "request_id": event.request_id,
+            "declaration": event.declaration,
+            "consumer_reference": event.consumer_reference,
+            "outcome": event.outcome,
+        }
+        for event in history
+    ]
+
+
+def _device_json(record: DeviceRecord) -> dict[str, Any]:
+    return {
+        "device_id": record.device_id,
+        "device_type": record.device_type.value,
+        "smets": record.smets,
+        "status": record.status.value,
+        "comms_hub_id": record.comms_hub_id,
+        "mpxn": record.mpxn,
+        "import_supplier": record.import_supplier,
+        "export_supplier": record.export_supplier,
+        "gas_supplier": record.gas_supplier,
+        "responsible_supplier": responsible_supplier(record),
+        "tariff": record.tariff.value,
+        "wan": record.wan,
+        "network_operator": record.network_operator,
+    }
+
+
+def _counter(request_id: str) -> str:
+    # The originator is the requester column and the target the DCC: the counter is what is left.
+    return request_id.rsplit(":", 1)[-1]
+
+
+def _history_table(title: str, history: list[FlagEvent], *, with_device: bool) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("at (UTC)", no_wrap=True)
+    if with_device:
+        table.add_column("device", no_wrap=True)
+    table.add_column("action")
+    table.add_column("requester", no_wrap=True)
+    table.add_column("counter", justify="right")
+    table.add_column("declared")
+    table.add_column("reference")
+    table.add_column("outcome")
+    for event in history:
+        row = [
+            event.at.strftime("%Y-%m-%d %H:%M:%S"),
+            "set" if event.set else "clear",
+            event.requester,
+            _counter(event.request_id),
+            "" if event.declaration is None else ("yes" if event.declaration else "no"),
+            event.consumer_reference or "",
+            event.outcome,
+        ]
+        if with_device:
+            row.insert(1, event.device_id)
+        table.add_row(*row)
+    return table
+
+
+def _print_all(flags: list[FlagState], history: list[FlagEvent]) -> None:
+    console = Console()
+    table = Table(title=f"Devices with reduced communications: {len(flags)}", title_justify="left")
+    table.add_column("device", no_wrap=True)
+    table.add_column("set by", no_wrap=True)
+    table.add_column("set at (UTC)", no_wrap=True)
+    table.add_column("counter", justify="right")
+    table.add_column("reference")
+    for flag in flags:
+        table.add_row(
+            flag.device_id,
+            flag.set_by,
+            flag.set_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _counter(flag.request_id),
+            flag.consumer_reference or "",
+        )
+    console.print(table)
+    console.print(_history_table(f"Latest flag requests: {len(history)}", history, with_device=True))
+    _print_legend(console, history)
+
+
+def _print_device(
+    device: Eui, record: DeviceRecord | None, flag: FlagState | None, history: list[FlagEvent]
+) -> None:
+    console = Console()
+    if record is None:
+        console.print(f"{device}: not in the inventory")
+    else:
+        console.print(
+            f"{device}: {record.device_type} SMETS{record.smets} {record.status}, "
+            f"responsible supplier {responsible_supplier(record) or 'none'}, tariff {record.tariff}, "
+            f"WAN {'yes' if record.wan else 'no'}"
+        )
+    if flag is None:
+        console.print("Reduced communications: not set")
+    else:
+        reference = f", consumer reference {flag.consumer_reference}" if flag.consumer_reference else ""
+        console.print(
+            f"Reduced communications: SET since {flag.set_at:%Y-%m-%d %H:%M:%S} UTC by {flag.set_by} "
+            f"(request {flag.request_id}{reference})"
+        )
+    console.print(_history_table(f"Flag history: {len(history)}", history, with_device=False))
+    _print_legend(console, history)
+
+
+def _print_legend(console: Console, history: list[FlagEvent]) -> None:
+    legend = _legend(history)
+    if legend:
+        console.print(f"Refused: {legend}")

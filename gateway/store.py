@@ -1,0 +1,605 @@
+"""The durable store: Smart Metering Inventory, users, MP169 flags, flag history and RequestID counters.
+
+`FlagStore` is the small async interface the gateway uses; `SqliteStore` implements it over one
+SQLite file through aiosqlite (WAL, so the outcome recorder's connection and `mp169 inventory
+import` from another process work beside the daemon). A PostgreSQL implementation of the same
+interface is the scale-out path (design.md section 3).
+
+Writes are explicit transactions (`BEGIN IMMEDIATE`): an inventory upsert is all or nothing, and
+`commit` applies one batch of flag events and RequestID counters in one transaction. Every inventory
+and user upsert stamps the rows it changes with the next value of one rising sequence (`change_seq`),
+so a running gateway fetches only what changed since it last looked (`devices_changed_since`,
+`users_changed_since`).
+
+Schema migrations are versioned per component in `schema_migrations(component, version)`:
+`migrate()` applies a component's ordered list of SQL scripts, each with its version row, in one
+transaction; this module's tables are component "core", gateway.outcomes registers "outcomes".
+Times are ISO-8601 UTC text, EUIs DUIS upper-case text, RequestID counters (u64) decimal text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import aiosqlite
+
+from gateway.inventory import NOT_A_DEVICE, DeviceRecord, UserRecord
+from gateway.model import MAX_COUNTER, DeviceStatus, DeviceType, Eui, Role, Tariff
+from rules.codes import ResponseCode
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+    from pathlib import Path
+    from types import TracebackType
+
+CORE = "core"
+
+# Component "core": each entry is one migration; its version is its position + 1.
+# Append new migrations; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        device_type TEXT NOT NULL,
+        smets INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        comms_hub_id TEXT,
+        mpxn TEXT,
+        import_supplier TEXT,
+        export_supplier TEXT,
+        gas_supplier TEXT,
+        network_operator TEXT,
+        tariff TEXT NOT NULL,
+        wan INTEGER NOT NULL,
+        updated_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX devices_updated ON devices (updated_seq);
+    -- updated_seq: as for devices, so a running gateway picks up role changes.
+    CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        roles TEXT NOT NULL,
+        updated_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX users_updated ON users (updated_seq);
+    -- One row per currently flagged device.
+    CREATE TABLE flags (
+        device_id TEXT PRIMARY KEY REFERENCES devices (device_id),
+        set_by TEXT NOT NULL,
+        set_at TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        consumer_reference TEXT
+    ) WITHOUT ROWID;
+    -- Every flag Service Request, refused ones too (for unknown devices as well: no foreign key).
+    CREATE TABLE flag_history (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('set', 'clear')),
+        requester TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        declaration INTEGER,
+        consumer_reference TEXT,
+        outcome TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX flag_history_device ON flag_history (device_id, id);
+    CREATE TABLE request_counters (
+        originator TEXT PRIMARY KEY,
+        counter TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
+)
+
+OUTCOME_ACCEPTED = "accepted"
+"""The flag request was accepted and changed the flag."""
+OUTCOME_UNCHANGED = "unchanged"
+"""The flag request was accepted and the flag already had the asked-for value."""
+_OUTCOMES = frozenset(
+    {
+        OUTCOME_ACCEPTED,
+        OUTCOME_UNCHANGED,
+        *(code.value for code in ResponseCode if code.value.startswith("E")),
+    }
+)
+
+_DEVICE_COLUMNS = (
+    "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
+    " gas_supplier, tariff, wan, network_operator"
+)
+_UPSERT_DEVICE = f"""
+    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (device_id) DO UPDATE SET
+        device_type = excluded.device_type, smets = excluded.smets, status = excluded.status,
+        comms_hub_id = excluded.comms_hub_id, mpxn = excluded.mpxn,
+        import_supplier = excluded.import_supplier, export_supplier = excluded.export_supplier,
+        gas_supplier = excluded.gas_supplier, tariff = excluded.tariff, wan = excluded.wan,
+        network_operator = excluded.network_operator, updated_seq = excluded.updated_seq
+    -- An unchanged row keeps its sequence number: re-importing a file costs a running gateway nothing.
+    WHERE ({_DEVICE_COLUMNS}) IS NOT (
+        excluded.device_id, excluded.device_type, excluded.smets, excluded.status,
+        excluded.comms_hub_id, excluded.mpxn, excluded.import_supplier, excluded.export_supplier,
+        excluded.gas_supplier, excluded.tariff, excluded.wan, excluded.network_operator)
+"""  # noqa: S608 - the column list is this module's constant
+_UPSERT_USER = """
+    INSERT INTO users (user_id, roles, updated_seq) VALUES (?, ?, ?)
+    ON CONFLICT (user_id) DO UPDATE SET roles = excluded.roles, updated_seq = excluded.updated_seq
+    WHERE users.roles IS NOT excluded.roles
+"""
+_LATEST_SEQ = (
+    "SELECT max(coalesce((SELECT max(updated_seq) FROM devices), 0),"
+    " coalesce((SELECT max(updated_seq) FROM users), 0))"
+)
+_SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+_BATCH = 2_000  # rows per query when loading: small batches leave less garbage in the heap
+_BUSY_TIMEOUT_MS = 30_000
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlagEvent:
+    """One flag Service Request and its outcome: a flag_history row."""
+
+    device_id: Eui
+    set: bool
+    requester: Eui
+    request_id: str
+    declaration: bool | None
+    """AllReasonableStepsTaken of a set; None for a clear."""
+    consumer_reference: str | None
+    outcome: str
+    """'accepted' (the flag changed), 'unchanged' (accepted, already so) or the refusal response code."""
+    at: datetime
+
+    def __post_init__(self) -> None:
+        if self.outcome not in _OUTCOMES:
+            raise ValueError(
+                f"flag event outcome {self.outcome!r}: not accepted, unchanged or a refusal code"
+            )
+        if self.at.tzinfo is None:
+            raise ValueError("flag event time must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitBatch:
+    """What one transaction makes durable: flag events in order, and RequestID counters."""
+
+    flag_events: Sequence[FlagEvent] = ()
+    counters: Mapping[Eui, int] = field(default_factory=dict)
+    """Highest accepted RequestID counter per originator; stored only if above the stored one."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlagState:
+    """A currently set flag: who set it, when, with which request."""
+
+    device_id: Eui
+    set_by: Eui
+    set_at: datetime
+    request_id: str
+    consumer_reference: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertCounts:
+    received: int
+    inserted: int
+    updated: int
+
+    @property
+    def unchanged(self) -> int:
+        return self.received - self.inserted - self.updated
+
+
+class FlagStore(Protocol):
+    """What the gateway needs from durable storage (SQLite now; PostgreSQL could implement it)."""
+
+    async def upsert_devices(self, records: Iterable[DeviceRecord]) -> UpsertCounts: ...
+    async def upsert_users(self, records: Iterable[UserRecord]) -> UpsertCounts: ...
+    async def get_device(self, device_id: Eui) -> DeviceRecord | None: ...
+    def load_devices(self, batch_size: int = _BATCH) -> AsyncIterator[list[DeviceRecord]]: ...
+    async def device_count(self) -> int: ...
+    async def load_users(self) -> list[UserRecord]: ...
+    async def load_flags(self) -> dict[Eui, FlagState]: ...
+    async def flag_history(self, device: Eui | None = None, limit: int | None = None) -> list[FlagEvent]: ...
+    async def commit(self, batch: CommitBatch) -> None: ...
+    async def load_request_counters(self) -> dict[Eui, int]: ...
+    async def change_seq(self) -> int: ...
+    def devices_changed_since(
+        self, seq: int, batch_size: int = _BATCH
+    ) -> AsyncIterator[list[DeviceRecord]]: ...
+    async def users_changed_since(self, seq: int) -> list[UserRecord]: ...
+
+
+# -- migrations -------------------------------------------------------------------------------------
+
+_MIGRATIONS_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        component TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (component, version)
+    )
+"""
+
+
+def _statements(script: str) -> Iterable[str]:
+    """Split an SQL script into statements (semicolons in strings, comments and triggers kept)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                yield pending
+            pending = ""
+
+
+async def _applied_version(db: aiosqlite.Connection, component: str, known: int) -> int:
+    async with db.execute(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations WHERE component = ?", (component,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    done = int(row[0]) if row is not None else 0
+    if done > known:
+        raise RuntimeError(
+            f"database schema of {component!r} is at version {done}, newer than this gateway's "
+            f"{known}: upgrade the gateway"
+        )
+    return done
+
+
+async def migrate(db: aiosqlite.Connection, component: str, migrations: Sequence[str]) -> int:
+    """Apply `component`'s migrations not applied yet, in order; returns the version reached.
+
+    `db` is in autocommit mode (isolation_level=None). All pending migrations and their version rows
+    are one transaction, under SQLite's write lock, so two processes starting together cannot apply
+    one twice and a failing migration leaves the database as it was.
+    """
+    await db.execute(_MIGRATIONS_TABLE)
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        done = await _applied_version(db, component, len(migrations))
+        for version, script in enumerate(migrations[done:], start=done + 1):
+            for statement in _statements(script):
+                await db.execute(statement)
+            await db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (component, version))
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    return len(migrations)
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
+    db = await aiosqlite.connect(path, isolation_level=None)
+    await db.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL: a commit survives a process crash; only an OS crash or power cut can lose the last.
+    await db.execute("PRAGMA synchronous = NORMAL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    # Another process may hold the write lock for a whole inventory import: wait rather than fail.
+    await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    return db
+
+
+# -- conversions ------------------------------------------------------------------------------------
+
+_DEVICE_TYPES = {member.value: member for member in DeviceType}
+_STATUSES = {member.value: member for member in DeviceStatus}
+_TARIFFS = {member.value: member for member in Tariff}
+
+
+def _device_row(record: DeviceRecord, seq: int) -> tuple[Any, ...]:
+    return (
+        record.device_id,
+        record.device_type.value,
+        record.smets,
+        record.status.value,
+        record.comms_hub_id,
+        record.mpxn,
+        record.import_supplier,
+        record.export_supplier,
+        record.gas_supplier,
+        record.tariff.value,
+        int(record.wan),
+        record.network_operator,
+        seq,
+    )
+
+
+def _device(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        device_type=_DEVICE_TYPES[row[1]],
+        smets=row[2],
+        status=_STATUSES[row[3]],
+        comms_hub_id=row[4],
+        mpxn=row[5],
+        import_supplier=row[6],
+        export_supplier=row[7],
+        gas_supplier=row[8],
+        tariff=_TARIFFS[row[9]],
+        wan=bool(row[10]),
+        network_operator=row[11],
+    )
+
+
+def _roles_text(roles: frozenset[Role]) -> str:
+    return " ".join(sorted(role.value for role in roles))
+
+
+def _user(row: Sequence[Any]) -> UserRecord:
+    return UserRecord(row[0], frozenset(Role(name) for name in str(row[1]).split()))
+
+
+def _time_text(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _flag_event(row: Sequence[Any]) -> FlagEvent:
+    return FlagEvent(
+        device_id=row[0],
+        set=row[1] == "set",
+        requester=row[2],
+        request_id=row[3],
+        declaration=None if row[4] is None else bool(row[4]),
+        consumer_reference=row[5],
+        outcome=row[6],
+        at=datetime.fromisoformat(row[7]),
+    )
+
+
+def _counter(value: int) -> int:
+    if not 0 <= value <= MAX_COUNTER:
+        raise ValueError(f"RequestID counter {value} is not an unsigned 64-bit integer")
+    return value
+
+
+# -- SQLite -------------------------------------------------------------------------------------------
+
+
+class SqliteStore:
+    """FlagStore over one SQLite file. One connection; its transactions are serialised by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Connect (creating the file and its folder if needed) and bring the schema up to date."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await connect(self.path)
+        try:
+            await migrate(db, CORE, MIGRATIONS)
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            async with self._lock:
+                await db.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError(f"store {self.path} is not open")
+        return self._db
+
+    async def _fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        async with self._lock, self._conn.execute(sql, parameters) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _next_seq(self, db: aiosqlite.Connection) -> int:
+        # Called inside the write transaction: no other writer can take the same number.
+        async with db.execute(_LATEST_SEQ) as cursor:
+            row = await cursor.fetchone()
+        return (int(row[0]) if row is not None else 0) + 1
+
+    async def _upsert(
+        self, table: str, sql: str, received: int, rows: Callable[[int], list[tuple[Any, ...]]]
+    ) -> UpsertCounts:
+        """One transaction; `rows(seq)` stamps the rows with the next sequence number."""
+        async with self._lock:
+            db = self._conn
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                stamped = rows(await self._next_seq(db))
+                count = f"SELECT count(*), total_changes() FROM {table}"  # noqa: S608 - table is ours
+                async with db.execute(count) as cursor:
+                    before, changes_before = await cursor.fetchone() or (0, 0)
+                await db.executemany(sql, stamped)
+                async with db.execute(count) as cursor:
+                    after, changes_after = await cursor.fetchone() or (0, 0)
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        inserted = after - before
+        updated = changes_after - changes_before - inserted
+        return UpsertCounts(received=received, inserted=inserted, updated=updated)
+
+    async def upsert_devices(self, records: Iterable[DeviceRecord]) -> UpsertCounts:
+        """Insert new devices, update known ones (Change of Supplier, tariff, status): all or nothing."""
+        devices = list(records)
+        if any(device.device_id == NOT_A_DEVICE for device in devices):
+            raise ValueError(f"{NOT_A_DEVICE} is not a Device ID")
+        return await self._upsert(
+            "devices", _UPSERT_DEVICE, len(devices), lambda seq: [_device_row(r, seq) for r in devices]
+        )
+
+    async def upsert_users(self, records: Iterable[UserRecord]) -> UpsertCounts:
+        users = list(records)
+        return await self._upsert(
+            "users",
+            _UPSERT_USER,
+            len(users),
+            lambda seq: [(user.user_id, _roles_text(user.roles), seq) for user in users],
+        )
+
+    async def get_device(self, device_id: Eui) -> DeviceRecord | None:
+        rows = await self._fetchall(f"{_SELECT_DEVICES} WHERE device_id = ?", (device_id,))
+        return _device(rows[0]) if rows else None
+
+    async def load_devices(self, batch_size: int = _BATCH) -> AsyncIterator[list[DeviceRecord]]:
+        """Every device, in batches (each batch its own query, so the lock is never held across a yield)."""
+        last = ""
+        while True:
+            rows = await self._fetchall(
+                f"{_SELECT_DEVICES} WHERE device_id > ? ORDER BY device_id LIMIT ?", (last, batch_size)
+            )
+            if not rows:
+                return
+            yield [_device(row) for row in rows]
+            last = rows[-1][0]
+
+    async def device_count(self) -> int:
+        rows = await self._fetchall("SELECT count(*) FROM devices")
+        return int(rows[0][0])
+
+    async def load_users(self) -> list[UserRecord]:
+        return [_user(row) for row in await self._fetchall("SELECT user_id, roles FROM users")]
+
+    async def load_flags(self) -> dict[Eui, FlagState]:
+        rows = await self._fetchall(
+            "SELECT device_id, set_by, set_at, request_id, consumer_reference FROM flags ORDER BY device_id"
+        )
+        return {
+            row[0]: FlagState(row[0], row[1], datetime.fromisoformat(row[2]), row[3], row[4]) for row in rows
+        }
+
+    async def flag_history(self, device: Eui | None = None, limit: int | None = None) -> list[FlagEvent]:
+        """Flag events, oldest first: of one device or of all; with `limit`, the most recent ones."""
+        where = "" if device is None else "WHERE device_id = ?"
+        parameters: tuple[Any, ...] = () if device is None else (device,)
+        sql = (
+            "SELECT device_id, action, requester, request_id, declaration, consumer_reference, outcome, at"  # noqa: S608 - constant fragments
+            f" FROM flag_history {where} ORDER BY id DESC LIMIT ?"
+        )
+        rows = await self._fetchall(sql, (*parameters, -1 if limit is None else limit))
+        return [_flag_event(row) for row in reversed(rows)]
+
+    async def commit(self, batch: CommitBatch) -> None:
+        """One durable transaction: history for every event, the flags of accepted changes, counters."""
+        async with self._lock:
+            db = self._conn
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._apply_flag_events(db, batch.flag_events)
+                await self._raise_counters(db, batch.counters)
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    async def _apply_flag_events(db: aiosqlite.Connection, events: Sequence[FlagEvent]) -> None:
+        await db.executemany(
+            "INSERT INTO flag_history (device_id, action, requester, request_id, declaration,"
+            " consumer_reference, outcome, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    event.device_id,
+                    "set" if event.set else "clear",
+                    event.requester,
+                    event.request_id,
+                    None if event.declaration is None else int(event.declaration),
+                    event.consumer_reference,
+                    event.outcome,
+                    _time_text(event.at),
+                )
+                for event in events
+            ],
+        )
+        # In order: a batch may set and clear the same device.
+        for event in events:
+            if event.outcome != OUTCOME_ACCEPTED:
+                continue
+            if event.set:
+                await db.execute(
+                    "INSERT INTO flags (device_id, set_by, set_at, request_id, consumer_reference)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET set_by = excluded.set_by,"
+                    " set_at = excluded.set_at, request_id = excluded.request_id,"
+                    " consumer_reference = excluded.consumer_reference",
+                    (
+                        event.device_id,
+                        event.requester,
+                        _time_text(event.at),
+                        event.request_id,
+                        event.consumer_reference,
+                    ),
+                )
+            else:
+                await db.execute("DELETE FROM flags WHERE device_id = ?", (event.device_id,))
+
+    @staticmethod
+    async def _raise_counters(db: aiosqlite.Connection, counters: Mapping[Eui, int]) -> None:
+        if not counters:
+            return
+        # u64 counters exceed SQLite's signed integers: compared here, stored as decimal text.
+        wanted = {originator: _counter(value) for originator, value in counters.items()}
+        names = list(wanted)
+        stored: dict[str, int] = {}
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT originator, counter FROM request_counters WHERE originator IN ({marks})",  # noqa: S608
+                chunk,
+            ) as cursor:
+                stored.update((row[0], int(row[1])) for row in await cursor.fetchall())
+        rows = [
+            (originator, str(value))
+            for originator, value in wanted.items()
+            if value > stored.get(originator, -1)
+        ]
+        await db.executemany(
+            "INSERT INTO request_counters (originator, counter) VALUES (?, ?)"
+            " ON CONFLICT (originator) DO UPDATE SET counter = excluded.counter",
+            rows,
+        )
+
+    async def load_request_counters(self) -> dict[Eui, int]:
+        rows = await self._fetchall("SELECT originator, counter FROM request_counters")
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def change_seq(self) -> int:
+        """The sequence number of the latest inventory or user upsert (0: none yet)."""
+        rows = await self._fetchall(_LATEST_SEQ)
+        return int(rows[0][0])
+
+    async def devices_changed_since(
+        self, seq: int, batch_size: int = _BATCH
+    ) -> AsyncIterator[list[DeviceRecord]]:
+        """Devices upserted after `seq`, in batches (a whole re-imported estate does not fill memory)."""
+        last = (seq, "")
+        while True:
+            rows = await self._fetchall(
+                f"SELECT {_DEVICE_COLUMNS}, updated_seq FROM devices"  # noqa: S608 - constant column list
+                " WHERE updated_seq > ? AND (updated_seq, device_id) > (?, ?)"
+                " ORDER BY updated_seq, device_id LIMIT ?",
+                (seq, *last, batch_size),
+            )
+            if not rows:
+                return
+            yield [_device(row) for row in rows]
+            last = (rows[-1][-1], rows[-1][0])
+
+    async def users_changed_since(self, seq: int) -> list[UserRecord]:
+        rows = await self._fetchall("SELECT user_id, roles FROM users WHERE updated_seq > ?", (seq,))
+        return [_user(row) for row in rows]

@@ -1,0 +1,277 @@
+"""SqliteStore and the migration runner, on real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import aiosqlite
+import pytest
+
+from gateway.inventory import UserRecord
+from gateway.model import MAX_COUNTER, DeviceStatus, Eui, Role, Tariff
+from gateway.store import (
+    CORE,
+    MIGRATIONS,
+    CommitBatch,
+    FlagEvent,
+    FlagState,
+    SqliteStore,
+    UpsertCounts,
+    connect,
+    migrate,
+)
+from tests.gateway.test_inventory import (
+    GAS_METER,
+    HUB,
+    IMPORT_SUPPLIER,
+    METER,
+    NEW_SUPPLIER,
+    USERS,
+    comms_hub,
+    esme,
+    gsme,
+    premise,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+AT = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
+
+
+def event(device: Eui = METER, *, set_flag: bool = True, outcome: str = "accepted", n: int = 1) -> FlagEvent:
+    return FlagEvent(
+        device_id=device,
+        set=set_flag,
+        requester=IMPORT_SUPPLIER,
+        request_id=f"{IMPORT_SUPPLIER}:90-B3-D5-1F-30-00-00-02:{n}",
+        declaration=True if set_flag else None,
+        consumer_reference="CR-7" if set_flag else None,
+        outcome=outcome,
+        at=AT + timedelta(minutes=n),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "var" / "mp169.sqlite3") as opened:
+        await opened.upsert_devices(premise())
+        await opened.upsert_users(USERS)
+        yield opened
+
+
+# -- migrations -------------------------------------------------------------------------------------
+
+
+async def _versions(path: Path) -> list[tuple[str, int]]:
+    async with (
+        aiosqlite.connect(path) as db,
+        db.execute("SELECT * FROM schema_migrations ORDER BY 1, 2") as c,
+    ):
+        return [(row[0], row[1]) for row in await c.fetchall()]
+
+
+async def test_open_creates_the_folder_and_migrates_core_once(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "folder" / "db.sqlite3"
+    async with SqliteStore(path):
+        pass
+    async with SqliteStore(path):
+        pass
+    assert await _versions(path) == [(CORE, version) for version in range(1, len(MIGRATIONS) + 1)]
+
+
+async def test_another_component_registers_its_own_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    first = ["CREATE TABLE a (x INTEGER); -- a comment; with a semicolon\nINSERT INTO a VALUES (1)"]
+    db = await connect(path)
+    try:
+        assert await migrate(db, "outcomes", first) == 1
+        assert await migrate(db, "outcomes", [*first, "ALTER TABLE a ADD COLUMN y TEXT DEFAULT 'x;y'"]) == 2
+        async with db.execute("SELECT x, y FROM a") as cursor:
+            assert list(await cursor.fetchall()) == [(1, "x;y")]
+    finally:
+        await db.close()
+    async with SqliteStore(path):
+        pass
+    assert await _versions(path) == [(CORE, 1), ("outcomes", 1), ("outcomes", 2)]
+
+
+async def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    db = await connect(path)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            await migrate(
+                db, "outcomes", ["CREATE TABLE b (x INTEGER)", "CREATE TABLE c (x INTEGER); NOT SQL"]
+            )
+        assert not db.in_transaction
+        async with db.execute("SELECT name FROM sqlite_master WHERE name IN ('b', 'c')") as cursor:
+            assert list(await cursor.fetchall()) == []
+    finally:
+        await db.close()
+    assert await _versions(path) == []
+
+
+async def test_a_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with SqliteStore(path):
+        pass
+    async with aiosqlite.connect(path) as db:
+        await db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (CORE, len(MIGRATIONS) + 1))
+        await db.commit()
+    with pytest.raises(RuntimeError, match="newer than this gateway"):
+        await SqliteStore(path).open()
+
+
+async def test_the_database_is_in_wal_mode_with_foreign_keys(store: SqliteStore) -> None:
+    async with aiosqlite.connect(store.path) as db, db.execute("PRAGMA journal_mode") as cursor:
+        assert await cursor.fetchone() == ("wal",)
+    # A flag for a device not in the inventory breaks the foreign key: the whole batch is refused.
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.commit(CommitBatch(flag_events=[event(), event(Eui("00-DB-12-00-00-00-00-01"), n=2)]))
+    assert await store.load_flags() == {}
+    assert await store.flag_history() == []
+
+
+# -- inventory and users ------------------------------------------------------------------------------
+
+
+async def test_upsert_inserts_updates_and_counts(store: SqliteStore) -> None:
+    moved = esme(import_supplier=NEW_SUPPLIER, tariff=Tariff.ECONOMY7)
+    counts = await store.upsert_devices([comms_hub(), moved, gsme(device_id=Eui("00-DB-12-34-56-78-90-B1"))])
+    assert counts == UpsertCounts(received=3, inserted=1, updated=1)
+    assert counts.unchanged == 1
+    assert await store.get_device(METER) == moved
+    assert await store.get_device(HUB) == comms_hub()
+    assert await store.get_device(Eui("00-DB-12-99-99-99-99-99")) is None
+
+
+async def test_every_device_loads_in_batches(store: SqliteStore) -> None:
+    extra = [esme(device_id=Eui(f"00-DB-12-00-00-00-00-{n:02X}"), mpxn=None) for n in range(1, 26)]
+    await store.upsert_devices(extra)
+    batches = [batch async for batch in store.load_devices(batch_size=7)]
+    assert [len(batch) for batch in batches] == [7, 7, 7, 7]
+    loaded = [record for batch in batches for record in batch]
+    assert sorted(loaded, key=lambda r: r.device_id) == sorted(
+        [*premise(), *extra], key=lambda r: r.device_id
+    )
+
+
+async def test_users_upsert_replaces_roles(store: SqliteStore) -> None:
+    changed = UserRecord(NEW_SUPPLIER, frozenset({Role.IMPORT_SUPPLIER, Role.GAS_SUPPLIER}))
+    counts = await store.upsert_users([changed, USERS[0]])
+    assert counts == UpsertCounts(received=2, inserted=0, updated=1)
+    users = {user.user_id: user.roles for user in await store.load_users()}
+    assert users[NEW_SUPPLIER] == changed.roles
+    assert len(users) == len(USERS)
+
+
+async def test_changes_since_returns_only_what_changed(store: SqliteStore) -> None:
+    seq = await store.change_seq()
+    assert seq == 2  # the devices, then the users
+    assert [batch async for batch in store.devices_changed_since(seq)] == []
+    assert await store.users_changed_since(seq) == []
+    await store.upsert_devices(premise())  # the same rows: no change, no new sequence number
+    assert await store.change_seq() == seq
+    moved = esme(import_supplier=NEW_SUPPLIER)
+    added = [esme(device_id=Eui(f"00-DB-12-00-00-00-00-{n:02X}")) for n in range(1, 6)]
+    await store.upsert_devices([moved, gsme(), *added[:3]])
+    user = UserRecord(Eui("90-B3-D5-1F-30-05-00-09"), frozenset({Role.OTHER_USER}))
+    await store.upsert_users([user])
+    await store.upsert_devices(added[2:])
+    batches = [batch async for batch in store.devices_changed_since(seq, batch_size=2)]
+    # In the order of the upserts, then of Device ID; added[2] only once, with its latest upsert.
+    assert batches == [added[:2], [added[2], moved], added[3:]]
+    assert await store.users_changed_since(seq) == [user]
+    assert await store.users_changed_since(seq + 2) == []
+    assert await store.change_seq() == seq + 3
+
+
+async def test_an_upsert_is_all_or_nothing(store: SqliteStore) -> None:
+    broken = esme(device_id=Eui("00-DB-12-00-00-00-00-01"))
+    object.__setattr__(broken, "smets", None)  # NOT NULL in the table: fails after the first row
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.upsert_devices([esme(import_supplier=NEW_SUPPLIER), broken])
+    assert await store.get_device(METER) == esme()
+    assert await store.change_seq() == 2
+    with pytest.raises(ValueError, match="not a Device ID"):
+        await store.upsert_devices([esme(device_id=Eui("00-00-00-00-00-00-00-00"))])
+
+
+# -- flags, history and counters -----------------------------------------------------------------------
+
+
+async def test_commit_records_history_for_every_event_and_flags_only_for_accepted_changes(
+    store: SqliteStore,
+) -> None:
+    events = [
+        event(outcome="E3", n=1),
+        event(outcome="accepted", n=2),
+        event(outcome="unchanged", n=3),
+        event(GAS_METER, outcome="E081505", n=4),
+    ]
+    await store.commit(CommitBatch(flag_events=events))
+    assert await store.load_flags() == {
+        METER: FlagState(METER, IMPORT_SUPPLIER, AT + timedelta(minutes=2), events[1].request_id, "CR-7")
+    }
+    assert await store.flag_history() == events
+    assert await store.flag_history(GAS_METER) == [events[3]]
+    assert await store.flag_history(limit=2) == events[2:]
+
+
+async def test_a_batch_may_set_and_clear_the_same_device_in_order(store: SqliteStore) -> None:
+    batch = [event(n=1), event(set_flag=False, n=2), event(n=3)]
+    await store.commit(CommitBatch(flag_events=batch))
+    assert list(await store.load_flags()) == [METER]
+    await store.commit(CommitBatch(flag_events=[event(set_flag=False, n=4)]))
+    assert await store.load_flags() == {}
+    assert [e.set for e in await store.flag_history(METER)] == [True, False, True, False]
+
+
+async def test_counters_only_rise_and_keep_u64_precision(store: SqliteStore) -> None:
+    big = 2**63 + 5
+    await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: big, NEW_SUPPLIER: 7}))
+    await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 2**63 - 1, NEW_SUPPLIER: 9}))
+    assert await store.load_request_counters() == {IMPORT_SUPPLIER: big, NEW_SUPPLIER: 9}
+    await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: MAX_COUNTER}))
+    assert (await store.load_request_counters())[IMPORT_SUPPLIER] == MAX_COUNTER
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        await store.commit(CommitBatch(counters={NEW_SUPPLIER: MAX_COUNTER + 1}))
+    assert (await store.load_request_counters())[NEW_SUPPLIER] == 9
+
+
+async def test_flags_history_and_counters_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with SqliteStore(path) as store:
+        await store.upsert_devices(premise())
+        await store.commit(CommitBatch(flag_events=[event()], counters={IMPORT_SUPPLIER: 41}))
+    async with SqliteStore(path) as store:
+        assert list(await store.load_flags()) == [METER]
+        assert await store.flag_history() == [event()]
+        assert await store.load_request_counters() == {IMPORT_SUPPLIER: 41}
+        assert await store.get_device(METER) == esme()
+
+
+async def test_concurrent_operations_on_one_store_do_not_interleave_transactions(store: SqliteStore) -> None:
+    commits = [store.commit(CommitBatch(flag_events=[event(outcome="unchanged", n=n)])) for n in range(20)]
+    reads = [store.users_changed_since(0) for _ in range(5)]
+    upserts = [store.upsert_devices([esme(status=DeviceStatus.SUSPENDED)]) for _ in range(3)]
+    await asyncio.gather(*commits, *reads, *upserts)
+    assert len(await store.flag_history()) == 20
+
+
+def test_flag_events_are_checked() -> None:
+    with pytest.raises(ValueError, match="not accepted, unchanged or a refusal code"):
+        event(outcome="maybe")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        FlagEvent(METER, True, IMPORT_SUPPLIER, "r", True, None, "accepted", datetime(2025, 1, 1))  # noqa: DTZ001
+
+
+async def test_a_closed_store_says_so(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    with pytest.raises(RuntimeError, match="is not open"):
+        await store.get_device(METER)

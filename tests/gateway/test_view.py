@@ -1,0 +1,160 @@
+"""RoutingView: what routing reads, loaded from a real store and kept current."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.inventory import UserRecord
+from gateway.model import DeviceStatus, DeviceType, Eui, Role, Tariff, int_to_eui
+from gateway.store import CommitBatch, SqliteStore
+from gateway.view import RoutingView
+from rules.decide import DeviceFacts
+from tests.gateway.test_inventory import (
+    DISTRIBUTOR,
+    EXPORT_SUPPLIER,
+    GAS_METER,
+    GAS_PROXY,
+    GAS_SUPPLIER,
+    HUB,
+    IMPORT_SUPPLIER,
+    METER,
+    NEW_SUPPLIER,
+    USERS,
+    comms_hub,
+    esme,
+    gsme,
+    premise,
+)
+from tests.gateway.test_store import event
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "db.sqlite3") as opened:
+        await opened.upsert_devices(
+            [*premise(), gsme(device_id=GAS_PROXY, device_type=DeviceType.GPF, mpxn=None)]
+        )
+        await opened.upsert_users(USERS)
+        await opened.commit(CommitBatch(flag_events=[event(GAS_METER)]))
+        yield opened
+
+
+async def test_load_gives_device_facts_roles_and_flags(store: SqliteStore) -> None:
+    view = await RoutingView.load(store)
+    assert len(view) == 4
+    assert view.device_facts(METER) == DeviceFacts(
+        METER, DeviceType.ESME, 2, DeviceStatus.COMMISSIONED, False
+    )
+    assert view.device_facts(GAS_METER) == DeviceFacts(
+        GAS_METER, DeviceType.GSME, 2, DeviceStatus.COMMISSIONED, True
+    )
+    assert view.device_facts(Eui("00-DB-12-00-00-00-00-01")) is None
+    assert view.roles(IMPORT_SUPPLIER) == frozenset({Role.IMPORT_SUPPLIER, Role.GAS_SUPPLIER})
+    assert view.roles(Eui("90-B3-D5-1F-30-09-09-09")) == frozenset()
+    assert view.flagged == frozenset({GAS_METER})
+
+
+async def test_device_is_the_inventory_entry_without_mpxn(store: SqliteStore) -> None:
+    view = await RoutingView.load(store)
+    assert view.device(METER) == esme(mpxn=None)
+    assert view.device(HUB) == comms_hub()
+    assert view.device(Eui("00-DB-12-00-00-00-00-01")) is None
+
+
+async def test_alert_recipients(store: SqliteStore) -> None:
+    view = await RoutingView.load(store)
+    assert view.responsible_suppliers(METER) == (IMPORT_SUPPLIER, EXPORT_SUPPLIER)
+    assert view.responsible_suppliers(GAS_METER) == (GAS_SUPPLIER,)
+    assert view.responsible_suppliers(GAS_PROXY) == (GAS_SUPPLIER,)
+    assert view.responsible_suppliers(HUB) == (IMPORT_SUPPLIER, GAS_SUPPLIER)
+    assert view.responsible_suppliers(Eui("00-DB-12-00-00-00-00-01")) == ()
+    assert view.network_operator(METER) == DISTRIBUTOR
+    assert view.network_operator(Eui("00-DB-12-00-00-00-00-01")) is None
+
+
+async def test_flags_set_and_clear_in_memory_only(store: SqliteStore) -> None:
+    view = await RoutingView.load(store)
+    view.set_flag(METER)
+    view.clear_flag(GAS_METER)
+    view.clear_flag(GAS_METER)  # clearing a clear flag is harmless
+    assert view.is_flagged(METER)
+    assert not view.is_flagged(GAS_METER)
+    assert (await RoutingView.load(store)).flagged == frozenset({GAS_METER})
+
+
+async def test_refresh_applies_upserts_made_since_the_load(store: SqliteStore) -> None:
+    view = await RoutingView.load(store)
+    assert await view.refresh(store) == 0
+    moved = esme(import_supplier=NEW_SUPPLIER, tariff=Tariff.ECONOMY7, status=DeviceStatus.SUSPENDED)
+    added = esme(device_id=Eui("00-DB-12-00-00-00-00-A0"))
+    await store.upsert_devices([moved, added])
+    await store.upsert_users([UserRecord(NEW_SUPPLIER, frozenset({Role.GAS_SUPPLIER}))])
+    assert await view.refresh(store) == 3
+    assert view.device(METER) == dataclasses.replace(moved, mpxn=None)
+    assert view.device_facts(added.device_id) is not None
+    assert view.roles(NEW_SUPPLIER) == frozenset({Role.GAS_SUPPLIER})
+    assert view.is_flagged(GAS_METER)  # an inventory update never touches a flag
+    assert await view.refresh(store) == 0
+
+
+async def test_profiles_are_shared_between_alike_devices(tmp_path: Path) -> None:
+    devices = [esme(device_id=int_to_eui(0x00DB120000000000 + n), mpxn=str(n)) for n in range(1, 3000)]
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        await store.upsert_devices(devices)
+        view = await RoutingView.load(store)
+    assert len(view) == len(devices)
+    assert view.profile_count == 1
+    assert all(view.device(d.device_id) == dataclasses.replace(d, mpxn=None) for d in devices)
+
+
+# The hash table: keys that crowd together, tables that grow, keys that are absent.
+_keys = st.lists(
+    st.one_of(
+        st.integers(min_value=1, max_value=2**64 - 1),
+        st.integers(min_value=1, max_value=4096),
+        st.integers(min_value=1, max_value=4096).map(lambda n: n << 44),  # differ in the top bits only
+    ),
+    unique=True,
+    max_size=3000,
+)
+
+
+@given(present=_keys, absent=_keys)
+def test_the_table_finds_exactly_what_was_put(present: list[int], absent: list[int]) -> None:
+    view = RoutingView()
+    statuses = list(DeviceStatus)
+    records = [
+        esme(
+            device_id=int_to_eui(key),
+            status=statuses[key % len(statuses)],
+            comms_hub_id=int_to_eui(key ^ 1) if key != 1 else None,
+        )
+        for key in present
+    ]
+    view.apply_devices(records)
+    view.apply_devices(records[: len(records) // 2])  # updates do not add devices
+    assert len(view) == len(records)
+    for record in records:
+        facts = view.device_facts(record.device_id)
+        assert facts is not None
+        assert (facts.device_id, facts.status) == (record.device_id, record.status)
+        assert view.device(record.device_id) == dataclasses.replace(record, mpxn=None)
+    for key in set(absent) - set(present):
+        assert view.device_facts(int_to_eui(key)) is None
+
+
+def test_the_all_zero_eui_is_never_a_device() -> None:
+    view = RoutingView()
+    view.apply_devices([esme()])
+    assert view.device_facts(Eui("00-00-00-00-00-00-00-00")) is None
+    with pytest.raises(ValueError, match="not a device"):
+        view.apply_devices([esme(device_id=Eui("00-00-00-00-00-00-00-00"))])
