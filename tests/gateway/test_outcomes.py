@@ -1,0 +1,297 @@
+"""The outcome recorder on a real SQLite file: batching, late device outcomes, expiry, purge, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import aiosqlite
+import pytest
+
+from gateway import outcomes
+from gateway.outcomes import (
+    OutcomeRecorder,
+    Rollup,
+    Tally,
+    read_records,
+    read_rollup_cells,
+    read_rollup_totals,
+)
+from gateway.report import cells_from_records
+
+T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+USER = "90-B3-D5-1F-30-01-00-00"
+DEVICE = "00-DB-12-34-56-78-90-A0"
+OTHER_DEVICE = "00-DB-12-34-56-78-90-A1"
+
+
+def rid(counter: int, device: str = DEVICE) -> str:
+    return f"{USER}:{device}:{counter}"
+
+
+def decide(
+    recorder: OutcomeRecorder,
+    counter: int,
+    at: datetime,
+    *,
+    decision: str = "forward",
+    code: str = "I99",
+    device: str = DEVICE,
+    srv: str = "4.8.1",
+) -> None:
+    recorder.record_decision(
+        request_id=rid(counter, device),
+        originator=USER,
+        role="IS",
+        target=device,
+        srv=srv,
+        category="consumption",
+        command_variant=1,
+        received_at=at,
+        decision=decision,
+        response_code=code,
+        reason="forwarded" if decision == "forward" else "consumer-choice",
+        flagged=decision == "refuse",
+    )
+
+
+async def rows(path, sql: str) -> list[tuple[object, ...]]:
+    async with aiosqlite.connect(path) as db, db.execute(sql) as cursor:
+        return list(await cursor.fetchall())
+
+
+async def wait_until(predicate, seconds: float = 10.0) -> None:
+    """Wait for the background task (generous bound: it is not a timing assertion)."""
+    async with asyncio.timeout(seconds):
+        while not predicate():  # noqa: ASYNC110 - polls counters the recorder exposes
+            await asyncio.sleep(0.01)
+
+
+async def test_background_task_writes_a_full_batch_and_close_writes_the_rest(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    recorder = OutcomeRecorder(path, batch_size=3, flush_seconds=3600)
+    await recorder.start()
+    for counter in range(3):
+        decide(recorder, counter, T0 + timedelta(seconds=counter))
+    # Three make a batch: the background task writes them without waiting for the interval.
+    await wait_until(lambda: recorder.flushed == 3)
+    decide(recorder, 3, T0)
+    await asyncio.sleep(0)  # let the background task run: one record is no batch, it stays buffered
+    assert recorder.buffered == 1
+    assert await rows(path, "SELECT count(*) FROM outcomes") == [(3,)]
+    await recorder.close()
+    assert await rows(path, "SELECT count(*) FROM outcomes") == [(4,)]
+    with pytest.raises(RuntimeError, match="closed"):
+        decide(recorder, 5, T0)
+
+
+async def test_interval_flush_writes_a_partial_batch(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    async with OutcomeRecorder(path, batch_size=1000, flush_seconds=0.05) as recorder:
+        decide(recorder, 1, T0)
+        await wait_until(lambda: recorder.flushed == 1)
+        assert await rows(path, "SELECT count(*) FROM outcomes") == [(1,)]
+
+
+async def test_device_outcome_in_a_later_batch_updates_its_request(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    async with OutcomeRecorder(
+        path, batch_size=100, flush_seconds=3600, target_response_seconds=30
+    ) as recorder:
+        decide(recorder, 1, T0)
+        decide(recorder, 1, T0, device=OTHER_DEVICE)  # same counter, another target: another request
+        await recorder.flush()
+        recorder.record_device_outcome(rid(1), "success", "I0", T0 + timedelta(seconds=4))
+        # A second answer to the same request does not replace the first final outcome.
+        recorder.record_device_outcome(rid(1), "failure", "E20", T0 + timedelta(seconds=5))
+        recorder.record_device_outcome(rid(99), "success", "I0", T0)  # never forwarded
+        await recorder.flush()
+        assert recorder.unmatched == 2
+    records = {r.request_id: r for r in await read_records_from(path)}
+    answered = records[rid(1)]
+    assert (answered.device_outcome, answered.device_response_code) == ("success", "I0")
+    assert answered.answered_at == T0 + timedelta(seconds=4)
+    assert records[rid(1, OTHER_DEVICE)].device_outcome is None
+
+
+async def test_a_later_answer_after_restart_finds_its_request(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    async with OutcomeRecorder(path) as first:
+        decide(first, 7, T0)
+    async with OutcomeRecorder(path) as second:  # migrations already applied; party ids from the file
+        second.record_device_outcome(rid(7), "failure", "E20", T0 + timedelta(seconds=1))
+    (record,) = await read_records_from(path)
+    assert record.device_outcome == "failure"
+    assert await rows(
+        path, "SELECT component, version FROM schema_migrations WHERE component = 'outcomes'"
+    ) == [("outcomes", 1)]
+
+
+async def test_expire_pending_times_out_only_old_unanswered_forwards(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    async with OutcomeRecorder(path, flush_seconds=3600, target_response_seconds=30) as recorder:
+        decide(recorder, 1, T0)  # old, unanswered: times out
+        decide(recorder, 2, T0)  # old, answered
+        decide(recorder, 3, T0, decision="refuse", code="E169")  # never forwarded
+        decide(recorder, 4, T0 + timedelta(seconds=45))  # recent: still pending
+        recorder.record_device_outcome(rid(2), "success", "I0", T0 + timedelta(seconds=2))
+        now = T0 + timedelta(seconds=60)
+        assert await recorder.expire_pending(now, 30) == 1  # flushes the buffer first
+        assert await recorder.expire_pending(now, 30) == 0
+    by_counter = {r.request_id: r for r in await read_records_from(path)}
+    assert by_counter[rid(1)].device_outcome == "timeout"
+    assert by_counter[rid(1)].device_response_code == "E21"
+    assert by_counter[rid(1)].answered_at == now
+    assert by_counter[rid(2)].device_outcome == "success"
+    assert by_counter[rid(3)].device_outcome is None
+    assert by_counter[rid(4)].device_outcome is None
+    assert Tally.total((await daily_totals(path)).values()) == Tally(
+        requests=4, forwarded=3, succeeded=1, timed_out=1, refused_consumer_choice=1, within_target=1
+    )
+
+
+async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
+    """The rollup is maintained incrementally across batches; it must equal a recount of the rows."""
+    path = tmp_path / "db.sqlite3"
+    outcomes_cycle = ("success", "failure", "timeout", None)
+    async with OutcomeRecorder(
+        path, batch_size=7, flush_seconds=3600, target_response_seconds=30
+    ) as recorder:
+        for counter in range(60):
+            at = T0 + timedelta(hours=counter)  # spans three days
+            refused = counter % 5 == 0
+            decide(
+                recorder,
+                counter,
+                at,
+                decision="refuse" if refused else "forward",
+                code="E169" if refused else "I99",
+                srv=("4.8.1", "11.2")[counter % 2],
+            )
+            outcome = outcomes_cycle[counter % 4]
+            if not refused and outcome is not None:
+                recorder.record_device_outcome(rid(counter), outcome, "I0", at + timedelta(seconds=counter))
+    records = await read_records_from(path)
+    days = [datetime(2024, 5, d, tzinfo=UTC) for d in (1, 2, 3)]
+    assert sorted(await daily_totals(path)) == days
+    db = await outcomes.connect(path, read_only=True)
+    try:
+        for rollup, step, starts in (
+            (Rollup.DAILY, timedelta(days=1), days),
+            (Rollup.HOURLY, timedelta(hours=1), [T0 + timedelta(hours=h) for h in range(60)]),
+        ):
+            for start in starts:
+                inside = [r for r in records if start <= r.received_at < start + step]
+                expected = cells_from_records(inside, 30)
+                assert await read_rollup_cells(db, rollup, start, start + step) == expected, (rollup, start)
+    finally:
+        await db.close()
+    total = Tally.total((await daily_totals(path)).values())
+    assert (total.requests, total.refused_consumer_choice, total.final) == (60, 12, 36)
+
+
+async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_path, monkeypatch):
+    path = tmp_path / "db.sqlite3"
+    real = outcomes._upsert_rollups
+    calls = 0
+
+    async def failing_once(db, increments):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise aiosqlite.OperationalError("disk I/O error")
+        await real(db, increments)
+
+    monkeypatch.setattr(outcomes, "_upsert_rollups", failing_once)
+    async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
+        decide(recorder, 1, T0)
+        decide(recorder, 2, T0)
+        with pytest.raises(aiosqlite.OperationalError):
+            await recorder.flush()
+        assert recorder.buffered == 2
+        assert await rows(path, "SELECT count(*) FROM outcomes") == [(0,)]
+        assert await recorder.flush() == 2
+    assert await rows(path, "SELECT requests FROM outcome_daily") == [(2,)]
+
+
+async def test_purge_deletes_old_rows_in_chunks_and_old_days(tmp_path, monkeypatch):
+    monkeypatch.setattr(outcomes, "_PURGE_CHUNK", 2)
+    path = tmp_path / "db.sqlite3"
+    async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
+        for counter in range(10):
+            decide(recorder, counter, T0 + timedelta(hours=6 * counter))  # 10:00 on day 1 to 16:00 on day 3
+        await recorder.flush()
+        cutoff = datetime(2024, 5, 2, 12, tzinfo=UTC)
+        assert await recorder.purge(cutoff) == 5  # 10:00, 16:00, 22:00, 04:00 and 10:00 of day 2
+    remaining = await read_records_from(path)
+    assert remaining[0].received_at == datetime(2024, 5, 2, 16, tzinfo=UTC)
+    assert len(remaining) == 5
+    # Day 1 is wholly before the cutoff; day 2's counts are kept (the report reads whole days from them).
+    assert sorted(await daily_totals(path)) == [datetime(2024, 5, d, tzinfo=UTC) for d in (2, 3)]
+    hours = await read_rollup_totals_from(path, Rollup.HOURLY)
+    assert min(hours) == datetime(2024, 5, 2, 16, tzinfo=UTC)  # hours before 12:00 on day 2 are gone
+
+
+async def test_retention_purges_in_the_background(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    now = T0 + timedelta(days=10)
+    async with OutcomeRecorder(path, flush_seconds=0.05, retention_days=5, clock=lambda: now) as recorder:
+        decide(recorder, 1, T0)  # older than five days
+        decide(recorder, 2, now)
+        await wait_until(lambda: recorder.purged == 1)
+    assert [r.request_id for r in await read_records_from(path)] == [rid(2)]
+
+
+async def test_u64_counters_round_trip(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    top = 2**64 - 1
+    async with OutcomeRecorder(path) as recorder:
+        decide(recorder, top, T0)
+        recorder.record_device_outcome(rid(top), "success", "I0", T0)
+    (record,) = await read_records_from(path)
+    assert record.request_id == rid(top)
+    assert record.device_outcome == "success"
+    assert await rows(path, "SELECT request_id FROM outcome_records") == [(rid(top),)]
+
+
+def test_inconsistent_or_naive_input_is_refused_at_the_call(tmp_path):
+    recorder = OutcomeRecorder(tmp_path / "db.sqlite3")
+    with pytest.raises(ValueError, match="does not match"):
+        recorder.record_decision(
+            request_id=rid(1, OTHER_DEVICE),
+            originator=USER,
+            role=None,
+            target=DEVICE,
+            srv=None,
+            category=None,
+            command_variant=1,
+            received_at=T0,
+            decision="reject",
+            response_code="E4",
+            reason="x",
+            flagged=False,
+        )
+    with pytest.raises(ValueError, match="timezone"):
+        decide(recorder, 1, datetime(2024, 5, 1, 10, 0))  # noqa: DTZ001 - the point of the test
+    with pytest.raises(ValueError, match="DeviceOutcome"):
+        recorder.record_device_outcome(rid(1), "maybe", None, T0)
+
+
+async def read_records_from(path):
+    db = await outcomes.connect(path, read_only=True)
+    try:
+        return await read_records(db, T0 - timedelta(days=30), T0 + timedelta(days=30))
+    finally:
+        await db.close()
+
+
+async def read_rollup_totals_from(path, rollup: Rollup) -> dict[datetime, Tally]:
+    db = await outcomes.connect(path, read_only=True)
+    try:
+        return await read_rollup_totals(db, rollup, T0 - timedelta(days=30), T0 + timedelta(days=30))
+    finally:
+        await db.close()
+
+
+async def daily_totals(path) -> dict[datetime, Tally]:
+    return await read_rollup_totals_from(path, Rollup.DAILY)
