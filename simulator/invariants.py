@@ -1,0 +1,582 @@
+"""The MP169 invariants, checked as pure functions over an observed event log.
+
+An event log is what a replay saw, in the order it saw it: the requests it published on
+`dsp/in/<user>`, the inventory changes it applied, and everything observed on `dsp/out/+`,
+`dsp/device/+/cmd`, `dsp/device/+/up` and `dsp/deadletter`. `analyse()` parses it once; each
+`check_*` function takes the analysis and returns an InvariantResult with up to `limit`
+counterexamples. The definitions (docs/simulator.md repeats them):
+
+- A device is **flagged** from the I0 answer to an 8.15.1 naming it until the I0 answer to a later
+  8.15.2 naming it (the order of the log; flags set before the log started are not known).
+- (a) no-consumption-to-flagged: no command for a consumption-related SRV (refused_when_flagged in
+  the rules table, or a 5.1 scheduling one) appears on /cmd while a device it concerns is flagged.
+- (b) protected-traffic-delivered: every firmware, security, safety or supply request concerning a
+  device flagged when it was published reached /cmd (a request rejected for another reason, with
+  another error code, is counted, not failed; refused with E169 or never answered fails); every
+  alert of those categories or power outage, and every device response to such an SRV, published on
+  /up by a flagged device reached a dsp/out topic unchanged (a response after the request's E21
+  timeout is exempt: the gateway drops late answers).
+- (c) one-final-answer: each parsed request gets exactly one final answer on dsp/out/<topic user>
+  with its RequestID: a single answer with any code but I99, or I99 followed by one final (the
+  device's response, E21 for a timeout, E169 when the response is withheld). k requests sharing a
+  RequestID need k finals and at most k I99s.
+- (d) malformed-input-handled: each request that does not parse (or is labelled malformed by the
+  generator) reached dsp/deadletter (the original payload) or got an error answer (E...), matched by
+  RequestID when it has one, else an answer without RequestID on the sender's topic; and never
+  reached a device.
+- (e) no-consumption-data-from-flagged: nothing a device sent that carries consumption (an alert the
+  table withholds, such as 8F0A, or a DCC-scheduled execution of a consumption SRV) reached a
+  dsp/out topic while the device was flagged (at the position of the relayed copy in the log).
+- (f) spoofed-not-forwarded: a request published on one user's topic with another originator never
+  reached /cmd.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from gateway.duis import ParseError, parse_device_message, parse_request, parse_request_id
+from gateway.model import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
+from gateway.pipeline import Topics
+from rules.codes import ResponseCode
+from rules.table import Category, RulesTable
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+PROTECTED_SRV_CATEGORIES = frozenset({Category.FIRMWARE, Category.SECURITY, Category.SAFETY, Category.SUPPLY})
+PROTECTED_ALERT_CATEGORIES = PROTECTED_SRV_CATEGORIES | {Category.POWER_OUTAGE}
+MALFORMED_SCENARIO = "malformed/"
+ACKNOWLEDGED = ResponseCode.ACKNOWLEDGED.value
+
+
+class EventKind(StrEnum):
+    REQUEST = "request"
+    """Published by the replay on dsp/in/<user>."""
+    INVENTORY = "inventory"
+    """An inventory change the replay applied."""
+    COMMAND = "command"
+    """Observed on dsp/device/<eui>/cmd: reached the device."""
+    UP = "up"
+    """Observed on dsp/device/<eui>/up: a device response or alert."""
+    ANSWER = "answer"
+    """Observed on dsp/out/<user>."""
+    DEADLETTER = "deadletter"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    t: float
+    """Seconds since the replay started."""
+    kind: EventKind
+    topic: str
+    payload: bytes = b""
+    scenario: str = ""
+
+
+def classify(topic: str, topics: Topics) -> EventKind | None:
+    """The kind of an observed topic, or None for a topic the checks do not use."""
+    if topic == topics.deadletter:
+        return EventKind.DEADLETTER
+    if topic.startswith(f"{topics.outbound}/"):
+        return EventKind.ANSWER
+    if topic.startswith(f"{topics.devices}/"):
+        if topic.endswith("/cmd"):
+            return EventKind.COMMAND
+        if topic.endswith("/up"):
+            return EventKind.UP
+    if topic.startswith(f"{topics.inbound}/"):
+        return EventKind.REQUEST
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class InvariantResult:
+    name: str
+    description: str
+    passed: bool
+    checked: int
+    violations: int
+    counterexamples: tuple[str, ...] = ()
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+
+# -- the analysis ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    index: int
+    t: float
+    user: Eui | None
+    payload: bytes
+    scenario: str
+    parsed: ServiceRequest | ParseError
+
+    @property
+    def key(self) -> str | None:
+        """Where and under which RequestID its answers come: '<topic user>|<RequestID>'."""
+        if isinstance(self.parsed, ParseError) or self.user is None:
+            return None
+        return f"{self.user}|{self.parsed.request_id}"
+
+    @property
+    def malformed(self) -> bool:
+        return isinstance(self.parsed, ParseError) or self.scenario.startswith(MALFORMED_SCENARIO)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """An observed /cmd, /up or dsp/out message; `eui` is the topic's device or user."""
+
+    index: int
+    t: float
+    eui: Eui | None
+    payload: bytes
+    parsed: DeviceMessage | ServiceRequest | ParseError
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    requests: tuple[RequestRecord, ...]
+    commands: tuple[MessageRecord, ...]
+    ups: tuple[MessageRecord, ...]
+    answers: tuple[MessageRecord, ...]
+    deadletters: tuple[tuple[int, float, bytes], ...]
+    """(index, t, original payload) per dead letter."""
+    flag_intervals: Mapping[Eui, tuple[tuple[int, int | None, str], ...]]
+    """Per device: (from index, to index or None, RequestID of the 8.15.1) intervals of the flag."""
+    answers_by_key: Mapping[str, tuple[MessageRecord, ...]]
+    answer_indices_by_payload: Mapping[bytes, tuple[int, ...]]
+    command_request_ids: frozenset[str]
+    command_payloads: frozenset[bytes]
+
+    def flagged_by(self, device: Eui, index: int) -> str | None:
+        """The 8.15.1 RequestID flagging `device` at log position `index`, or None."""
+        for start, end, flag_request in self.flag_intervals.get(device, ()):
+            if start < index and (end is None or index < end):
+                return flag_request
+        return None
+
+    def delivered_after(self, payload: bytes, index: int) -> bool:
+        return any(position > index for position in self.answer_indices_by_payload.get(payload, ()))
+
+
+def _topic_eui(topic: str, position: int) -> Eui | None:
+    try:
+        return parse_eui(topic.split("/")[position])
+    except (ValueError, IndexError):
+        return None
+
+
+def deadletter_original(payload: bytes) -> bytes:
+    """The original payload inside the gateway's dead-letter envelope (or the payload itself)."""
+    try:
+        envelope = json.loads(payload)
+        return base64.b64decode(envelope["payload_base64"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return payload
+
+
+_ANSWER_HEADER = re.compile(
+    rb"<sr:Header>(?:<sr:RequestID>([^<]*)</sr:RequestID>)?<sr:ResponseCode>([^<]*)</sr:ResponseCode>"
+)
+
+
+def read_answer(payload: bytes) -> DeviceMessage | ParseError:
+    """An answer on dsp/out: a device message, or the gateway's own answer with an empty Body.
+
+    The gateway answers unreadable input (no SRV to echo) with a Header and an empty Body, which
+    parse_device_message rightly refuses as a device message; its Header is all the checks need.
+    """
+    message = parse_device_message(payload)
+    if not isinstance(message, ParseError):
+        return message
+    header = _ANSWER_HEADER.search(payload)
+    if header is None:
+        return message
+    request_id = parse_request_id(header.group(1).decode()) if header.group(1) is not None else None
+    code = header.group(2).decode()
+    return DeviceMessage(DeviceMessageKind.RESPONSE, code, request_id, None, None, raw=payload)
+
+
+def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
+    """Parse an event log once, for all the checks."""
+    topics = topics or Topics()
+    depth = len(topics.devices.split("/"))
+    requests: list[RequestRecord] = []
+    commands: list[MessageRecord] = []
+    ups: list[MessageRecord] = []
+    answers: list[MessageRecord] = []
+    deadletters: list[tuple[int, float, bytes]] = []
+    for index, event in enumerate(events):
+        if event.kind is EventKind.REQUEST:
+            user = _topic_eui(event.topic, -1)
+            parsed = parse_request(event.payload)
+            requests.append(RequestRecord(index, event.t, user, event.payload, event.scenario, parsed))
+        elif event.kind is EventKind.COMMAND:
+            device = _topic_eui(event.topic, depth)
+            commands.append(
+                MessageRecord(index, event.t, device, event.payload, parse_request(event.payload))
+            )
+        elif event.kind is EventKind.UP:
+            device = _topic_eui(event.topic, depth)
+            ups.append(
+                MessageRecord(index, event.t, device, event.payload, parse_device_message(event.payload))
+            )
+        elif event.kind is EventKind.ANSWER:
+            user = _topic_eui(event.topic, -1)
+            answers.append(MessageRecord(index, event.t, user, event.payload, read_answer(event.payload)))
+        elif event.kind is EventKind.DEADLETTER:
+            deadletters.append((index, event.t, deadletter_original(event.payload)))
+    by_key: dict[str, list[MessageRecord]] = defaultdict(list)
+    by_payload: dict[bytes, list[int]] = defaultdict(list)
+    for answer in answers:
+        by_payload[answer.payload].append(answer.index)
+        message = answer.parsed
+        if isinstance(message, DeviceMessage) and message.request_id is not None and answer.eui is not None:
+            by_key[f"{answer.eui}|{message.request_id}"].append(answer)
+    command_ids = {
+        str(command.parsed.request_id) for command in commands if isinstance(command.parsed, ServiceRequest)
+    }
+    return Analysis(
+        requests=tuple(requests),
+        commands=tuple(commands),
+        ups=tuple(ups),
+        answers=tuple(answers),
+        deadletters=tuple(deadletters),
+        flag_intervals=_flag_intervals(requests, answers),
+        answers_by_key={key: tuple(found) for key, found in by_key.items()},
+        answer_indices_by_payload={payload: tuple(found) for payload, found in by_payload.items()},
+        command_request_ids=frozenset(command_ids),
+        command_payloads=frozenset(command.payload for command in commands),
+    )
+
+
+def _flag_intervals(
+    requests: Iterable[RequestRecord], answers: Iterable[MessageRecord]
+) -> dict[Eui, tuple[tuple[int, int | None, str], ...]]:
+    flag_requests = {
+        record.key: record.parsed
+        for record in requests
+        if isinstance(record.parsed, ServiceRequest) and record.parsed.flag is not None and record.key
+    }
+    open_since: dict[Eui, tuple[int, str]] = {}
+    intervals: dict[Eui, list[tuple[int, int | None, str]]] = defaultdict(list)
+    for answer in answers:
+        message = answer.parsed
+        if not isinstance(message, DeviceMessage) or message.response_code != ResponseCode.SUCCESS.value:
+            continue
+        request = flag_requests.get(f"{answer.eui}|{message.request_id}")
+        if request is None or request.flag is None:
+            continue
+        device = request.flag.device_id
+        if request.flag.set and device not in open_since:
+            open_since[device] = (answer.index, str(request.request_id))
+        elif not request.flag.set and device in open_since:
+            start, flag_request = open_since.pop(device)
+            intervals[device].append((start, answer.index, flag_request))
+    for device, (start, flag_request) in open_since.items():
+        intervals[device].append((start, None, flag_request))
+    return {device: tuple(found) for device, found in intervals.items()}
+
+
+# -- helpers for the checks -----------------------------------------------------------------------
+
+
+def consumption_related(request: ServiceRequest, table: RulesTable) -> bool:
+    """Refused while flagged: the SRV itself, or the SRV a 5.1 Create Schedule would run."""
+    for srv in (request.srv, request.scheduled_srv):
+        rule = table.srv(srv) if srv is not None else None
+        if rule is not None and rule.refused_when_flagged:
+            return True
+    return False
+
+
+def _devices_of(command: MessageRecord, request: ServiceRequest) -> tuple[Eui, ...]:
+    devices = tuple(request.concerned_devices)
+    return devices if command.eui is None or command.eui in devices else (command.eui, *devices)
+
+
+def _codes(answers: Iterable[MessageRecord]) -> list[str]:
+    return [a.parsed.response_code for a in answers if isinstance(a.parsed, DeviceMessage)]
+
+
+class _Collector:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.checked = 0
+        self.violations = 0
+        self.examples: list[str] = []
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def fail(self, example: str) -> None:
+        self.violations += 1
+        if len(self.examples) < self.limit:
+            self.examples.append(example)
+
+    def result(self, name: str, description: str) -> InvariantResult:
+        return InvariantResult(
+            name,
+            description,
+            self.violations == 0,
+            self.checked,
+            self.violations,
+            tuple(self.examples),
+            dict(self.counts),
+        )
+
+
+# -- the checks -----------------------------------------------------------------------------------
+
+
+def check_no_consumption_to_flagged(
+    analysis: Analysis, table: RulesTable, *, limit: int = 10
+) -> InvariantResult:
+    found = _Collector(limit)
+    for command in analysis.commands:
+        request = command.parsed
+        if not isinstance(request, ServiceRequest) or not consumption_related(request, table):
+            continue
+        found.checked += 1
+        for device in _devices_of(command, request):
+            flag_request = analysis.flagged_by(device, command.index)
+            if flag_request is not None:
+                found.fail(
+                    f"{request.srv} {request.request_id} reached {command.eui} at t={command.t:.3f}s "
+                    f"while {device} was flagged (by {flag_request})"
+                )
+    return found.result(
+        "no-consumption-to-flagged",
+        "no consumption-related command reached a device after its flag-set was acknowledged",
+    )
+
+
+def check_protected_traffic_delivered(
+    analysis: Analysis, table: RulesTable, *, limit: int = 10
+) -> InvariantResult:
+    found = _Collector(limit)
+    _check_protected_requests(analysis, table, found)
+    _check_protected_messages(analysis, table, found)
+    return found.result(
+        "protected-traffic-delivered",
+        "firmware, security, safety and supply messages to and from flagged devices got through",
+    )
+
+
+def _check_protected_requests(analysis: Analysis, table: RulesTable, found: _Collector) -> None:
+    for record in analysis.requests:
+        request = record.parsed
+        if not isinstance(request, ServiceRequest):
+            continue
+        rule = table.srv(request.srv)
+        if rule is None or rule.category not in PROTECTED_SRV_CATEGORIES:
+            continue
+        flagged = [d for d in request.concerned_devices if analysis.flagged_by(d, record.index) is not None]
+        if not flagged:
+            continue
+        found.checked += 1
+        if str(request.request_id) in analysis.command_request_ids:
+            found.counts["requests-delivered"] += 1
+            continue
+        codes = _codes(analysis.answers_by_key.get(record.key or "", ()))
+        if ResponseCode.CONSUMER_CHOICE.value in codes:
+            found.fail(f"{request.srv} {request.request_id} for flagged {flagged[0]} was refused E169")
+        elif not codes:
+            found.fail(
+                f"{request.srv} {request.request_id} for flagged {flagged[0]} neither delivered nor answered"
+            )
+        else:
+            found.counts["requests-rejected-otherwise"] += 1
+
+
+def _check_protected_messages(analysis: Analysis, table: RulesTable, found: _Collector) -> None:
+    timed_out = {
+        answer.parsed.request_id
+        for answer in analysis.answers
+        if isinstance(answer.parsed, DeviceMessage)
+        and answer.parsed.response_code == ResponseCode.DEVICE_TIMEOUT.value
+    }
+    for up in analysis.ups:
+        message = up.parsed
+        if not isinstance(message, DeviceMessage) or up.eui is None:
+            continue
+        if analysis.flagged_by(up.eui, up.index) is None or not _protected_message(message, table):
+            continue
+        if message.kind is DeviceMessageKind.RESPONSE and message.request_id in timed_out:
+            found.counts["late-responses"] += 1
+            continue
+        found.checked += 1
+        if analysis.delivered_after(up.payload, up.index):
+            found.counts["messages-delivered"] += 1
+        else:
+            what = message.alert_code or f"response to {message.srv} {message.request_id}"
+            found.fail(f"{what} from flagged {up.eui} at t={up.t:.3f}s reached no dsp/out topic")
+
+
+def _protected_message(message: DeviceMessage, table: RulesTable) -> bool:
+    if message.kind is DeviceMessageKind.RESPONSE:
+        rule = table.srv(message.srv) if message.srv else None
+        return rule is not None and rule.category in PROTECTED_SRV_CATEGORIES
+    alert = table.alert(message.alert_code) if message.alert_code else None
+    return alert is not None and alert.category in PROTECTED_ALERT_CATEGORIES
+
+
+def check_one_final_answer(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
+    found = _Collector(limit)
+    groups: dict[str, list[RequestRecord]] = defaultdict(list)
+    for record in analysis.requests:
+        if record.key is not None:
+            groups[record.key].append(record)
+    for key, records in groups.items():
+        found.checked += len(records)
+        codes = _codes(analysis.answers_by_key.get(key, ()))
+        finals = [code for code in codes if code != ACKNOWLEDGED]
+        acknowledged = len(codes) - len(finals)
+        if len(finals) == len(records) and acknowledged <= len(records):
+            found.counts["answered"] += len(records)
+            continue
+        if len(finals) < len(records):
+            found.counts["missing"] += len(records) - len(finals)
+        request_id = key.split("|", 1)[1]
+        found.fail(
+            f"{request_id} ({records[0].scenario or 'request'}): {len(records)} request(s), "
+            f"answers {' '.join(codes) or 'none'}"
+        )
+    known = set(groups) | {
+        f"{record.user}|{record.parsed.request_id}"
+        for record in analysis.requests
+        if isinstance(record.parsed, ParseError) and record.parsed.request_id is not None
+    }
+    found.counts["unmatched-answers"] = sum(
+        len(answers) for key, answers in analysis.answers_by_key.items() if key not in known
+    )
+    return found.result("one-final-answer", "every request got exactly one final answer")
+
+
+def check_malformed_handled(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
+    found = _Collector(limit)
+    deadlettered: dict[bytes, list[int]] = defaultdict(list)
+    for index, _, original in analysis.deadletters:
+        deadlettered[original].append(index)
+    # Error answers without a RequestID, per topic user, consumed one per malformed request in order.
+    anonymous: dict[Eui | None, list[int]] = defaultdict(list)
+    for answer in analysis.answers:
+        message = answer.parsed
+        if (
+            isinstance(message, DeviceMessage)
+            and message.request_id is None
+            and message.response_code[:1] == "E"
+        ):
+            anonymous[answer.eui].append(answer.index)
+    for record in analysis.requests:
+        if not record.malformed:
+            continue
+        found.checked += 1
+        kind = record.scenario or "unparseable"
+        if record.payload in analysis.command_payloads:
+            found.fail(f"{kind} input on {record.user} at t={record.t:.3f}s reached a device")
+            continue
+        if _consume_after(deadlettered[record.payload], record.index):
+            found.counts["deadlettered"] += 1
+        elif _error_answered(analysis, record, anonymous):
+            found.counts["error-answered"] += 1
+        else:
+            found.fail(f"{kind} input on {record.user} at t={record.t:.3f}s: no dead letter, no error answer")
+    return found.result(
+        "malformed-input-handled", "malformed input went to dsp/deadletter or got an error answer"
+    )
+
+
+def _consume_after(positions: list[int], index: int) -> bool:
+    """Take the first position after `index` from `positions` (each observation matches once)."""
+    for number, position in enumerate(positions):
+        if position > index:
+            del positions[number]
+            return True
+    return False
+
+
+def _error_answered(
+    analysis: Analysis, record: RequestRecord, anonymous: dict[Eui | None, list[int]]
+) -> bool:
+    request_id = record.parsed.request_id
+    if request_id is not None and record.user is not None:
+        codes = _codes(analysis.answers_by_key.get(f"{record.user}|{request_id}", ()))
+        if any(code[:1] == "E" for code in codes):
+            return True
+    return _consume_after(anonymous[record.user], record.index)
+
+
+def check_no_consumption_data_from_flagged(
+    analysis: Analysis, table: RulesTable, *, limit: int = 10
+) -> InvariantResult:
+    found = _Collector(limit)
+    for up in analysis.ups:
+        message = up.parsed
+        if not isinstance(message, DeviceMessage) or up.eui is None or up.eui not in analysis.flag_intervals:
+            continue
+        if not _carries_consumption(message, table):
+            continue
+        found.checked += 1
+        # What counts is the flag when the gateway relayed it: its relay of anything it decided
+        # after a flag-set follows the set's acknowledgement, and its clear takes effect at its own.
+        for position in analysis.answer_indices_by_payload.get(up.payload, ()):
+            flag_request = analysis.flagged_by(up.eui, position) if position > up.index else None
+            if flag_request is not None:
+                what = message.alert_code or f"scheduled {message.srv}"
+                found.fail(
+                    f"{what} from {up.eui} (t={up.t:.3f}s) was delivered while flagged by {flag_request}"
+                )
+                break
+    return found.result(
+        "no-consumption-data-from-flagged",
+        "no consumption data (8F0A alert, scheduled read) from a flagged device reached a user",
+    )
+
+
+def _carries_consumption(message: DeviceMessage, table: RulesTable) -> bool:
+    if message.kind is DeviceMessageKind.RESPONSE:
+        rule = table.srv(message.srv) if message.scheduled and message.srv else None
+        return rule is not None and rule.refused_when_flagged
+    alert = table.alert(message.alert_code) if message.alert_code else None
+    return alert is not None and alert.withheld_when_flagged
+
+
+def check_spoofed_not_forwarded(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
+    found = _Collector(limit)
+    for record in analysis.requests:
+        request = record.parsed
+        if not isinstance(request, ServiceRequest) or request.request_id.originator == record.user:
+            continue
+        found.checked += 1
+        if str(request.request_id) in analysis.command_request_ids:
+            found.fail(f"{request.request_id} published on {record.user}'s topic reached a device")
+    return found.result(
+        "spoofed-not-forwarded", "a request on one user's topic claiming another never reached a device"
+    )
+
+
+def check_all(
+    events: Sequence[Event], table: RulesTable, *, topics: Topics | None = None, limit: int = 10
+) -> tuple[InvariantResult, ...]:
+    analysis = analyse(events, topics)
+    return check_analysis(analysis, table, limit=limit)
+
+
+def check_analysis(analysis: Analysis, table: RulesTable, *, limit: int = 10) -> tuple[InvariantResult, ...]:
+    return (
+        check_no_consumption_to_flagged(analysis, table, limit=limit),
+        check_protected_traffic_delivered(analysis, table, limit=limit),
+        check_one_final_answer(analysis, limit=limit),
+        check_malformed_handled(analysis, limit=limit),
+        check_no_consumption_data_from_flagged(analysis, table, limit=limit),
+        check_spoofed_not_forwarded(analysis, limit=limit),
+    )
