@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from gateway.logging import configure_logging
+
 COMMAND_MODULES = (
     "gateway.check",  # mp169 check
     "gateway.admin",  # mp169 inventory import, users import, flags show
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Commands that run the gateway reconfigure this from their settings.
+    configure_logging("warning")
     handler = cast("Handler", args.handler)
     try:
         return handler(args)

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import aiosqlite
 import structlog
 
+from gateway.store import migrate
 from rules.codes import ResponseCode
+from rules.decide import Action
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -134,15 +136,6 @@ _FLUSH_RETRY_SECONDS = 1.0
 _PURGE_EVERY = timedelta(hours=1)
 
 
-class Decision(StrEnum):
-    """What the gateway did with a request (rules.decide.Action values)."""
-
-    FORWARD = "forward"
-    REFUSE = "refuse"
-    REJECT = "reject"
-    LOCAL = "handle-locally"
-
-
 class DeviceOutcome(StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
@@ -222,9 +215,9 @@ class Tally:
     def of_decision(cls, decision: str, response_code: str) -> Tally:
         if response_code == ResponseCode.CONSUMER_CHOICE:
             return cls(requests=1, refused_consumer_choice=1)
-        if decision == Decision.FORWARD:
+        if decision == Action.FORWARD:
             return cls(requests=1, forwarded=1)
-        if decision == Decision.LOCAL:
+        if decision == Action.LOCAL:
             return cls(requests=1, handled_locally=1)
         return cls(requests=1, rejected=1)
 
@@ -365,23 +358,6 @@ async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connectio
     # The flag store writes the same file from its own connection: wait for it, do not fail.
     await db.execute("PRAGMA busy_timeout = 10000")
     return db
-
-
-async def migrate(db: aiosqlite.Connection, component: str, migrations: Sequence[str]) -> None:
-    # TEMPORARY until gateway/store.py (flags helper) provides migrate(); same contract.
-    await db.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (component TEXT NOT NULL, version INTEGER NOT NULL,"
-        " PRIMARY KEY (component, version))"
-    )
-    async with db.execute(
-        "SELECT max(version) FROM schema_migrations WHERE component = ?", (component,)
-    ) as c:
-        row = await c.fetchone()
-    done = (row[0] if row else None) or 0
-    for version, script in enumerate(migrations[done:], start=done + 1):
-        # executescript takes no parameters; component and version are this module's constants.
-        record = f"INSERT INTO schema_migrations VALUES ('{component}', {version})"  # noqa: S608
-        await db.executescript(f"BEGIN IMMEDIATE; {script}; {record}; COMMIT;")
 
 
 def utc_now() -> datetime:

@@ -1,0 +1,37 @@
+"""structlog configuration: one JSON object per line, filtered by level before any work is done.
+
+Per-request events are logged at debug level; with the filtering bound logger a debug call at info
+level is a no-op method, so the hot path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", *, stream: TextIO | None = None, json: bool = True) -> None:
+    """Logs go to stderr (stdout is for command output such as `--json`)."""
+    # gmqtt logs every reconnect attempt through the standard library at INFO/WARNING; our transport
+    # logs those as structured events already.
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )

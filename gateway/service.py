@@ -1,0 +1,150 @@
+"""One running gateway: the store, the routing view, the outcome recorder, the pipeline and a transport.
+
+Used by `mp169 run` (MQTT) and `mp169 demo` (in memory) alike, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from gateway.metrics import Metrics
+from gateway.model import Eui, parse_eui
+from gateway.outcomes import OutcomeRecorder
+from gateway.pipeline import Clock, Pipeline, Topics, utc_now
+from gateway.store import SqliteStore
+from gateway.view import RoutingView
+from rules.table import RulesTable, TableError, default_table, load_table
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+    from gateway.transport import Transport
+
+log = structlog.get_logger("mp169.service")
+
+# How often forwarded requests are checked for a timeout, and the store for inventory upserts
+# made by `mp169 inventory import` while the daemon runs (Change of Supplier, tariff changes).
+_HOUSEKEEPING_SECONDS = 1.0
+# How often the outcome records are swept for forwarded requests that no process will ever answer
+# (forwarded before a restart: the pending request lived only in the old process's memory).
+_ORPHAN_SWEEP_SECONDS = 60.0
+
+
+def load_rules(settings: Settings) -> RulesTable:
+    path = settings.gateway.rules_path
+    return load_table(Path(path)) if path else default_table()
+
+
+@dataclass
+class GatewayService:
+    settings: Settings
+    store: SqliteStore
+    view: RoutingView
+    recorder: OutcomeRecorder
+    pipeline: Pipeline
+    transport: Transport
+    _clock: Clock = utc_now
+    _housekeeping: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        transport: Transport,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock = utc_now,
+    ) -> GatewayService:
+        table = load_rules(settings)
+        path = Path(settings.store.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = SqliteStore(path)
+        await store.open()
+        view = await RoutingView.load(store)
+        recorder = OutcomeRecorder(
+            path,
+            batch_size=settings.outcomes.batch_size,
+            flush_seconds=settings.outcomes.flush_seconds,
+            target_response_seconds=settings.gateway.target_response_seconds,
+            retention_days=settings.outcomes.retention_days,
+            clock=clock,
+        )
+        await recorder.start()
+        topics = Topics(
+            inbound=settings.topics.inbound,
+            outbound=settings.topics.outbound,
+            devices=settings.topics.devices,
+            deadletter=settings.topics.deadletter,
+        )
+        pipeline = Pipeline(
+            table=table,
+            view=view,
+            store=store,
+            publish=transport.publish,
+            recorder=recorder,
+            metrics=metrics or Metrics(),
+            dcc_eui=parse_eui(settings.gateway.dcc_eui),
+            topics=topics,
+            max_message_bytes=settings.gateway.max_message_bytes,
+            target_response_seconds=settings.gateway.target_response_seconds,
+            clock=clock,
+            counters=await store.load_request_counters(),
+        )
+        pipeline.start()
+        service = cls(settings, store, view, recorder, pipeline, transport, clock)
+        await transport.start(topics.subscriptions(settings.topics.shared_group), pipeline.handle)
+        service._housekeeping = asyncio.create_task(service._housekeep(), name="mp169-housekeeping")
+        log.info("gateway-started", client_id=settings.gateway.client_id, store=str(path))
+        return service
+
+    def reload_rules(self) -> bool:
+        """Swap in a freshly loaded rules table; a bad table leaves the running one in place."""
+        try:
+            table = load_rules(self.settings)
+        except TableError as exc:
+            log.error("rules-reload-failed", error=str(exc))  # noqa: TRY400 - the message is the whole story
+            return False
+        self.pipeline.table = table
+        log.info("rules-reloaded", srvs=len(table.srvs), alerts=len(table.alerts))
+        return True
+
+    async def refresh_inventory(self) -> int:
+        """Apply inventory and user upserts committed by other processes since the last refresh."""
+        return await self.view.refresh(self.store)
+
+    async def _housekeep(self) -> None:
+        target = self.settings.gateway.target_response_seconds
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + _ORPHAN_SWEEP_SECONDS
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+            try:
+                await self.pipeline.expire_pending()
+                await self.refresh_inventory()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + _ORPHAN_SWEEP_SECONDS
+                    # Twice the target: a request this process still waits for is never swept.
+                    await self.recorder.expire_pending(self._clock(), 2 * target)
+            except Exception:
+                log.exception("housekeeping-failed")
+
+    async def stop(self) -> None:
+        """Drain: stop taking messages, finish in-flight ones, flush outcomes, close the store."""
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        await self.transport.stop()
+        await self.pipeline.stop()
+        await self.recorder.close()
+        await self.store.close()
+        log.info("gateway-stopped")
+
+    @property
+    def dcc_eui(self) -> Eui:
+        return parse_eui(self.settings.gateway.dcc_eui)
