@@ -7,12 +7,13 @@ naming the key, raised before anything starts.
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.model import parse_eui
@@ -32,6 +33,19 @@ class BrokerSettings(_Section):
     session_expiry_seconds: Annotated[int, Field(ge=0)] = 3600
     reconnect_min_seconds: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_seconds: Annotated[float, Field(gt=0)] = 30.0
+    ca_file: str = ""
+    """For mqtts://: the CA bundle that signs the broker's certificate; empty: the system's."""
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> BrokerSettings:
+        if self.reconnect_min_seconds > self.reconnect_max_seconds:
+            raise ValueError("broker.reconnect_min_seconds must not exceed broker.reconnect_max_seconds")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=self.ca_file or None)
 
     @field_validator("url")
     @classmethod

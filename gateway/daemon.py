@@ -53,6 +53,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         settings.broker,
         client_id=settings.gateway.client_id,
         receive_maximum=settings.gateway.inflight_window,
+        ssl_context=settings.broker.ssl_context(),
         on_reconnect=metrics.reconnects.inc,
     )
     service = await GatewayService.start(settings, transport, metrics=metrics)

@@ -1,0 +1,281 @@
+"""The gateway on a real Mosquitto: users, the gateway and the devices as separate MQTT clients.
+
+In-process tests run `GatewayService` on an `MqttTransport`; the crash test runs `mp169 run` as a
+child process and SIGKILLs it mid-stream. Waiting is event-driven (GUARD_SECONDS only turns a hang
+into a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+from lxml import etree
+
+from gateway.config import Settings
+from gateway.duis import PARSER
+from gateway.mqtt import MqttTransport
+from gateway.service import GatewayService
+from gateway.store import SqliteStore
+from rules.codes import ResponseCode
+from simulator.devices import DeviceConfig, DeviceSimulator
+from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER, USERS, premise
+from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
+from tests.gateway.test_pipeline import CONSUMPTION_SRV, SECURITY_SRV, flag_request, request
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from gateway.model import Eui
+    from gateway.transport import Message
+    from tests.broker import Mosquitto
+
+pytestmark = pytest.mark.broker
+
+SR = "{http://www.dccinterface.co.uk/ServiceUserGateway}"
+
+
+def header(payload: bytes) -> tuple[str, str]:
+    """(RequestID, ResponseCode) of a DUIS response."""
+    root = etree.fromstring(payload, PARSER)
+    return (
+        str(root.findtext(f"{SR}Header/{SR}RequestID")),
+        str(root.findtext(f"{SR}Header/{SR}ResponseCode")),
+    )
+
+
+class Answers(Inbox):
+    """Responses on dsp/out/<user>, indexed by RequestID."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._codes: defaultdict[str, list[str]] = defaultdict(list)
+
+    async def __call__(self, message: Message) -> None:
+        request_id, code = header(message.payload)
+        self._codes[request_id].append(code)
+        await super().__call__(message)
+
+    def codes(self, request_id: str) -> list[str]:
+        return list(self._codes.get(request_id, ()))
+
+    async def until_answered(self, request_id: str, count: int = 1) -> list[str]:
+        await self.until(lambda _: len(self.codes(request_id)) >= count)
+        return self.codes(request_id)
+
+
+async def seed_store(path: Path) -> None:
+    store = SqliteStore(path)
+    await store.open()
+    await store.upsert_devices(premise())
+    await store.upsert_users(USERS)
+    await store.close()
+
+
+@dataclass
+class Estate:
+    answers: Answers
+    user: MqttTransport
+    devices: DeviceSimulator
+    url: str
+
+    async def send(self, user: Eui, payload: bytes) -> None:
+        await self.user.publish(f"dsp/in/{user}", payload)
+
+
+@pytest.fixture
+async def estate(mosquitto: Mosquitto) -> AsyncIterator[Estate]:
+    answers = Answers()
+    user = MqttTransport(settings_for(mosquitto.url), "test-users")
+    await user.start(["dsp/out/+"], answers)
+    devices = DeviceSimulator(MqttTransport(settings_for(mosquitto.url), "test-devices"), DeviceConfig())
+    await devices.start()
+    yield Estate(answers, user, devices, mosquitto.url)
+    await devices.transport.abort()
+    await user.abort()
+
+
+def gateway_settings(url: str, store: Path, **gateway: object) -> Settings:
+    return Settings.model_validate(
+        {
+            "broker": {"url": url, "reconnect_min_seconds": 0.05, "reconnect_max_seconds": 0.5},
+            "store": {"path": str(store)},
+            "gateway": {"metrics_port": 0, **gateway},
+        }
+    )
+
+
+@pytest.fixture
+async def service(tmp_path: Path, estate: Estate) -> AsyncIterator[GatewayService]:
+    await seed_store(tmp_path / "gw.sqlite3")
+    settings = gateway_settings(estate.url, tmp_path / "gw.sqlite3")
+    transport = MqttTransport(settings.broker, settings.gateway.client_id)
+    running = await GatewayService.start(settings, transport)
+    yield running
+    await running.stop()
+
+
+def counter_of(request_id: str | None) -> int:
+    assert request_id is not None
+    return int(request_id.rsplit(":", 1)[1])
+
+
+def rid(originator: Eui, target: Eui, counter: int) -> str:
+    return f"{originator}:{target}:{counter}"
+
+
+async def test_requests_are_forwarded_answered_and_refused_over_mqtt(
+    estate: Estate, service: GatewayService
+) -> None:
+    await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
+    # The gateway's acknowledgement, then the device's own answer relayed back.
+    codes = await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 1), 2)
+    assert codes == [ResponseCode.ACKNOWLEDGED, ResponseCode.SUCCESS]
+
+    await estate.send(IMPORT_SUPPLIER, flag_request(IMPORT_SUPPLIER, 2, METER, set_flag=True))
+    flag_rid = rid(IMPORT_SUPPLIER, service.dcc_eui, 2)
+    assert await estate.answers.until_answered(flag_rid) == [ResponseCode.SUCCESS]
+
+    await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 3))
+    await estate.send(IMPORT_SUPPLIER, request(SECURITY_SRV, IMPORT_SUPPLIER, METER, 4))
+    assert await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 3)) == [
+        ResponseCode.CONSUMER_CHOICE
+    ]
+    assert await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 4), 2) == [
+        ResponseCode.ACKNOWLEDGED,
+        ResponseCode.SUCCESS,
+    ]
+    # Only the read before the flag and the security update reached the meter.
+    assert [counter_of(command.request_id) for command in estate.devices.received] == [1, 4]
+
+
+async def test_a_spoofed_originator_never_reaches_the_device(estate: Estate, service: GatewayService) -> None:
+    await estate.send(GAS_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
+    await estate.answers.until(lambda messages: len(messages) == 1)
+    [message] = estate.answers.messages
+    assert message.topic == f"dsp/out/{GAS_SUPPLIER}"
+    assert header(message.payload)[1] == ResponseCode.USER_NOT_AUTHORISED
+    # A later request on the same path is answered after it: nothing was forwarded in between.
+    await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2))
+    await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 2), 2)
+    assert [counter_of(command.request_id) for command in estate.devices.received] == [2]
+
+
+async def test_garbage_goes_to_the_dead_letter_topic(estate: Estate, service: GatewayService) -> None:
+    letters = Inbox()
+    watcher = MqttTransport(settings_for(estate.url), "test-deadletters")
+    await watcher.start(["dsp/deadletter"], letters)
+    try:
+        await estate.send(IMPORT_SUPPLIER, b"<unclosed")
+        await letters.until(lambda messages: len(messages) == 1)
+        assert b'"reason": "not-well-formed"' in letters.payloads[0]
+        await estate.answers.until(lambda messages: len(messages) == 1)
+        assert header(estate.answers.payloads[0])[1] == ResponseCode.INVALID_REQUEST
+    finally:
+        await watcher.abort()
+
+
+async def test_every_request_is_answered_across_a_broker_restart(
+    mosquitto: Mosquitto, estate: Estate, service: GatewayService
+) -> None:
+    for counter in range(1, 51):
+        await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter))
+    await asyncio.to_thread(mosquitto.restart)
+    for counter in range(51, 101):
+        await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter))
+    for counter in range(1, 101):
+        codes = await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, counter))
+        assert ResponseCode.DUPLICATE_REQUEST_ID not in codes
+
+
+class Daemon:
+    """`mp169 run` as a child process; ready once it logged daemon-ready."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.process: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "--config",
+            str(self.config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(ready))
+        async with asyncio.timeout(GUARD_SECONDS):
+            await ready
+
+    async def _read(self, ready: asyncio.Future[None]) -> None:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.log.append(line.decode(errors="replace"))
+            if b"daemon-ready" in line and not ready.done():
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(RuntimeError("daemon exited before it was ready:\n" + "".join(self.log)))
+
+    async def signal(self, signum: signal.Signals) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        async with asyncio.timeout(GUARD_SECONDS):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+
+async def test_a_killed_daemon_loses_no_acknowledged_request(
+    tmp_path: Path, mosquitto: Mosquitto, estate: Estate
+) -> None:
+    await seed_store(tmp_path / "gw.sqlite3")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_seconds = 0.05\nreconnect_max_seconds = 0.5\n'
+        f'[store]\npath = "{tmp_path / "gw.sqlite3"}"\n'
+        "[gateway]\nmetrics_port = 0\n"
+    )
+    daemon = Daemon(config)
+    await daemon.start()
+    total = 3000
+    try:
+        for counter in range(1, total + 1):
+            await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter))
+        # Some requests answered, hundreds in flight at the gateway or queued at the broker: crash now.
+        await estate.answers.until(lambda messages: len(messages) >= 100)
+        assert await daemon.signal(signal.SIGKILL) == -signal.SIGKILL
+        restarted = Daemon(config)
+        await restarted.start()
+        ids = [rid(IMPORT_SUPPLIER, METER, counter) for counter in range(1, total + 1)]
+        try:
+            for request_id in ids:
+                codes = await estate.answers.until_answered(request_id)
+                # At least once and never mistaken for a duplicate of itself.
+                assert ResponseCode.DUPLICATE_REQUEST_ID not in codes, request_id
+            # Every request also reached the meter, whose answer came back through the gateway.
+            await estate.answers.until(
+                lambda _: all(ResponseCode.SUCCESS in estate.answers.codes(i) for i in ids)
+            )
+        finally:
+            assert await restarted.signal(signal.SIGTERM) == 0
+    finally:
+        if daemon.process is not None and daemon.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                daemon.process.kill()
+    assert {counter_of(command.request_id) for command in estate.devices.received} == set(range(1, total + 1))
