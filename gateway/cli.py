@@ -19,7 +19,8 @@ COMMAND_MODULES = (
     "gateway.admin",  # mp169 inventory import, users import, flags show
     "gateway.daemon",  # mp169 run
     "gateway.report",  # mp169 report
-    "simulator.cli",  # mp169 demo, simulate ..., record, replay
+    "simulator.cli",  # mp169 simulate ..., record, replay
+    "simulator.demo",  # mp169 demo
 )
 
 Handler = Callable[[argparse.Namespace], int]
