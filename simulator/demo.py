@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gateway.config import Settings
+from gateway.config import BrokerSettings, Settings
+from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
+from gateway.mqtt import MqttTransport
 from gateway.report import Period, Report, load_report, short_report
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
@@ -27,12 +30,18 @@ from gateway.transport import MemoryBroker, MemoryTransport
 from rules.table import default_table
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, records_from_rows
+from simulator.recording import PublishItem, read_recording, write_stream
 from simulator.replay import ReplayResult, print_summary, replay
 from simulator.traffic import TrafficMix, generate_traffic
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+
+    from gateway.model import Eui
+    from gateway.transport import Transport
+    from simulator.estate import Estate
+    from simulator.recording import StreamItem
 
 EXIT_INVARIANT_FAILED = 1
 DEFAULT_WORKDIR = Path("var/demo")
@@ -53,6 +62,12 @@ class DemoOptions:
     workdir: Path = DEFAULT_WORKDIR
     rules: Path | None = None
     """A rules table for the gateway instead of the packaged one (the checks still use the packaged)."""
+    broker: str | None = None
+    """An MQTT broker URL to run over instead of the in-memory broker."""
+    recording: Path | None = None
+    """Replay this recording instead of generating traffic (made over the same seed and premises)."""
+    save_traffic: Path | None = None
+    """Write the generated stream here as a recording (for `mp169 replay` or `--recording`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +77,11 @@ class DemoResult:
     database: Path
 
 
-def demo_settings(database: Path, rules: Path | None = None) -> Settings:
+def demo_settings(database: Path, rules: Path | None = None, broker: str | None = None) -> Settings:
     return Settings.model_validate(
         {
+            # A demo leaves no session behind on a real broker (session expiry 0).
+            "broker": {"url": broker or BrokerSettings().url, "session_expiry_seconds": 0},
             "store": {"path": str(database)},
             "gateway": {
                 "rules_path": str(rules or ""),
@@ -89,18 +106,18 @@ async def run_demo(
         await store.upsert_devices(estate.devices)
         await store.upsert_users(estate.users)
 
-    settings = demo_settings(database, options.rules)
-    broker = MemoryBroker()
+    settings = demo_settings(database, options.rules, options.broker)
+    connect = _connector(settings, in_memory=options.broker is None)
     started = datetime.now(UTC)
-    service = await GatewayService.start(settings, MemoryTransport(broker, settings.gateway.client_id))
+    service = await GatewayService.start(settings, connect(settings.gateway.client_id))
     devices = DeviceSimulator(
-        MemoryTransport(broker, "mp169-devices"),
+        connect("mp169-devices"),
         DeviceConfig(failure_rate=options.failure_rate, timeout_rate=options.timeout_rate, seed=options.seed),
         devices=estate.devices,
     )
     await devices.start()
-    traffic = generate_traffic(estate, options.seed, options.requests, TrafficMix())
-    flag_targets = set(traffic.flag_devices)
+    items = _traffic(options, estate)
+    flag_targets = set(_flagged_by(items))
     flagged = [device for device in estate.devices if device.device_id in flag_targets]
 
     async def apply_inventory(rows: Sequence[Mapping[str, str]]) -> None:
@@ -115,8 +132,8 @@ async def run_demo(
 
     try:
         result = await replay(
-            traffic.items,
-            MemoryTransport(broker, "mp169-replay"),
+            items,
+            connect("mp169-replay"),
             window=options.window,
             apply_inventory=apply_inventory,
             answer_timeout=TARGET_RESPONSE_SECONDS * 5,
@@ -139,6 +156,34 @@ async def run_demo(
         generated_at=now,
     )
     return DemoResult(result, report, database)
+
+
+def _connector(settings: Settings, *, in_memory: bool) -> Callable[[str], Transport]:
+    """Transports for the demo's clients: in memory, or MQTT with run-unique client ids."""
+    if in_memory:
+        broker = MemoryBroker()
+        return lambda client_id: MemoryTransport(broker, client_id)
+    run = uuid.uuid4().hex[:8]
+    return lambda client_id: MqttTransport(settings.broker, f"{client_id}-{run}")
+
+
+def _traffic(options: DemoOptions, estate: Estate) -> Sequence[StreamItem]:
+    if options.recording is not None:
+        return read_recording(options.recording).items
+    items = generate_traffic(estate, options.seed, options.requests, TrafficMix()).items
+    if options.save_traffic is not None:
+        meta = {"seed": options.seed, "premises": options.premises, "requests": options.requests}
+        write_stream(items, options.save_traffic, meta=meta)
+    return items
+
+
+def _flagged_by(items: Sequence[StreamItem]) -> Iterator[Eui]:
+    """Devices that a flag-set request in the stream targets (the demo aims alerts at them)."""
+    for item in items:
+        if isinstance(item, PublishItem) and b"8.15.1<" in item.payload:
+            request = parse_request(item.payload)
+            if not isinstance(request, ParseError) and request.flag is not None:
+                yield request.flag.device_id
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -170,6 +215,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="FILE",
         help="route with this rules table (the MP169 checks still use the packaged one)",
     )
+    parser.add_argument(
+        "--broker", default=None, metavar="URL", help="run over this MQTT broker instead of in memory"
+    )
+    parser.add_argument(
+        "--save-traffic", type=Path, default=None, metavar="FILE", help="write the generated stream here"
+    )
+    parser.add_argument(
+        "--recording",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="replay this stream instead of generating one (made with the same --seed and --premises)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_demo)
 
@@ -187,11 +245,14 @@ def _demo(args: argparse.Namespace) -> int:
         timeout_rate=args.timeout_rate,
         workdir=args.workdir,
         rules=args.rules,
+        broker=args.broker,
+        recording=args.recording,
+        save_traffic=args.save_traffic,
     )
     console = Console()
     console.print(
         f"mp169 demo: {options.premises:,} premises, {options.requests:,} Service Requests, "
-        f"seed {options.seed}, in-memory broker"
+        f"seed {options.seed}, {options.broker or 'in-memory broker'}"
     )
     result = asyncio.run(run_demo(options, progress=not args.no_progress, console=Console(stderr=True)))
     print_summary(result.replay, console)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import pytest
 from lxml import etree
 
 from gateway.cli import main
@@ -20,7 +21,7 @@ from simulator.invariants import EventKind
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import pytest
+    from tests.broker import Mosquitto
 
 SR = "{http://www.dccinterface.co.uk/ServiceUserGateway}"
 
@@ -93,3 +94,23 @@ def test_the_demo_command_exits_zero_and_prints_the_verdicts(
     assert "no-consumption-to-flagged" in out
     assert "FAIL" not in out
     assert "Installed SMETS2 meters" in out
+
+
+async def test_a_saved_stream_replays_to_the_same_decisions(tmp_path: Path) -> None:
+    quiet = {"failure_rate": 0.0, "timeout_rate": 0.0}
+    saved = tmp_path / "traffic.jsonl"
+    live = await run_demo(small(tmp_path / "a", save_traffic=saved, **quiet))
+    replayed = await run_demo(small(tmp_path / "b", recording=saved, **quiet))
+    assert replayed.replay.passed
+    assert first_answers(replayed) == first_answers(live)
+
+
+@pytest.mark.broker
+async def test_mosquitto_and_memory_give_the_same_decisions(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    quiet = {"failure_rate": 0.0, "timeout_rate": 0.0}
+    saved = tmp_path / "traffic.jsonl"
+    in_memory = await run_demo(small(tmp_path / "a", save_traffic=saved, **quiet))
+    over_mqtt = await run_demo(small(tmp_path / "b", broker=mosquitto.url, recording=saved, **quiet))
+    back = await run_demo(small(tmp_path / "c", recording=saved, **quiet))
+    assert over_mqtt.replay.passed
+    assert first_answers(over_mqtt) == first_answers(in_memory) == first_answers(back)
