@@ -1,20 +1,21 @@
 """The routing pipeline: one message from its topic to its answer.
 
-`Pipeline.handle` is the transport handler. Its synchronous prefix (parse, authenticate, check the
-RequestID counter, decide) runs in arrival order, with no await before the decision. The one
-exception is an MP169 flag request, which must read the device and its comms hub from the store: while
-it does, it holds a barrier that every later message waits at, in order, so decisions stay in arrival
-order (flag requests are rare and the read takes well under a millisecond). Its effects
+`Pipeline.handle` is the transport handler. It queues the message for the decider, one task that
+takes messages strictly in arrival order and decides each (parse, authenticate, check the RequestID
+counter, decide) without awaiting, except for an MP169 flag request, which must read the device and
+its comms hub from the store, and whose effect must be committed before the next message is decided:
+the decider waits for both, so every message is decided against the flag as it was when the message
+arrived (flag requests are rare; the read and the commit take about a millisecond). Its effects
 (flag changes and RequestID counters to make durable, then the messages to publish) go to the
 Committer, which commits a batch of effects in one transaction and then hands their publishes to the
 broker in decision order. The handler returns, and so the transport acknowledges the inbound
 message, only after that: a crash never loses an acknowledged request.
 
-MP169 ordering: an accepted flag-set marks the view at decision time, so every request decided after
-it is refused; its answer is published after the commit and after the publishes of every request
-decided before it. So no consumption request reaches a device after the supplier holds the
-acknowledgement. A clear takes effect in the view only after its commit (until then consumption
-requests are still refused, which errs on the consumer's side).
+MP169 ordering: a flag change is in the view and committed before the next message is decided, and
+its answer is published after the publishes of every request decided before it. So no consumption
+request that arrived after a flag-set is forwarded, and none reaches a device after the supplier holds
+the acknowledgement. (A set marks the view at decision and a clear after its commit, so even an
+answer lost to a failed commit never lets consumption through.)
 """
 
 from __future__ import annotations
@@ -126,8 +127,12 @@ class Committer:
 
     async def submit(self, effect: Effect) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((effect, future))
+        self.enqueue(effect, future)
         await future
+
+    def enqueue(self, effect: Effect, done: asyncio.Future[None]) -> None:
+        """Commit and publish `effect` after everything enqueued before it; then resolve `done`."""
+        self._queue.put_nowait((effect, done))
 
     async def _run(self) -> None:
         while True:
@@ -216,8 +221,8 @@ class Pipeline:
         self._counters_at_start: dict[Eui, int] = dict(self._counters)
         self._pending: dict[RequestId, PendingRequest] = {}
         self._timed_out: OrderedDict[RequestId, None] = OrderedDict()
-        # Set while a flag request reads the store: later messages wait for it, in arrival order.
-        self._barrier: asyncio.Future[None] | None = None
+        self._inbox: asyncio.Queue[tuple[Message, asyncio.Future[None]]] = asyncio.Queue()
+        self._decider: asyncio.Task[None] | None = None
         self._inbound_prefix = f"{self.topics.inbound}/"
         self._device_prefix = f"{self.topics.devices}/"
 
@@ -225,8 +230,14 @@ class Pipeline:
 
     def start(self) -> None:
         self._committer.start()
+        self._decider = asyncio.create_task(self._decide_in_order(), name="mp169-decider")
 
     async def stop(self) -> None:
+        """Decide, commit and publish everything already handed to `handle`, then stop."""
+        await self._inbox.join()
+        if self._decider is not None:
+            self._decider.cancel()
+            await asyncio.gather(self._decider, return_exceptions=True)
         await self._committer.stop()
 
     @property
@@ -236,15 +247,13 @@ class Pipeline:
     # -- the transport handler ----------------------------------------------------------------
 
     async def handle(self, message: Message) -> None:
+        """Returns once the message's effects are durable and published (then the transport acks)."""
         started = time.perf_counter()
         self._metrics.inflight.inc()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait((message, done))
         try:
-            while self._barrier is not None:
-                await asyncio.shield(self._barrier)
-            effect = self._route(message)
-            if effect is None:
-                effect = await self._behind_barrier(message)
-            await self._committer.submit(effect)
+            await done
         except Exception as exc:
             log.exception("handling-failed", topic=message.topic)
             await self._deadletter_now(message, "internal-error", repr(exc))
@@ -252,14 +261,23 @@ class Pipeline:
             self._metrics.inflight.dec()
             self._metrics.latency.observe(time.perf_counter() - started)
 
-    async def _behind_barrier(self, message: Message) -> Effect:
-        barrier = asyncio.get_running_loop().create_future()
-        self._barrier = barrier
-        try:
-            return await self._handle_flag_request_message(message)
-        finally:
-            self._barrier = None
-            barrier.set_result(None)
+    async def _decide_in_order(self) -> None:
+        while True:
+            message, done = await self._inbox.get()
+            try:
+                effect = self._route(message)
+                if effect is None:
+                    effect = await self._handle_flag_request_message(message)
+                    # The next message is decided against the committed flag, set or clear.
+                    self._committer.enqueue(effect, done)
+                    await asyncio.wait([done])
+                else:
+                    self._committer.enqueue(effect, done)
+            except Exception as exc:  # noqa: BLE001 - reported to the message's handler
+                if not done.done():  # its handler may have been cancelled by a stopping transport
+                    done.set_exception(exc)
+            finally:
+                self._inbox.task_done()
 
     def _route(self, message: Message) -> Effect | None:
         """The synchronous part: returns the effect, or None for a flag request (needs the store)."""

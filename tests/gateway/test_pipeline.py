@@ -213,6 +213,25 @@ async def test_requests_decided_after_a_flag_set_are_refused_even_when_concurren
     assert topics.index(TOPICS.command(METER)) < topics.index(TOPICS.out(IMPORT_SUPPLIER), 1)
 
 
+async def test_a_stream_with_flag_requests_is_decided_in_arrival_order(gateway: Harness) -> None:
+    # Messages arrive one event-loop turn apart, as from a transport, while flag requests read the store.
+    handlers = []
+    for counter in range(1, 121):
+        if counter % 20 == 0:
+            payload = flag_request(IMPORT_SUPPLIER, counter, METER, set_flag=counter % 40 == 0)
+        else:
+            payload = request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter)
+        handlers.append(asyncio.create_task(gateway.send(IMPORT_SUPPLIER, payload)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*handlers)
+    codes = gateway.answers_to(IMPORT_SUPPLIER, gateway.published)
+    assert ResponseCode.DUPLICATE_REQUEST_ID not in codes
+    assert len(codes) == 120
+    # Flag set at 40 and 80 (cleared at 20, 60, 100): reads 41-59 and 81-99 refused, the rest forwarded.
+    refused = set(range(41, 60)) | set(range(81, 100))
+    assert codes.count(ResponseCode.CONSUMER_CHOICE) == len(refused)
+
+
 async def test_a_spoofed_originator_is_answered_on_the_senders_topic_only(gateway: Harness) -> None:
     out = await gateway.send(GAS_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
     assert gateway.commands(out) == []
