@@ -105,6 +105,9 @@ class StoreSettings(_Section):
 
 
 class OutcomeSettings(_Section):
+    path: str = ""
+    """Outcome records' SQLite file; empty: beside the store, `<store stem>-outcomes.sqlite3`. A file of
+    its own, so the recorder's batch writes never hold the lock the routing commits need."""
     batch_size: Annotated[int, Field(ge=1)] = 500
     flush_seconds: Annotated[float, Field(gt=0)] = 0.5
     retention_days: Annotated[int, Field(ge=1)] = 400
@@ -120,6 +123,13 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     store: StoreSettings = StoreSettings()
     outcomes: OutcomeSettings = OutcomeSettings()
+
+    @property
+    def outcomes_path(self) -> Path:
+        if self.outcomes.path:
+            return Path(self.outcomes.path)
+        store = Path(self.store.path)
+        return store.with_name(f"{store.stem}-outcomes{store.suffix}")
 
     @classmethod
     def settings_customise_sources(

@@ -65,6 +65,16 @@ class Metrics:
             "mp169_broker_reconnects", "Reconnections to the MQTT broker.", registry=self.registry
         )
 
+        # labels() costs a lock and a dict build per call; the hot path reuses the children.
+        self._request_counters: dict[tuple[str, str], Counter] = {}
+
+    def count_request(self, category: str, decision: str) -> None:
+        counter = self._request_counters.get((category, decision))
+        if counter is None:
+            counter = self.requests.labels(category=category, decision=decision)
+            self._request_counters[category, decision] = counter
+        counter.inc()
+
     def serve(self, port: int) -> None:
         """Expose /metrics on 127.0.0.1:port (a thread owned by prometheus_client)."""
         start_http_server(port, addr="127.0.0.1", registry=self.registry)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import time
 from collections import OrderedDict
@@ -434,7 +435,7 @@ class Pipeline:
 
     def _count_and_record(self, request: ServiceRequest, decision: Decision, now: datetime) -> None:
         category = decision.rule.category.value if decision.rule is not None else "unknown"
-        self._metrics.requests.labels(category=category, decision=decision.action.value).inc()
+        self._metrics.count_request(category, decision.action.value)
         if self._recorder is None:
             return
         roles = self.view.roles(request.request_id.originator)
@@ -476,7 +477,7 @@ class Pipeline:
             reason=reason,
             response_code=code.value,
         )
-        self._metrics.requests.labels(category="unknown", decision=Action.REJECT.value).inc()
+        self._metrics.count_request("unknown", Action.REJECT.value)
         # A spoofed request is not the claimed originator's: it stays out of that user's outcomes.
         if self._recorder is not None and request_id.originator == user:
             self._recorder.record_decision(
@@ -520,7 +521,7 @@ class Pipeline:
                 ),
             )
         )
-        self._metrics.requests.labels(category="unknown", decision=Action.REJECT.value).inc()
+        self._metrics.count_request("unknown", Action.REJECT.value)
         return effect
 
     # -- MP169 flag requests ----------------------------------------------------------------------
@@ -602,7 +603,7 @@ class Pipeline:
                 reason=verdict.reason,
                 flagged=flagged,
             )
-        self._metrics.requests.labels(category="consumer-choice-flag", decision=Action.LOCAL.value).inc()
+        self._metrics.count_request("consumer-choice-flag", Action.LOCAL.value)
         return effect
 
     # -- device responses and alerts ---------------------------------------------------------------
@@ -696,7 +697,10 @@ class Pipeline:
     async def expire_pending(self) -> int:
         """Answer forwarded requests whose device has not answered in time (E21); returns how many."""
         deadline = time.monotonic() - self._target_response_seconds
-        expired = [(key, p) for key, p in self._pending.items() if p.forwarded_at <= deadline]
+        # Insertion order is forwarding order: the expired requests are a prefix.
+        expired = list(
+            itertools.takewhile(lambda item: item[1].forwarded_at <= deadline, self._pending.items())
+        )
         if not expired:
             return 0
         effect = Effect()

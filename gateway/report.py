@@ -352,8 +352,14 @@ async def read_installed_meters(db: aiosqlite.Connection) -> list[InstalledMeter
 
 
 async def query_report(
-    db: aiosqlite.Connection, period: Period, *, target_response_seconds: float, generated_at: datetime
+    db: aiosqlite.Connection,
+    period: Period,
+    *,
+    target_response_seconds: float,
+    generated_at: datetime,
+    store: aiosqlite.Connection | None = None,
 ) -> Report:
+    """`db` holds the outcome records; `store` (default `db`) the inventory and the flags."""
     cells: dict[CellKey, Tally] = {}
     dated: list[tuple[datetime, Tally]] = []
     if await has_outcome_tables(db):
@@ -370,23 +376,36 @@ async def query_report(
         period=period,
         cells=cells,
         dated=dated,
-        meters=await read_installed_meters(db),
+        meters=await read_installed_meters(store or db),
         target_response_seconds=target_response_seconds,
         generated_at=generated_at,
     )
 
 
 async def load_report(
-    path: Path, period: Period, *, target_response_seconds: float, generated_at: datetime
+    path: Path,
+    period: Period,
+    *,
+    target_response_seconds: float,
+    generated_at: datetime,
+    store: Path | None = None,
 ) -> Report:
-    """Open the database read-only and build the report of `period`."""
+    """Open the outcome database (and the flag store, when it is another file) read-only and build the
+    report of `period`."""
     db = await connect(path, read_only=True)
+    store_db = await connect(store, read_only=True) if store is not None else None
     try:
         return await query_report(
-            db, period, target_response_seconds=target_response_seconds, generated_at=generated_at
+            db,
+            period,
+            target_response_seconds=target_response_seconds,
+            generated_at=generated_at,
+            store=store_db,
         )
     finally:
         await db.close()
+        if store_db is not None:
+            await store_db.close()
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -911,9 +930,11 @@ def run_report(args: argparse.Namespace) -> int:
     if since >= until:
         sys.stderr.write("mp169 report: --since must be before --until\n")
         return 2
-    path = Path(settings.store.path)
+    path = settings.outcomes_path
     if not path.exists():
-        sys.stderr.write(f"mp169 report: no database at {path} (store.path): nothing recorded yet\n")
+        sys.stderr.write(
+            f"mp169 report: no outcome database at {path} (outcomes.path): nothing recorded yet\n"
+        )
         return 1
     report = asyncio.run(
         load_report(
@@ -921,6 +942,7 @@ def run_report(args: argparse.Namespace) -> int:
             Period(since, until),
             target_response_seconds=settings.gateway.target_response_seconds,
             generated_at=now,
+            store=store if (store := Path(settings.store.path)).exists() else None,
         )
     )
     if args.format == "json":

@@ -67,7 +67,7 @@ class GatewayService:
         await store.open()
         view = await RoutingView.load(store)
         recorder = OutcomeRecorder(
-            path,
+            settings.outcomes_path,
             batch_size=settings.outcomes.batch_size,
             flush_seconds=settings.outcomes.flush_seconds,
             target_response_seconds=settings.gateway.target_response_seconds,

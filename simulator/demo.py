@@ -99,7 +99,7 @@ async def run_demo(
 ) -> DemoResult:
     database = options.workdir / "mp169.sqlite3"
     options.workdir.mkdir(parents=True, exist_ok=True)
-    for leftover in options.workdir.glob("mp169.sqlite3*"):
+    for leftover in options.workdir.glob("mp169*.sqlite3*"):
         leftover.unlink()  # every run starts from an empty store
     estate = generate_estate(options.seed, options.premises)
     async with SqliteStore(database) as store:
@@ -150,10 +150,11 @@ async def run_demo(
         await service.stop()
     now = datetime.now(UTC)
     report = await load_report(
-        database,
+        settings.outcomes_path,
         Period(started - timedelta(minutes=1), now + timedelta(minutes=1)),
         target_response_seconds=TARGET_RESPONSE_SECONDS,
         generated_at=now,
+        store=database,
     )
     return DemoResult(result, report, database)
 

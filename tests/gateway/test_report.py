@@ -629,7 +629,8 @@ def test_command_writes_json_and_html(tmp_path, capsys):
     asyncio.run(fixture_report(tmp_path))
     capsys.readouterr()  # the recorder's own log lines
     config = tmp_path / "config.toml"
-    config.write_text(f'[store]\npath = "{tmp_path / "mp169.sqlite3"}"\n')
+    database = tmp_path / "mp169.sqlite3"  # the fixture keeps outcomes and flags in one file
+    config.write_text(f'[store]\npath = "{database}"\n[outcomes]\npath = "{database}"\n')
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     html = tmp_path / "report.html"
@@ -661,4 +662,4 @@ def test_command_refuses_a_missing_database(tmp_path, capsys):
     register(parser.add_subparsers())
     args = parser.parse_args(["report", "--config", str(config)])
     assert args.handler(args) == 1
-    assert "no database" in capsys.readouterr().err
+    assert "no outcome database" in capsys.readouterr().err
