@@ -16,7 +16,7 @@ def test_the_endpoint_serves_requests_by_category_and_decision() -> None:
     metrics.count_request("consumption", "refuse")
     metrics.count_request("firmware", "forward")
     metrics.alerts.labels(category="billing", delivery="withhold").inc()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     assert 'mp169_requests_total{category="consumption",decision="refuse"} 2.0' in text
     assert 'mp169_requests_total{category="firmware",decision="forward"} 1.0' in text
