@@ -352,6 +352,22 @@ class Pipeline:
         log.info("redelivered-duplicate", request_id=str(request_id))
         return Admission.ANSWERED
 
+    def _answer(
+        self, user: Eui, request: ServiceRequest, code: ResponseCode, at: datetime, reason: str | None = None
+    ) -> tuple[str, bytes]:
+        """A DUIS response to `request` on `user`'s topic."""
+        return (
+            self.topics.out(user),
+            response_xml(
+                request_id=request.request_id,
+                code=code,
+                service_reference=request.service_reference,
+                srv=request.srv,
+                at=at,
+                reason=reason,
+            ),
+        )
+
     def _facts(self, request: ServiceRequest) -> RequestFacts:
         devices = {}
         for eui in request.concerned_devices:
@@ -371,18 +387,7 @@ class Pipeline:
         now = self._clock()
         if decision.action is Action.FORWARD:
             effect.publishes.append((self.topics.command(request_id.target), request.raw))
-            effect.publishes.append(
-                (
-                    self.topics.out(originator),
-                    response_xml(
-                        request_id=request_id,
-                        code=ResponseCode.ACKNOWLEDGED,
-                        service_reference=request.service_reference,
-                        srv=request.srv,
-                        at=now,
-                    ),
-                )
-            )
+            effect.publishes.append(self._answer(originator, request, ResponseCode.ACKNOWLEDGED, now))
             self._pending[request_id] = PendingRequest(
                 request.srv, request.service_reference, time.monotonic()
             )
@@ -390,19 +395,8 @@ class Pipeline:
         elif decision.action is Action.LOCAL:
             effect.publishes.append((self.topics.out(originator), self._read_inventory(request, now)))
         else:
-            effect.publishes.append(
-                (
-                    self.topics.out(originator),
-                    response_xml(
-                        request_id=request_id,
-                        code=decision.response_code,
-                        service_reference=request.service_reference,
-                        srv=request.srv,
-                        at=now,
-                        reason=f"{decision.reason}: {decision.detail}",
-                    ),
-                )
-            )
+            reason = f"{decision.reason}: {decision.detail}"
+            effect.publishes.append(self._answer(originator, request, decision.response_code, now, reason))
             log.info(
                 "refused" if decision.action is Action.REFUSE else "rejected",
                 request_id=str(request_id),
@@ -494,15 +488,7 @@ class Pipeline:
                 reason=reason,
                 flagged=False,
             )
-        payload = response_xml(
-            request_id=request_id,
-            code=code,
-            service_reference=request.service_reference,
-            srv=request.srv,
-            at=now,
-            reason=f"{reason}: {detail}",
-        )
-        return Effect(publishes=[(self.topics.out(user), payload)])
+        return Effect(publishes=[self._answer(user, request, code, now, f"{reason}: {detail}")])
 
     def _reject_unparseable(self, user: Eui, message: Message, error: ParseError) -> Effect:
         effect = self._deadletter(message, error.reason, error.detail)
@@ -575,19 +561,8 @@ class Pipeline:
             response_code=verdict.code.value,
             changed=verdict.changed,
         )
-        effect.publishes.append(
-            (
-                self.topics.out(request_id.originator),
-                response_xml(
-                    request_id=request_id,
-                    code=verdict.code,
-                    service_reference=request.service_reference,
-                    srv=request.srv,
-                    at=now,
-                    reason=f"{verdict.reason}: {verdict.detail}",
-                ),
-            )
-        )
+        reason = f"{verdict.reason}: {verdict.detail}"
+        effect.publishes.append(self._answer(request_id.originator, request, verdict.code, now, reason))
         if self._recorder is not None:
             self._recorder.record_decision(
                 request_id=str(request_id),
