@@ -23,12 +23,11 @@ from gateway.config import Settings
 from gateway.duis import PARSER
 from gateway.mqtt import MqttTransport
 from gateway.service import GatewayService
-from gateway.store import SqliteStore
 from rules.codes import ResponseCode
 from simulator.devices import DeviceConfig, DeviceSimulator
-from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER, USERS, premise
+from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER
 from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
-from tests.gateway.test_pipeline import CONSUMPTION_SRV, SECURITY_SRV, flag_request, request
+from tests.gateway.test_pipeline import CONSUMPTION_SRV, SECURITY_SRV, flag_request, request, seed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -72,14 +71,6 @@ class Answers(Inbox):
         return self.codes(request_id)
 
 
-async def seed_store(path: Path) -> None:
-    store = SqliteStore(path)
-    await store.open()
-    await store.upsert_devices(premise())
-    await store.upsert_users(USERS)
-    await store.close()
-
-
 @dataclass
 class Estate:
     answers: Answers
@@ -115,7 +106,7 @@ def gateway_settings(url: str, store: Path, **gateway: object) -> Settings:
 
 @pytest.fixture
 async def service(tmp_path: Path, estate: Estate) -> AsyncIterator[GatewayService]:
-    await seed_store(tmp_path / "gw.sqlite3")
+    await seed(tmp_path / "gw.sqlite3")
     settings = gateway_settings(estate.url, tmp_path / "gw.sqlite3")
     transport = MqttTransport(settings.broker, settings.gateway.client_id)
     running = await GatewayService.start(settings, transport)
@@ -244,7 +235,7 @@ class Daemon:
 async def test_a_killed_daemon_loses_no_acknowledged_request(
     tmp_path: Path, mosquitto: Mosquitto, estate: Estate
 ) -> None:
-    await seed_store(tmp_path / "gw.sqlite3")
+    await seed(tmp_path / "gw.sqlite3")
     config = tmp_path / "config.toml"
     config.write_text(
         f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_seconds = 0.05\nreconnect_max_seconds = 0.5\n'

@@ -181,6 +181,65 @@ def test_request_id_is_normalised_and_counter_spans_u64() -> None:
     assert str(parsed.request_id) == f"{USER}:{ESME}:{MAX_COUNTER}"
 
 
+HEADER_FIELDS = [match.group() for match in re.finditer(r"<sr:(\w+)>[^<]*</sr:\1>", header())]
+HEADER_LAYOUTS = {
+    "schema order": "".join(HEADER_FIELDS),
+    "optional fields": HEADER_FIELDS[0]
+    + "<sr:FirstInSequence>true</sr:FirstInSequence>"
+    + f"<sr:PrecedingServiceRequestID>{USER}:{ESME}:6</sr:PrecedingServiceRequestID>"
+    + "".join(HEADER_FIELDS[1:]),
+    "reversed": "".join(reversed(HEADER_FIELDS)),
+    "blanks and comments": "\n  <!-- c -->" + "\n  ".join(HEADER_FIELDS) + " <?pi x?>\n",
+    "an element in another namespace": "".join(HEADER_FIELDS) + '<x:Note xmlns:x="urn:x"/>',
+}
+
+
+@pytest.mark.parametrize("layout", HEADER_LAYOUTS)
+def test_any_header_layout_reads_the_same_fields(layout: str) -> None:
+    # The usual four-field Header is read by position, anything else by tag: both give the same.
+    parsed = parse_request(request(HEADER_LAYOUTS[layout], "<sr:ReadX/>"))
+    assert parsed == ServiceRequest(RequestId(USER, ESME, 7), 1, "4.8", "4.8.1", "ReadX", (ESME,))
+
+
+def test_a_header_field_in_another_namespace_is_not_read_by_position() -> None:
+    srv = '<x:ServiceReferenceVariant xmlns:x="urn:x">4.8.1</x:ServiceReferenceVariant>'
+    parsed = parse_request(request("".join(HEADER_FIELDS[:3]) + srv, "<sr:ReadX/>"))
+    assert parsed == ParseError("missing-field", "Header/ServiceReferenceVariant", RequestId(USER, ESME, 7))
+
+
+def test_a_repeated_header_field_reads_its_last_occurrence() -> None:
+    repeated = HEADER_FIELDS[0] + HEADER_FIELDS[0].replace(":7<", ":8<") + "".join(HEADER_FIELDS[1:])
+    parsed = parse_request(request(repeated, "<sr:ReadX/>"))
+    assert isinstance(parsed, ServiceRequest)
+    assert parsed.request_id == RequestId(USER, ESME, 8)
+
+
+@pytest.mark.parametrize(
+    ("prolog", "declares"),
+    [
+        (b"", False),
+        (b'<?xml version="1.0" encoding="UTF-8"?>\n', False),
+        (b"\xef\xbb\xbf<?xml version='1.0'?>\r\n\t", False),
+        (b'<?xml version="1.0"?><!-- <!DOCTYPE r> -->', False),
+        (b"<!DOCTYPE r>", True),
+        (b"\xef\xbb\xbf<!DOCTYPE r>", True),
+        (b'<?xml version="1.0"?>\n<!DOCTYPE r>', True),
+        (b'<?xml version="1.0" x=">"?><!DOCTYPE r>', True),  # a ">" in the declaration
+        (b'<?xml version="1.0"?><?pi a?><!DOCTYPE r>', True),
+        (b'<?xml version="1.0"?><!-- c --><!DOCTYPE r>', True),
+    ],
+)
+def test_the_doctype_byte_check_reads_the_prolog(prolog: bytes, declares: bool) -> None:
+    # The usual prolog is matched in one go; every other one is walked item by item.
+    assert duis.declares_doctype(prolog + b"<r/>") is declares
+
+
+def test_blank_text_between_elements_is_dropped_and_leaf_text_kept() -> None:
+    root = etree.fromstring(b"<r>\n  <a>  </a>\n  <b> x <c/></b>\n</r>", duis.PARSER)
+    assert root.text is None
+    assert [child.text for child in root] == ["  ", " x "]
+
+
 # -- the MP169 flag requests -----------------------------------------------------------------------
 
 

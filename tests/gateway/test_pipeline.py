@@ -100,10 +100,21 @@ class Harness:
         return [topic for topic, _ in messages if topic.endswith("/cmd")]
 
 
+async def seed(path: Path) -> None:
+    """A store holding one premise (comms hub, ESME, GSME) and the users."""
+    async with SqliteStore(path) as store:
+        await store.upsert_devices(premise())
+        await store.upsert_users(USERS)
+
+
 async def build(
-    path: Path, *, target_response_seconds: float = 30.0, recorder: OutcomeRecorder | None = None
+    path: Path,
+    *,
+    target_response_seconds: float = 30.0,
+    recorder: OutcomeRecorder | None = None,
+    store_class: type[SqliteStore] = SqliteStore,
 ) -> Harness:
-    store = SqliteStore(path)
+    store = store_class(path)
     await store.open()
     published: list[tuple[str, bytes]] = []
 
@@ -133,11 +144,7 @@ async def stop(harness: Harness) -> None:
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Harness]:
-    store = SqliteStore(tmp_path / "gw.sqlite3")
-    await store.open()
-    await store.upsert_devices(premise())
-    await store.upsert_users(USERS)
-    await store.close()
+    await seed(tmp_path / "gw.sqlite3")
     harness = await build(tmp_path / "gw.sqlite3")
     yield harness
     await stop(harness)
@@ -375,11 +382,7 @@ async def test_alerts_from_a_flagged_meter_flow_except_consumption_ones(gateway:
 
 async def test_a_silent_device_gets_its_request_answered_with_a_timeout(tmp_path: Path) -> None:
     path = tmp_path / "gw.sqlite3"
-    seed = SqliteStore(path)
-    await seed.open()
-    await seed.upsert_devices(premise())
-    await seed.upsert_users(USERS)
-    await seed.close()
+    await seed(path)
     harness = await build(path, target_response_seconds=0.0)
     try:
         await harness.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
@@ -399,11 +402,7 @@ async def test_a_silent_device_gets_its_request_answered_with_a_timeout(tmp_path
 
 async def test_outcomes_are_recorded_for_every_decision(tmp_path: Path) -> None:
     path = tmp_path / "gw.sqlite3"
-    seed = SqliteStore(path)
-    await seed.open()
-    await seed.upsert_devices(premise())
-    await seed.upsert_users(USERS)
-    await seed.close()
+    await seed(path)
     recorder = OutcomeRecorder(path, clock=lambda: AT)
     await recorder.start()
     harness = await build(path, recorder=recorder)
@@ -432,31 +431,13 @@ class FailingStore(SqliteStore):
 
 
 async def test_a_failed_commit_dead_letters_the_message_instead_of_losing_it(tmp_path: Path) -> None:
-    store = FailingStore(tmp_path / "gw.sqlite3")
-    await store.open()
-    await store.upsert_devices(premise())
-    await store.upsert_users(USERS)
-    published: list[tuple[str, bytes]] = []
-
-    async def publish(topic: str, payload: bytes) -> None:
-        published.append((topic, payload))
-
-    pipeline = Pipeline(
-        table=default_table(),
-        view=await RoutingView.load(store),
-        store=store,
-        publish=publish,
-        recorder=None,
-        metrics=Metrics(),
-        dcc_eui=DCC,
-    )
-    pipeline.start()
+    await seed(tmp_path / "gw.sqlite3")
+    harness = await build(tmp_path / "gw.sqlite3", store_class=FailingStore)
     payload = request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1)
     try:
-        await pipeline.handle(Message(f"dsp/in/{IMPORT_SUPPLIER}", payload))
+        published = await harness.send(IMPORT_SUPPLIER, payload)
     finally:
-        await pipeline.stop()
-        await store.close()
+        await stop(harness)
     assert [topic for topic, _ in published] == [TOPICS.deadletter]
     letter = json.loads(published[0][1])
     assert letter["reason"] == "internal-error"

@@ -32,7 +32,7 @@ from rules.decide import (
     decide,
     decide_device_message,
 )
-from rules.table import ALWAYS_FLOWING, Category, default_table
+from rules.table import ALWAYS_FLOWING, Category, RulesTable, default_table
 
 TABLE = default_table()
 DCC = Eui("90-B3-D5-1F-30-00-00-02")
@@ -192,6 +192,16 @@ def test_consumption_read_of_an_unflagged_device_is_forwarded():
     decision = decide(request("4.8.1"), facts(device()), TABLE)
     assert_decision(decision, Action.FORWARD, ResponseCode.ACKNOWLEDGED, "forwarded")
     assert decision.rule is TABLE.srvs["4.8.1"]
+
+
+def test_a_forward_decision_names_the_rule_of_the_table_it_was_decided_with():
+    # Forward decisions are made once per SRV; one from another table is never handed out.
+    rule = dataclasses.replace(TABLE.srvs["4.8.1"], rationale="Another table's reason.")
+    other = RulesTable({**TABLE.srvs, "4.8.1": rule}, TABLE.alerts)
+    for table in (TABLE, other, TABLE):
+        decision = decide(request("4.8.1"), facts(device()), table)
+        assert_decision(decision, Action.FORWARD, ResponseCode.ACKNOWLEDGED, "forwarded")
+        assert decision.rule is table.srvs["4.8.1"]
 
 
 def test_create_schedule_of_a_refused_srv_for_a_flagged_device_is_refused():
