@@ -6,6 +6,7 @@ level is a no-op method, so the hot path pays nothing for them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import TextIO
@@ -13,6 +14,21 @@ from typing import TextIO
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _StderrLogger:
+    """Writes each line to the current sys.stderr, looked up per line: a stream bound at configuration
+    time may be replaced and closed later (test capture, daemonisers), and a log line must never raise
+    into the task that logs it (a dead MQTT supervisor would stop reconnecting)."""
+
+    def __init__(self, *_: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            print(message, file=sys.stderr, flush=True)  # noqa: T201 - this is the log sink
+
+    log = debug = info = warn = warning = err = error = critical = exception = failure = fatal = msg
 
 
 def configure_logging(level: str = "info", *, stream: TextIO | None = None, json: bool = True) -> None:
@@ -32,6 +48,6 @@ def configure_logging(level: str = "info", *, stream: TextIO | None = None, json
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream) if stream else _StderrLogger,
         cache_logger_on_first_use=True,
     )
