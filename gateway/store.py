@@ -500,7 +500,8 @@ class SqliteStore:
             db = self._conn
             await db.execute("BEGIN IMMEDIATE")
             try:
-                await self._apply_flag_events(db, batch.flag_events)
+                if batch.flag_events:  # most batches carry only counters: spare the round trip
+                    await self._apply_flag_events(db, batch.flag_events)
                 await self._raise_counters(db, batch.counters)
                 await db.execute("COMMIT")
             except BaseException:
