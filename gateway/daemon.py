@@ -49,13 +49,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     metrics = Metrics()
     if settings.gateway.metrics_port:
         metrics.serve(settings.gateway.metrics_port)
-    transport = MqttTransport(
-        settings.broker,
-        client_id=settings.gateway.client_id,
-        receive_maximum=settings.gateway.inflight_window,
-        ssl_context=settings.broker.ssl_context(),
-        on_reconnect=metrics.reconnects.inc,
-    )
+    transport = MqttTransport.from_settings(settings, on_reconnect=metrics.reconnects.inc)
     service = await GatewayService.start(settings, transport, metrics=metrics)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 from collections import deque
 from enum import StrEnum
 from functools import partial
@@ -38,6 +37,7 @@ from gmqtt.mqtt.constants import MQTTv50
 from gateway.transport import Handler, Message, split_shared, validate_topic
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable, Sequence
 
     from gateway.config import BrokerSettings, Settings
@@ -281,9 +281,7 @@ class MqttTransport:
         self.handler_errors = 0
         self.on_reconnect = on_reconnect
         self.on_connection_event = on_connection_event
-        self._tls: ssl.SSLContext | bool = ssl_context or (
-            ssl.create_default_context() if settings.tls else False
-        )
+        self._tls: ssl.SSLContext | bool = ssl_context or settings.ssl_context() or False
         self._stop_timeout = stop_timeout_seconds
         self._handler: Handler | None = None
         self._subscriptions: tuple[str, ...] = ()
@@ -301,9 +299,19 @@ class MqttTransport:
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> MqttTransport:
+    def from_settings(
+        cls,
+        settings: Settings,
+        client_id: str | None = None,
+        *,
+        on_reconnect: Callable[[], object] | None = None,
+    ) -> MqttTransport:
+        """The broker section, the in-flight window and (by default) the gateway's client id."""
         return cls(
-            settings.broker, settings.gateway.client_id, receive_maximum=settings.gateway.inflight_window
+            settings.broker,
+            client_id or settings.gateway.client_id,
+            receive_maximum=settings.gateway.inflight_window,
+            on_reconnect=on_reconnect,
         )
 
     # -- Transport --------------------------------------------------------------------------------

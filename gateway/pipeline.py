@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -37,12 +37,14 @@ import structlog
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.flags import evaluate_flag_request
 from gateway.model import DeviceMessage, DeviceMessageKind, Eui, RequestId, Role, ServiceRequest, parse_eui
+from gateway.outcomes import utc_now
 from gateway.responses import InventoryEntry, inventory_response_xml, response_xml
 from gateway.store import CommitBatch, FlagEvent, FlagStore
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, RequestFacts, decide, decide_device_message
 
 if TYPE_CHECKING:
+    from gateway.config import TopicSettings
     from gateway.metrics import Metrics
     from gateway.outcomes import OutcomeRecorder
     from gateway.transport import Message
@@ -60,10 +62,6 @@ READ_INVENTORY_SRV = "8.2"
 _TIMED_OUT_MEMORY = 100_000
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Topic layout (design.md section 6); prefixes come from settings.topics."""
@@ -75,6 +73,10 @@ class Topics:
 
     def out(self, user: Eui) -> str:
         return f"{self.outbound}/{user}"
+
+    @classmethod
+    def from_settings(cls, section: TopicSettings) -> Topics:
+        return cls(section.inbound, section.outbound, section.devices, section.deadletter)
 
     def command(self, device: Eui) -> str:
         return f"{self.devices}/{device}/cmd"
@@ -266,22 +268,21 @@ class Pipeline:
         while True:
             message, done = await self._inbox.get()
             try:
-                effect = self._route(message)
-                if effect is None:
-                    effect = await self._handle_flag_request_message(message)
-                    # The next message is decided against the committed flag, set or clear.
-                    self._committer.enqueue(effect, done)
-                    await asyncio.wait([done])
+                routed = self._route(message)
+                if isinstance(routed, Effect):
+                    self._committer.enqueue(routed, done)
                 else:
-                    self._committer.enqueue(effect, done)
+                    self._committer.enqueue(await self._handle_flag_request(routed), done)
+                    # The next message is decided against the committed flag, set or clear.
+                    await asyncio.wait([done])
             except Exception as exc:  # noqa: BLE001 - reported to the message's handler
                 if not done.done():  # its handler may have been cancelled by a stopping transport
                     done.set_exception(exc)
             finally:
                 self._inbox.task_done()
 
-    def _route(self, message: Message) -> Effect | None:
-        """The synchronous part: returns the effect, or None for a flag request (needs the store)."""
+    def _route(self, message: Message) -> Effect | ServiceRequest:
+        """The synchronous part: the effect, or an admitted flag request (handling it reads the store)."""
         topic = message.topic
         if topic.startswith(self._inbound_prefix):
             return self._handle_request(topic[len(self._inbound_prefix) :], message)
@@ -291,7 +292,7 @@ class Pipeline:
 
     # -- Service Requests -----------------------------------------------------------------------
 
-    def _handle_request(self, topic_user: str, message: Message) -> Effect | None:
+    def _handle_request(self, topic_user: str, message: Message) -> Effect | ServiceRequest:
         parsed = self._parse_request(topic_user, message)
         if isinstance(parsed, Effect):
             return parsed
@@ -320,7 +321,7 @@ class Pipeline:
             return Effect()
         decision = decide(request, self._facts(request), self.table)
         if decision.action is Action.LOCAL and request.srv in FLAG_SRVS:
-            return None
+            return request
         return self._act(request, decision)
 
     def _parse_request(self, topic_user: str, message: Message) -> tuple[Eui, ServiceRequest] | Effect:
@@ -511,14 +512,6 @@ class Pipeline:
         return effect
 
     # -- MP169 flag requests ----------------------------------------------------------------------
-
-    async def _handle_flag_request_message(self, message: Message) -> Effect:
-        # Re-parsing is cheap and keeps _route free of awaits; flag requests are rare.
-        request = parse_request(message.payload, max_bytes=self._max_bytes)
-        if isinstance(request, ParseError) or request.flag is None:
-            msg = "flag request lost its body between parse and handling"
-            raise RuntimeError(msg)
-        return await self._handle_flag_request(request)
 
     async def _handle_flag_request(self, request: ServiceRequest) -> Effect:
         instruction = request.flag

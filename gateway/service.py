@@ -15,8 +15,8 @@ import structlog
 
 from gateway.metrics import Metrics
 from gateway.model import Eui, parse_eui
-from gateway.outcomes import OutcomeRecorder
-from gateway.pipeline import Clock, Pipeline, Topics, utc_now
+from gateway.outcomes import OutcomeRecorder, utc_now
+from gateway.pipeline import Clock, Pipeline, Topics
 from gateway.store import SqliteStore
 from gateway.view import RoutingView
 from rules.table import RulesTable, TableError, default_table, load_table
@@ -75,12 +75,7 @@ class GatewayService:
             clock=clock,
         )
         await recorder.start()
-        topics = Topics(
-            inbound=settings.topics.inbound,
-            outbound=settings.topics.outbound,
-            devices=settings.topics.devices,
-            deadletter=settings.topics.deadletter,
-        )
+        topics = Topics.from_settings(settings.topics)
         pipeline = Pipeline(
             table=table,
             view=view,

@@ -119,13 +119,8 @@ def _settings(args: argparse.Namespace) -> Settings | None:
     return settings
 
 
-def _topics(settings: Settings) -> Topics:
-    section = settings.topics
-    return Topics(section.inbound, section.outbound, section.devices, section.deadletter)
-
-
 def _transport(settings: Settings, client_id: str) -> MqttTransport:
-    return MqttTransport(settings.broker, client_id, receive_maximum=settings.gateway.inflight_window)
+    return MqttTransport.from_settings(settings, client_id)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -260,7 +255,7 @@ def _replay(args: argparse.Namespace) -> int:
             answer_timeout=args.timeout,
             settle_seconds=args.settle,
             progress=not args.no_progress,
-            topics=_topics(settings),
+            topics=Topics.from_settings(settings.topics),
             console=console,
         )
     )

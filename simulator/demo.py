@@ -165,7 +165,7 @@ def _connector(settings: Settings, *, in_memory: bool) -> Callable[[str], Transp
         broker = MemoryBroker()
         return lambda client_id: MemoryTransport(broker, client_id)
     run = uuid.uuid4().hex[:8]
-    return lambda client_id: MqttTransport(settings.broker, f"{client_id}-{run}")
+    return lambda client_id: MqttTransport.from_settings(settings, f"{client_id}-{run}")
 
 
 def _traffic(options: DemoOptions, estate: Estate) -> Sequence[StreamItem]:
