@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from lxml import etree
 
@@ -36,6 +36,9 @@ from gateway.model import (
     ServiceRequest,
     parse_eui,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 NAMESPACE: Final = "http://www.dccinterface.co.uk/ServiceUserGateway"
 DEFAULT_MAX_BYTES: Final = 1_048_576
@@ -157,24 +160,27 @@ def parse_request_id(text: str) -> RequestId | None:
     return RequestId(Eui(originator), Eui(target), value)
 
 
+_Parsed = TypeVar("_Parsed", ServiceRequest, DeviceMessage)
+
+
 def parse_request(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ServiceRequest | ParseError:
     """Parse a DUIS Service Request: the Header, and what routing needs from the Body."""
-    try:
-        root = _parse_document(data, max_bytes)
-        if isinstance(root, ParseError):
-            return root
-        return _request(root, data)
-    except Exception as exc:  # noqa: BLE001 - untrusted input: the contract is to never raise
-        return _internal_failure(exc)
+    return _parse(data, max_bytes, _request)
 
 
 def parse_device_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> DeviceMessage | ParseError:
     """Parse a DUIS sr:Response from a device or the DCC: a response, a device alert or a DCC alert."""
+    return _parse(data, max_bytes, _device_message)
+
+
+def _parse(
+    data: bytes, max_bytes: int, build: Callable[[etree._Element, bytes], _Parsed | ParseError]
+) -> _Parsed | ParseError:
     try:
         root = _parse_document(data, max_bytes)
         if isinstance(root, ParseError):
             return root
-        return _device_message(root, data)
+        return build(root, data)
     except Exception as exc:  # noqa: BLE001 - untrusted input: the contract is to never raise
         return _internal_failure(exc)
 

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from gateway.outcomes import OutcomeRecord, OutcomeRecorder, Rollup, Tally
 from gateway.report import (
+    GROUP_COLUMNS,
     Granularity,
     InstalledMeters,
     Period,
@@ -202,19 +203,6 @@ BY_USER = {
     S2: (3, 3, 1, 0, 1, 1, 0, 0, 0.5, 0, 0.5),
     ED: (2, 0, 0, 0, 0, 0, 2, 0, None, 0, None),
 }
-FIGURES = (
-    "requests",
-    "forwarded",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "pending",
-    "rejected",
-    "handled_locally",
-    "success_rate",
-    "refused_consumer_choice",
-    "within_target_share",
-)
 INSTALLATION = [
     {
         "supplier": S1,
@@ -267,7 +255,7 @@ TIMELINE = [
 
 
 def figures(values: tuple[object, ...]) -> dict[str, object]:
-    return dict(zip(FIGURES, values, strict=True))
+    return dict(zip(GROUP_COLUMNS, values, strict=True))
 
 
 async def test_json_matches_hand_computed_figures(tmp_path):
