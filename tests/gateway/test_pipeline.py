@@ -69,6 +69,17 @@ def flag_request(
     return request("8.15.1" if set_flag else "8.15.2", originator, DCC, counter, **fields)
 
 
+def meter_reading_answer(counter: int) -> bytes:
+    """The meter's I0 answer to the import supplier's consumption read `counter`."""
+    return response_xml(
+        request_id=RequestId(IMPORT_SUPPLIER, METER, counter),
+        code=ResponseCode.SUCCESS,
+        service_reference=None,
+        srv=CONSUMPTION_SRV,
+        at=AT,
+    )
+
+
 def response_code(payload: bytes) -> str:
     root = etree.fromstring(payload, PARSER)
     code = root.find(f"{SR}Header/{SR}ResponseCode")
@@ -326,11 +337,8 @@ async def test_an_unknown_device_is_rejected_with_e19(gateway: Harness) -> None:
 
 
 async def test_the_device_response_reaches_the_originator(gateway: Harness) -> None:
-    request_id = RequestId(IMPORT_SUPPLIER, METER, 1)
     await gateway.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
-    answer = response_xml(
-        request_id=request_id, code=ResponseCode.SUCCESS, service_reference=None, srv=CONSUMPTION_SRV, at=AT
-    )
+    answer = meter_reading_answer(1)
     out = await gateway.device_says(METER, answer)
     assert out == [(TOPICS.out(IMPORT_SUPPLIER), answer)]
     assert gateway.pipeline.pending == 0
@@ -339,26 +347,14 @@ async def test_the_device_response_reaches_the_originator(gateway: Harness) -> N
 async def test_consumption_data_answering_after_the_flag_was_set_is_withheld(gateway: Harness) -> None:
     await gateway.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
     await gateway.send(IMPORT_SUPPLIER, flag_request(IMPORT_SUPPLIER, 2, METER, set_flag=True))
-    answer = response_xml(
-        request_id=RequestId(IMPORT_SUPPLIER, METER, 1),
-        code=ResponseCode.SUCCESS,
-        service_reference=None,
-        srv=CONSUMPTION_SRV,
-        at=AT,
-    )
+    answer = meter_reading_answer(1)
     out = await gateway.device_says(METER, answer)
     assert gateway.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.CONSUMER_CHOICE]
     assert answer not in [payload for _, payload in out]
 
 
 async def test_a_response_from_another_device_than_the_target_is_dead_lettered(gateway: Harness) -> None:
-    answer = response_xml(
-        request_id=RequestId(IMPORT_SUPPLIER, METER, 1),
-        code=ResponseCode.SUCCESS,
-        service_reference=None,
-        srv=CONSUMPTION_SRV,
-        at=AT,
-    )
+    answer = meter_reading_answer(1)
     out = await gateway.device_says(HUB, answer)
     assert [topic for topic, _ in out] == [TOPICS.deadletter]
     assert json.loads(out[0][1])["reason"] == "response-mismatch"
@@ -388,13 +384,7 @@ async def test_a_silent_device_gets_its_request_answered_with_a_timeout(tmp_path
         await harness.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
         assert await harness.pipeline.expire_pending() == 1
         assert harness.answers_to(IMPORT_SUPPLIER, harness.published[-1:]) == [ResponseCode.DEVICE_TIMEOUT]
-        late = response_xml(
-            request_id=RequestId(IMPORT_SUPPLIER, METER, 1),
-            code=ResponseCode.SUCCESS,
-            service_reference=None,
-            srv=CONSUMPTION_SRV,
-            at=AT,
-        )
+        late = meter_reading_answer(1)
         assert await harness.device_says(METER, late) == []
     finally:
         await stop(harness)
