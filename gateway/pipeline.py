@@ -319,10 +319,11 @@ class Pipeline:
             )
         if admission is Admission.ANSWERED:
             return Effect()
-        decision = decide(request, self._facts(request), self.table)
+        facts = self._facts(request)
+        decision = decide(request, facts, self.table)
         if decision.action is Action.LOCAL and request.srv in FLAG_SRVS:
             return request
-        return self._act(request, decision)
+        return self._act(request, decision, facts)
 
     def _parse_request(self, topic_user: str, message: Message) -> tuple[Eui, ServiceRequest] | Effect:
         try:
@@ -381,7 +382,7 @@ class Pipeline:
             dcc_eui=self._dcc_eui,
         )
 
-    def _act(self, request: ServiceRequest, decision: Decision) -> Effect:
+    def _act(self, request: ServiceRequest, decision: Decision, facts: RequestFacts) -> Effect:
         request_id = request.request_id
         originator = request_id.originator
         effect = Effect(counters={originator: request_id.counter})
@@ -407,7 +408,7 @@ class Pipeline:
                 reason=decision.reason,
                 response_code=decision.response_code.value,
             )
-        self._count_and_record(request, decision, now)
+        self._count_and_record(request, decision, facts, now)
         return effect
 
     def _read_inventory(self, request: ServiceRequest, now: datetime) -> bytes:
@@ -428,13 +429,15 @@ class Pipeline:
             )
         return inventory_response_xml(request_id=request.request_id, at=now, devices=entries)
 
-    def _count_and_record(self, request: ServiceRequest, decision: Decision, now: datetime) -> None:
+    def _count_and_record(
+        self, request: ServiceRequest, decision: Decision, facts: RequestFacts, now: datetime
+    ) -> None:
+        """Count the decision and record it, from the facts it was decided on."""
         category = decision.rule.category.value if decision.rule is not None else "unknown"
         self._metrics.count_request(category, decision.action.value)
         if self._recorder is None:
             return
-        roles = self.view.roles(request.request_id.originator)
-        role = self._accepted_role(roles, decision)
+        role = self._accepted_role(facts.requester_roles, decision)
         self._recorder.record_decision(
             request_id=str(request.request_id),
             originator=request.request_id.originator,
@@ -447,12 +450,12 @@ class Pipeline:
             decision=decision.action.value,
             response_code=decision.response_code.value,
             reason=decision.reason,
-            flagged=any(self.view.is_flagged(eui) for eui in request.concerned_devices),
+            flagged=any(device.flagged for device in facts.devices.values()),
         )
 
     @staticmethod
-    def _accepted_role(roles: frozenset[Role], decision: Decision) -> str | None:
-        if decision.rule is None:
+    def _accepted_role(roles: frozenset[Role] | None, decision: Decision) -> str | None:
+        if decision.rule is None or roles is None:
             return None
         eligible = sorted(role.value for role in roles & decision.rule.eligible_roles)
         return eligible[0] if eligible else None
