@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-from lxml import etree
 
 from gateway.config import Settings
-from gateway.duis import PARSER
 from gateway.mqtt import MqttTransport
 from gateway.service import GatewayService
 from rules.codes import ResponseCode
 from simulator.devices import DeviceConfig, DeviceSimulator
 from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER
 from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
-from tests.gateway.test_pipeline import CONSUMPTION_SRV, SECURITY_SRV, flag_request, request, seed
+from tests.gateway.test_pipeline import CONSUMPTION_SRV, SECURITY_SRV, flag_request, header, request, seed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -39,24 +37,13 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.broker
 
-SR = "{http://www.dccinterface.co.uk/ServiceUserGateway}"
-
-
-def header(payload: bytes) -> tuple[str, str]:
-    """(RequestID, ResponseCode) of a DUIS response."""
-    root = etree.fromstring(payload, PARSER)
-    return (
-        str(root.findtext(f"{SR}Header/{SR}RequestID")),
-        str(root.findtext(f"{SR}Header/{SR}ResponseCode")),
-    )
-
 
 class Answers(Inbox):
     """Responses on dsp/out/<user>, indexed by RequestID."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._codes: defaultdict[str, list[str]] = defaultdict(list)
+        self._codes: defaultdict[str | None, list[str | None]] = defaultdict(list)
 
     async def __call__(self, message: Message) -> None:
         request_id, code = header(message.payload)

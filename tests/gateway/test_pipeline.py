@@ -80,11 +80,19 @@ def meter_reading_answer(counter: int) -> bytes:
     )
 
 
+def header(payload: bytes) -> tuple[str | None, str | None]:
+    """(RequestID, ResponseCode) of a DUIS document, None where absent or unreadable."""
+    try:
+        root = etree.fromstring(payload, PARSER)
+    except etree.XMLSyntaxError:
+        return None, None
+    return root.findtext(f"{SR}Header/{SR}RequestID"), root.findtext(f"{SR}Header/{SR}ResponseCode")
+
+
 def response_code(payload: bytes) -> str:
-    root = etree.fromstring(payload, PARSER)
-    code = root.find(f"{SR}Header/{SR}ResponseCode")
+    code = header(payload)[1]
     assert code is not None
-    return str(code.text)
+    return code
 
 
 @dataclass

@@ -12,19 +12,16 @@ import sys
 from typing import TYPE_CHECKING
 
 import pytest
-from lxml import etree
 
-from gateway.duis import PARSER
 from rules.table import PACKAGED_TABLE
 from simulator.demo import DemoOptions, DemoResult, run_demo
 from simulator.invariants import EventKind
+from tests.gateway.test_pipeline import header
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from tests.broker import Mosquitto
-
-SR = "{http://www.dccinterface.co.uk/ServiceUserGateway}"
 
 
 def small(tmp_path: Path, **changes: object) -> DemoOptions:
@@ -64,15 +61,6 @@ async def test_a_gateway_forwarding_consumption_to_flagged_meters_is_caught(tmp_
     passed, checked, violations = invariant(result, "no-consumption-to-flagged")
     assert not passed
     assert 0 < violations <= checked
-
-
-def header(payload: bytes) -> tuple[str | None, str | None]:
-    """(RequestID, ResponseCode) of a DUIS document, None where absent or unreadable."""
-    try:
-        root = etree.fromstring(payload, PARSER)
-    except etree.XMLSyntaxError:
-        return None, None
-    return root.findtext(f"{SR}Header/{SR}RequestID"), root.findtext(f"{SR}Header/{SR}ResponseCode")
 
 
 def first_answers(result: DemoResult) -> dict[str, str]:
