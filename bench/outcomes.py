@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.outcomes import OutcomeRecorder, connect
+from gateway.outcomes import OutcomeRecorder
 from gateway.report import Period, Report, query_report, render_html, short_report
+from gateway.store import connect
 
 RESULTS = Path(__file__).parent / "results" / "outcomes.json"
 START = datetime(2024, 5, 1, tzinfo=UTC)

@@ -28,16 +28,17 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-import aiosqlite
 import structlog
 
-from gateway.store import migrate
+from gateway.store import connect, migrate
 from rules.codes import ResponseCode
 from rules.decide import Action
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from pathlib import Path
+
+    import aiosqlite
 
 log = structlog.get_logger("mp169.outcomes")
 
@@ -341,23 +342,6 @@ def _unsigned(stored: int) -> int:
 def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _read_only_uri(path: Path) -> str:
-    return f"{path.absolute().as_uri()}?mode=ro"
-
-
-async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
-    """A connection to the shared SQLite file in autocommit mode (transactions are explicit)."""
-    if read_only:
-        db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
-    else:
-        db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = NORMAL")
-    # The flag store writes the same file from its own connection: wait for it, do not fail.
-    await db.execute("PRAGMA busy_timeout = 10000")
-    return db
 
 
 def utc_now() -> datetime:

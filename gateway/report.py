@@ -35,13 +35,13 @@ from gateway.outcomes import (
     OutcomeRecord,
     Rollup,
     Tally,
-    connect,
     has_outcome_tables,
     read_records,
     read_rollup_cells,
     read_rollup_totals,
     utc_now,
 )
+from gateway.store import connect
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence

@@ -273,12 +273,20 @@ async def migrate(db: aiosqlite.Connection, component: str, migrations: Sequence
     return len(migrations)
 
 
-async def connect(path: Path) -> aiosqlite.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
-    db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA journal_mode = WAL")
-    # NORMAL in WAL: a commit survives a process crash; only an OS crash or power cut can lose the last.
-    await db.execute("PRAGMA synchronous = NORMAL")
+def _read_only_uri(path: Path) -> str:
+    return f"{path.absolute().as_uri()}?mode=ro"
+
+
+async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on; `read_only`
+    for readers such as `mp169 report`, which must never write a production database."""
+    if read_only:
+        db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
+    else:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL: a commit survives a process crash; only an OS crash or power cut can lose the last.
+        await db.execute("PRAGMA synchronous = NORMAL")
     await db.execute("PRAGMA foreign_keys = ON")
     # Another process may hold the write lock for a whole inventory import: wait rather than fail.
     await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
