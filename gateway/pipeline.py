@@ -42,6 +42,7 @@ from gateway.responses import InventoryEntry, inventory_response_xml, response_x
 from gateway.store import CommitBatch, FlagEvent, FlagStore
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, RequestFacts, decide, decide_device_message
+from rules.table import FLAG_SRVS
 
 if TYPE_CHECKING:
     from gateway.config import TopicSettings
@@ -56,8 +57,6 @@ log = structlog.get_logger("mp169.pipeline")
 Publish = Callable[[str, bytes], Awaitable[None]]
 Clock = Callable[[], datetime]
 
-FLAG_SRVS = frozenset({"8.15.1", "8.15.2"})
-READ_INVENTORY_SRV = "8.2"
 # Late answers to requests already answered with a timeout are dropped; remember this many.
 _TIMED_OUT_MEMORY = 100_000
 
