@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.inventory import inventory_row, parse_inventory
-from gateway.model import DeviceType, Eui
 from gateway.store import CommitBatch, FlagEvent, SqliteStore
 from gateway.view import RoutingView
+from rules.domain import DeviceType, Eui
 from simulator.estate import INVENTORY_COLUMNS, generate_estate
 
 RESULTS = Path(__file__).parent / "results" / "flag_view.json"

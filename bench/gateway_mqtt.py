@@ -73,15 +73,17 @@ from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
 from gateway.mqtt import MqttTransport
 from gateway.outcomes import OutcomeRecorder
-from gateway.pipeline import Committer, Effect, Topics
+from gateway.pipeline import Committer, Effect
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
+from gateway.topics import Topics
 from gateway.view import RoutingView
 from rules.decide import Action, RequestFacts, decide
+from rules.domain import DCC_EUI
 from rules.table import default_table
 from simulator.estate import Estate, generate_estate
 from simulator.recording import PublishItem
-from simulator.traffic import DCC_EUI, TrafficMix, generate_traffic
+from simulator.traffic import TrafficMix, generate_traffic
 from tests.broker import Mosquitto, mosquitto_binary
 
 if TYPE_CHECKING:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from gateway.duis import PARSER, ParseError, parse_request
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, ServiceRequest
 from rules.decide import DeviceFacts, RequestFacts, decide
+from rules.domain import DeviceStatus, DeviceType, Eui, Role, ServiceRequest
 from rules.table import default_table
 
 if TYPE_CHECKING:

@@ -17,23 +17,16 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.config import ConfigError, load_settings
-from gateway.inventory import (
-    DeviceRecord,
-    InventoryFileError,
-    UserRecord,
-    parse_inventory,
-    parse_users,
-    responsible_supplier,
-)
-from gateway.model import parse_eui
+from gateway.inventory import InventoryFileError, parse_inventory, parse_users
 from gateway.store import OUTCOME_ACCEPTED, OUTCOME_UNCHANGED, FlagEvent, FlagState, SqliteStore, UpsertCounts
 from rules.codes import ResponseCode
+from rules.domain import DeviceRecord, UserRecord, parse_eui, responsible_supplier
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable, Iterable
 
-    from gateway.model import Eui
+    from rules.domain import Eui
 
 _Record = TypeVar("_Record", DeviceRecord, UserRecord)
 

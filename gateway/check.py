@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from gateway.config import GatewaySettings
 from gateway.duis import ParseError, parse_request
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, parse_eui
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
+from rules.domain import DeviceStatus, DeviceType, Eui, Role, parse_eui
 from rules.table import default_table
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from gateway.model import parse_eui
+from rules.domain import DCC_EUI, parse_eui
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
@@ -83,7 +83,7 @@ class TopicSettings(_Section):
 
 class GatewaySettings(_Section):
     client_id: str = "mp169-gateway-1"
-    dcc_eui: str = "90-B3-D5-1F-30-00-00-02"
+    dcc_eui: str = DCC_EUI
     """The DCC's own EUI: the target of non-device requests (CommandVariant 8)."""
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     inflight_window: Annotated[int, Field(ge=1, le=65535)] = 1000

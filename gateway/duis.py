@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from lxml import etree
 
-from gateway.model import (
+from rules.domain import (
+    FLAG_CLEAR_SRV,
+    FLAG_SET_SRV,
     MAX_COUNTER,
     NON_DEVICE_COMMAND_VARIANT,
     DeviceMessage,
@@ -42,8 +44,6 @@ if TYPE_CHECKING:
 
 NAMESPACE: Final = "http://www.dccinterface.co.uk/ServiceUserGateway"
 DEFAULT_MAX_BYTES: Final = 1_048_576
-FLAG_SET_SRV: Final = "8.15.1"
-FLAG_REMOVE_SRV: Final = "8.15.2"
 CONSUMER_REFERENCE_MAX_CHARS: Final = 64
 
 PARSER: Final = etree.XMLParser(
@@ -122,7 +122,7 @@ _DCC_ALERT_CODE: Final = _NS + "DCCAlertCode"
 
 _FLAG_BODIES: Final = {
     FLAG_SET_SRV: "SetReducedCommunications",
-    FLAG_REMOVE_SRV: "RemoveReducedCommunications",
+    FLAG_CLEAR_SRV: "RemoveReducedCommunications",
 }
 _COMMAND_VARIANTS: Final = {str(value): value for value in range(1, NON_DEVICE_COMMAND_VARIANT + 1)}
 _XS_TRUE: Final = frozenset({"true", "1"})

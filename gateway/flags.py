@@ -13,9 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.inventory import DeviceRecord, responsible_supplier
-from gateway.model import DeviceStatus, DeviceType, Eui, FlagInstruction, Tariff
 from rules.codes import ResponseCode
+from rules.domain import (
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    FlagInstruction,
+    Tariff,
+    responsible_supplier,
+)
 
 FLAGGABLE_DEVICE_TYPES = frozenset({DeviceType.ESME, DeviceType.GSME})
 

@@ -24,7 +24,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, Tariff, parse_eui
+from rules.domain import (
+    ELECTRICITY_DEVICES,
+    GAS_DEVICES,
+    NOT_A_DEVICE,
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    Role,
+    Tariff,
+    UserRecord,
+    parse_eui,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -45,46 +57,6 @@ INVENTORY_COLUMNS = (
 OPTIONAL_INVENTORY_COLUMNS = ("network_operator",)
 USERS_COLUMNS = ("user_id", "roles")
 MAX_MPXN_LENGTH = 32
-NOT_A_DEVICE = "00-00-00-00-00-00-00-00"
-
-ELECTRICITY_DEVICES = frozenset({DeviceType.ESME})
-GAS_DEVICES = frozenset({DeviceType.GSME, DeviceType.GPF})
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceRecord:
-    """One Smart Metering Inventory entry."""
-
-    device_id: Eui
-    device_type: DeviceType
-    smets: int
-    status: DeviceStatus
-    comms_hub_id: Eui | None
-    mpxn: str | None
-    import_supplier: Eui | None
-    export_supplier: Eui | None
-    gas_supplier: Eui | None
-    tariff: Tariff
-    wan: bool
-    network_operator: Eui | None = None
-    """The electricity distributor's User ID that receives this device's power-outage alerts."""
-
-
-@dataclass(frozen=True, slots=True)
-class UserRecord:
-    """One registered user: its User ID and DUIS User Roles."""
-
-    user_id: Eui
-    roles: frozenset[Role]
-
-
-def responsible_supplier(device: DeviceRecord) -> Eui | None:
-    """Who may set or clear the flag: the import supplier of an ESME, the gas supplier of a GSME or GPF."""
-    if device.device_type in ELECTRICITY_DEVICES:
-        return device.import_supplier
-    if device.device_type in GAS_DEVICES:
-        return device.gas_supplier
-    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ import structlog
 from gateway.store import connect, migrate
 from rules.codes import ResponseCode
 from rules.decide import Action
+from rules.domain import utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -342,10 +343,6 @@ def _unsigned(stored: int) -> int:
 def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class OutcomeRecorder:

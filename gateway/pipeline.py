@@ -36,16 +36,24 @@ import structlog
 
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.flags import evaluate_flag_request
-from gateway.model import DeviceMessage, DeviceMessageKind, Eui, RequestId, Role, ServiceRequest, parse_eui
-from gateway.outcomes import utc_now
 from gateway.responses import InventoryEntry, inventory_response_xml, response_xml
 from gateway.store import CommitBatch, FlagEvent, FlagStore
+from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, RequestFacts, decide, decide_device_message
-from rules.table import FLAG_SRVS
+from rules.domain import (
+    FLAG_SRVS,
+    DeviceMessage,
+    DeviceMessageKind,
+    Eui,
+    RequestId,
+    Role,
+    ServiceRequest,
+    parse_eui,
+    utc_now,
+)
 
 if TYPE_CHECKING:
-    from gateway.config import TopicSettings
     from gateway.metrics import Metrics
     from gateway.outcomes import OutcomeRecorder
     from gateway.transport import Message
@@ -59,32 +67,6 @@ Clock = Callable[[], datetime]
 
 # Late answers to requests already answered with a timeout are dropped; remember this many.
 _TIMED_OUT_MEMORY = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    """Topic layout (design.md section 6); prefixes come from settings.topics."""
-
-    inbound: str = "dsp/in"
-    outbound: str = "dsp/out"
-    devices: str = "dsp/device"
-    deadletter: str = "dsp/deadletter"
-
-    def out(self, user: Eui) -> str:
-        return f"{self.outbound}/{user}"
-
-    @classmethod
-    def from_settings(cls, section: TopicSettings) -> Topics:
-        return cls(section.inbound, section.outbound, section.devices, section.deadletter)
-
-    def command(self, device: Eui) -> str:
-        return f"{self.devices}/{device}/cmd"
-
-    def subscriptions(self, shared_group: str = "") -> list[str]:
-        filters = [f"{self.inbound}/+", f"{self.devices}/+/up"]
-        if shared_group:
-            return [f"$share/{shared_group}/{topic_filter}" for topic_filter in filters]
-        return filters
 
 
 class Admission(Enum):

@@ -39,9 +39,9 @@ from gateway.outcomes import (
     read_records,
     read_rollup_cells,
     read_rollup_totals,
-    utc_now,
 )
 from gateway.store import connect
+from rules.domain import utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence

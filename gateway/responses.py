@@ -22,14 +22,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from rules.codes import ResponseCode
+from rules.domain import READ_INVENTORY_SRV
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from gateway.model import Eui, RequestId
+    from rules.domain import Eui, RequestId
 
 SCHEMA_VERSION: Final = "5.4"
-READ_INVENTORY_SRV: Final = "8.2"
 MAX_REASON_CHARS: Final = 1000
 
 _PROLOG: Final = (

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.metrics import Metrics
-from gateway.model import Eui, parse_eui
-from gateway.outcomes import OutcomeRecorder, utc_now
-from gateway.pipeline import Clock, Pipeline, Topics
+from gateway.outcomes import OutcomeRecorder
+from gateway.pipeline import Clock, Pipeline
 from gateway.store import SqliteStore
+from gateway.topics import Topics
 from gateway.view import RoutingView
+from rules.domain import Eui, parse_eui, utc_now
 from rules.table import RulesTable, TableError, default_table, load_table
 
 if TYPE_CHECKING:

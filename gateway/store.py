@@ -27,9 +27,18 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import aiosqlite
 
-from gateway.inventory import NOT_A_DEVICE, DeviceRecord, UserRecord
-from gateway.model import MAX_COUNTER, DeviceStatus, DeviceType, Eui, Role, Tariff
 from rules.codes import ResponseCode
+from rules.domain import (
+    MAX_COUNTER,
+    NOT_A_DEVICE,
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    Role,
+    Tariff,
+    UserRecord,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence

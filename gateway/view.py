@@ -18,15 +18,25 @@ import dataclasses
 from array import array
 from typing import TYPE_CHECKING, Self
 
-from gateway.inventory import ELECTRICITY_DEVICES, GAS_DEVICES, DeviceRecord
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, Tariff, eui_to_int, int_to_eui
 from rules.decide import DeviceFacts
+from rules.domain import (
+    ELECTRICITY_DEVICES,
+    GAS_DEVICES,
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    Role,
+    Tariff,
+    eui_to_int,
+    int_to_eui,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from gateway.inventory import UserRecord
     from gateway.store import FlagStore
+    from rules.domain import UserRecord
 
 _U64 = 2**64 - 1
 _FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads EUIs that differ in a few bits only

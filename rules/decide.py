@@ -13,23 +13,24 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from gateway.model import (
+from rules.codes import ResponseCode
+from rules.domain import (
+    FLAG_SRVS,
     NON_DEVICE_COMMAND_VARIANT,
+    READ_INVENTORY_SRV,
     DeviceMessageKind,
     DeviceStatus,
     DeviceType,
     Eui,
     Role,
 )
-from rules.codes import ResponseCode
-from rules.table import FLAG_SRVS, Category, RulesTable, SrvRule
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from gateway.model import DeviceMessage, ServiceRequest
+    from rules.domain import DeviceMessage, ServiceRequest
+    from rules.table import Category, RulesTable, SrvRule
 
-READ_INVENTORY = "8.2"
 CREATE_SCHEDULE = "5.1"
 NON_CRITICAL_COMMAND_VARIANTS = frozenset({1, 2, 3})
 """Non-critical Service Requests: via WAN, for local delivery, or both."""
@@ -170,7 +171,7 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
     if srv in FLAG_SRVS:
         # Placeholder code: the flag handler decides the outcome (responsible supplier, exceptions).
         return Decision(Action.LOCAL, ResponseCode.SUCCESS, "flag-request", _FLAG_REQUEST, rule)
-    if srv == READ_INVENTORY:
+    if srv == READ_INVENTORY_SRV:
         return Decision(Action.LOCAL, ResponseCode.SUCCESS, "read-inventory", _READ_INVENTORY, rule)
 
     if flagged is not None and rule.refused_when_flagged:

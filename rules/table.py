@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from gateway.model import Role  # noqa: TC001 - pydantic resolves row annotations at runtime
+from rules.domain import FLAG_SRVS, Role
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 PACKAGED_TABLE = Path(__file__).with_name("table.toml")
 SRV_MATRIX = Path(__file__).parent / "duis" / "srv-matrix.json"
 
-FLAG_SRVS = frozenset({"8.15.1", "8.15.2"})
-"""The MP169 flag Service Requests (project numbering): the table must classify them."""
 
 _SRV_RE = re.compile(r"[1-9][0-9]*(?:\.[0-9]+){1,2}")
 _ALERT_CODE_RE = re.compile(r"[0-9A-F]{4}|AD[0-9]+|N[0-9]+")

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.inventory import DeviceRecord, InventoryFileError
+from gateway.inventory import InventoryFileError
 from gateway.logging import configure_logging
-from gateway.model import parse_eui
 from gateway.mqtt import MqttTransport
-from gateway.pipeline import Topics
 from gateway.store import SqliteStore
+from gateway.topics import Topics
+from rules.domain import DeviceRecord, parse_eui
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, read_estate, records_from_rows, write_estate
 from simulator.recording import RecordingError, read_recording, record, write_stream

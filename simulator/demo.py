@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
-    from gateway.model import Eui
     from gateway.transport import Transport
+    from rules.domain import Eui
     from simulator.estate import Estate
     from simulator.recording import StreamItem
 

@@ -35,16 +35,15 @@ import structlog
 from lxml import etree
 
 from gateway.duis import ParseError, parse_request
-from gateway.model import DeviceType, Eui, RequestId, parse_eui
 from gateway.responses import response_xml
 from rules.codes import ResponseCode
-from simulator.traffic import DCC_EUI
+from rules.domain import DCC_EUI, DeviceType, Eui, RequestId, parse_eui
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-    from gateway.inventory import DeviceRecord
     from gateway.transport import Message, Transport
+    from rules.domain import DeviceRecord
 
 log = structlog.get_logger("mp169.simulator.devices")
 

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway import inventory
-from gateway.inventory import DeviceRecord, UserRecord
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, Tariff
+from rules.domain import DeviceRecord, DeviceStatus, DeviceType, Eui, Role, Tariff, UserRecord
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence

@@ -43,9 +43,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from gateway.duis import ParseError, parse_device_message, parse_request, parse_request_id
-from gateway.model import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
-from gateway.pipeline import Topics
+from gateway.topics import Topics
 from rules.codes import ResponseCode
+from rules.domain import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
 from rules.table import Category, RulesTable
 
 if TYPE_CHECKING:

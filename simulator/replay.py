@@ -25,9 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gateway.duis import ParseError, parse_request
-from gateway.model import DeviceMessage, DeviceMessageKind
-from gateway.pipeline import Topics
+from gateway.topics import Topics
 from rules.codes import ResponseCode
+from rules.domain import DeviceMessage, DeviceMessageKind
 from rules.table import RulesTable, default_table
 from simulator.invariants import (
     ACKNOWLEDGED,

@@ -25,23 +25,33 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.inventory import DeviceRecord, inventory_row, responsible_supplier
-from gateway.model import DeviceStatus, DeviceType, Eui, RequestId, Role, Tariff
+from gateway.inventory import inventory_row
+from rules.domain import (
+    DCC_EUI,
+    FLAG_CLEAR_SRV,
+    FLAG_SET_SRV,
+    FLAG_SRVS,
+    READ_INVENTORY_SRV,
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    RequestId,
+    Role,
+    Tariff,
+    responsible_supplier,
+)
 from simulator.estate import DEVICE_SUFFIX, Estate
 from simulator.recording import InventoryChange, PublishItem, StreamItem
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-DCC_EUI = Eui("90-B3-D5-1F-30-00-00-02")
 INBOUND_PREFIX = "dsp/in"
 
 _RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 SAMPLE_DIRS = (_RULES_DIR / "duis" / "requests", _RULES_DIR / "mp169-requests")
 SRV_MATRIX = _RULES_DIR / "duis" / "srv-matrix.json"
-FLAG_SET_SRV = "8.15.1"
-FLAG_CLEAR_SRV = "8.15.2"
-READ_INVENTORY_SRV = "8.2"
 RESTRICT_ACCESS_SRV = "3.2"  # Restrict Access for Change of Tenancy
 DAILY_READ_SRVS = {"4.6.1": 45, "4.8.1": 35, "4.17": 20}
 _NAMESPACE = b"http://www.dccinterface.co.uk/ServiceUserGateway"
@@ -381,7 +391,6 @@ _CATEGORY_PREFIXES = {
     "firmware": ("11.",),
     "schedule": ("5.",),
 }
-_FLAG_SRVS = frozenset({FLAG_SET_SRV, FLAG_CLEAR_SRV})
 
 
 class _Walk:
@@ -424,7 +433,7 @@ class _Walk:
     def _categories(self) -> dict[str, list[Template]]:
         categories: dict[str, list[Template]] = {name: [] for name in (*_CATEGORY_PREFIXES, "other")}
         for srv, template in sorted(self.templates.items()):
-            if srv in _FLAG_SRVS or srv in DAILY_READ_SRVS or not self._usable(template):
+            if srv in FLAG_SRVS or srv in DAILY_READ_SRVS or not self._usable(template):
                 continue
             name = next(
                 (n for n, prefixes in _CATEGORY_PREFIXES.items() if srv.startswith(prefixes)), "other"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from gateway.duis import parse_request
-from gateway.model import DeviceStatus, DeviceType, Eui, ServiceRequest
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
+from rules.domain import DeviceStatus, DeviceType, Eui, ServiceRequest
 from rules.table import default_table
 from tests.gateway.test_responses import load_duis_schema, schema_errors
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from gateway.model import Eui
     from gateway.transport import Message
+    from rules.domain import Eui
     from tests.broker import Mosquitto
 
 pytestmark = pytest.mark.broker

@@ -17,7 +17,7 @@ from lxml import etree
 
 from gateway import duis
 from gateway.duis import PARSE_ERROR_REASONS, ParseError, parse_device_message, parse_request
-from gateway.model import (
+from rules.domain import (
     MAX_COUNTER,
     DeviceMessage,
     DeviceMessageKind,

@@ -20,11 +20,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.flags import FlagVerdict, evaluate_flag_request
-from gateway.inventory import DeviceRecord, responsible_supplier
-from gateway.model import DeviceStatus, DeviceType, Eui, FlagInstruction, Tariff
 from gateway.store import OUTCOME_ACCEPTED, OUTCOME_UNCHANGED, CommitBatch, FlagEvent, SqliteStore
 from gateway.view import RoutingView
 from rules.codes import ResponseCode
+from rules.domain import (
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    FlagInstruction,
+    Tariff,
+    responsible_supplier,
+)
 from tests.gateway.test_inventory import (
     AGENT,
     DISTRIBUTOR,

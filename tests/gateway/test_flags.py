@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.flags import FlagVerdict, evaluate_flag_request
-from gateway.model import DeviceStatus, DeviceType, Eui, FlagInstruction, Tariff
 from rules.codes import ResponseCode
+from rules.domain import DeviceStatus, DeviceType, Eui, FlagInstruction, Tariff
 from tests.gateway.test_inventory import (
     AGENT,
     DISTRIBUTOR,
@@ -28,7 +28,7 @@ from tests.gateway.test_inventory import (
 )
 
 if TYPE_CHECKING:
-    from gateway.inventory import DeviceRecord
+    from rules.domain import DeviceRecord
 
 SET = FlagInstruction(METER, set=True, all_reasonable_steps_taken=True, consumer_reference="CR-1")
 CLEAR = FlagInstruction(METER, set=False, all_reasonable_steps_taken=False)

@@ -16,16 +16,22 @@ from hypothesis import strategies as st
 
 from gateway.inventory import (
     INVENTORY_COLUMNS,
-    DeviceRecord,
     InventoryFileError,
-    UserRecord,
     _DeviceRow,
     inventory_row,
     parse_inventory,
     parse_users,
+)
+from rules.domain import (
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    Role,
+    Tariff,
+    UserRecord,
     responsible_supplier,
 )
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, Tariff
 
 # -- shared factories ---------------------------------------------------------------------------------
 

@@ -18,14 +18,15 @@ from lxml import etree
 
 from gateway.duis import PARSER
 from gateway.metrics import Metrics
-from gateway.model import Eui, RequestId
 from gateway.outcomes import OutcomeRecorder, read_records
-from gateway.pipeline import Pipeline, Topics
+from gateway.pipeline import Pipeline
 from gateway.responses import response_xml
 from gateway.store import CommitBatch, SqliteStore
+from gateway.topics import Topics
 from gateway.transport import Message
 from gateway.view import RoutingView
 from rules.codes import ResponseCode
+from rules.domain import Eui, RequestId
 from rules.table import default_table
 from simulator.devices import device_alert_xml
 from simulator.traffic import load_templates, render

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from gateway.duis import NAMESPACE, parse_device_message
-from gateway.model import DeviceMessage, DeviceMessageKind, Eui, RequestId
 from gateway.responses import InventoryEntry, inventory_response_xml, response_xml, service_reference_of
 from rules.codes import ResponseCode
+from rules.domain import DeviceMessage, DeviceMessageKind, Eui, RequestId
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

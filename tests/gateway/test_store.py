@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 import aiosqlite
 import pytest
 
-from gateway.inventory import UserRecord
-from gateway.model import MAX_COUNTER, DeviceStatus, Eui, Role, Tariff
 from gateway.store import (
     CORE,
     MIGRATIONS,
@@ -23,6 +21,7 @@ from gateway.store import (
     connect,
     migrate,
 )
+from rules.domain import MAX_COUNTER, DeviceStatus, Eui, Role, Tariff, UserRecord
 from tests.gateway.test_inventory import (
     GAS_METER,
     HUB,

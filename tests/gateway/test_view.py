@@ -9,11 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.inventory import UserRecord
-from gateway.model import DeviceStatus, DeviceType, Eui, Role, Tariff, int_to_eui
 from gateway.store import CommitBatch, SqliteStore
 from gateway.view import RoutingView
 from rules.decide import DeviceFacts
+from rules.domain import DeviceStatus, DeviceType, Eui, Role, Tariff, UserRecord, int_to_eui
 from tests.gateway.test_inventory import (
     DISTRIBUTOR,
     EXPORT_SUPPLIER,

@@ -10,7 +10,17 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from gateway.duis import parse_request
-from gateway.model import (
+from rules.codes import ResponseCode
+from rules.decide import (
+    Action,
+    Decision,
+    Delivery,
+    DeviceFacts,
+    RequestFacts,
+    decide,
+    decide_device_message,
+)
+from rules.domain import (
     MAX_COUNTER,
     DeviceMessage,
     DeviceMessageKind,
@@ -21,16 +31,6 @@ from gateway.model import (
     Role,
     ServiceRequest,
     int_to_eui,
-)
-from rules.codes import ResponseCode
-from rules.decide import (
-    Action,
-    Decision,
-    Delivery,
-    DeviceFacts,
-    RequestFacts,
-    decide,
-    decide_device_message,
 )
 from rules.table import ALWAYS_FLOWING, Category, RulesTable, default_table
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from gateway.model import Role
+from rules.domain import Role
 from rules.table import (
     ALWAYS_FLOWING,
     PACKAGED_TABLE,

@@ -9,8 +9,8 @@ from itertools import count
 import pytest
 
 from gateway.duis import parse_device_message
-from gateway.model import DeviceMessage, DeviceMessageKind, DeviceType, RequestId
 from gateway.transport import MemoryBroker, MemoryTransport
+from rules.domain import DCC_EUI, DeviceMessage, DeviceMessageKind, DeviceType, RequestId
 from simulator.devices import (
     ALERT_CODES,
     POWER_OUTAGE_DCC_ALERT,
@@ -20,7 +20,7 @@ from simulator.devices import (
     DeviceSimulator,
 )
 from simulator.estate import generate_estate
-from simulator.traffic import DCC_EUI, load_templates, render
+from simulator.traffic import load_templates, render
 
 AT = datetime(2025, 3, 1, 2, 30, tzinfo=UTC)
 SUPPLIER = "90-B3-D5-1F-30-01-00-01"

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from gateway.inventory import inventory_row, parse_inventory, parse_users
-from gateway.model import DeviceStatus, DeviceType, Role, Tariff
+from rules.domain import DeviceStatus, DeviceType, Role, Tariff
 from simulator.estate import (
     DEVICE_SUFFIX,
     INVENTORY_COLUMNS,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.model import Eui, RequestId
 from gateway.responses import response_xml
+from rules.domain import DCC_EUI, Eui, RequestId
 from rules.table import default_table
 from simulator.devices import device_alert_xml
 from simulator.invariants import (
@@ -24,7 +24,7 @@ from simulator.invariants import (
     check_protected_traffic_delivered,
     check_spoofed_not_forwarded,
 )
-from simulator.traffic import DCC_EUI, load_templates, render
+from simulator.traffic import load_templates, render
 
 AT = datetime(2025, 3, 1, 1, 0, tzinfo=UTC)
 SUPPLIER = Eui("90-B3-D5-1F-30-01-00-01")

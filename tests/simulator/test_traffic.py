@@ -8,14 +8,12 @@ from collections import Counter
 import pytest
 
 from gateway.duis import ParseError, parse_request
-from gateway.inventory import responsible_supplier
-from gateway.model import DeviceType, Role, ServiceRequest
 from rules.decide import Action, RequestFacts, decide
+from rules.domain import DCC_EUI, DeviceType, Role, ServiceRequest, responsible_supplier
 from rules.table import default_table
 from simulator.estate import generate_estate, records_from_rows
 from simulator.recording import InventoryChange, PublishItem
 from simulator.traffic import (
-    DCC_EUI,
     FLAG_INVALID_KINDS,
     INVALID_KINDS,
     MALFORMED_KINDS,

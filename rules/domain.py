@@ -1,4 +1,4 @@
-"""Domain types shared by every part of the gateway.
+"""Domain types shared by every part of the project: the rules, the gateway and the simulator.
 
 Plain, frozen, typed values: the parser produces them, the routing decision consumes them, the
 adapters (transport, store, CLI) carry them. Nothing here does I/O.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import NewType
 
@@ -16,6 +17,20 @@ Eui = NewType("Eui", str)
 
 _EUI_RE = re.compile(r"[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){7}")
 MAX_COUNTER = 2**64 - 1
+
+DCC_EUI = Eui("90-B3-D5-1F-30-00-00-02")
+"""The DCC's EUI-64 in DCC's test data: the RequestID target of non-device Service Requests
+(CommandVariant 8). Deployments set theirs in `gateway.dcc_eui`."""
+
+FLAG_SET_SRV = "8.15.1"
+FLAG_CLEAR_SRV = "8.15.2"
+FLAG_SRVS = frozenset({FLAG_SET_SRV, FLAG_CLEAR_SRV})
+"""The MP169 flag Service Requests (project numbering, Service Reference 8.15)."""
+READ_INVENTORY_SRV = "8.2"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def parse_eui(text: str) -> Eui:
@@ -149,3 +164,45 @@ class DeviceMessage:
     scheduled: bool = False
     """True for a DCC-scheduled execution (ResponseMessage carries DSPScheduledMessage)."""
     raw: bytes = field(default=b"", repr=False, compare=False)
+
+
+NOT_A_DEVICE = "00-00-00-00-00-00-00-00"
+
+ELECTRICITY_DEVICES = frozenset({DeviceType.ESME})
+GAS_DEVICES = frozenset({DeviceType.GSME, DeviceType.GPF})
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """One Smart Metering Inventory entry."""
+
+    device_id: Eui
+    device_type: DeviceType
+    smets: int
+    status: DeviceStatus
+    comms_hub_id: Eui | None
+    mpxn: str | None
+    import_supplier: Eui | None
+    export_supplier: Eui | None
+    gas_supplier: Eui | None
+    tariff: Tariff
+    wan: bool
+    network_operator: Eui | None = None
+    """The electricity distributor's User ID that receives this device's power-outage alerts."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """One registered user: its User ID and DUIS User Roles."""
+
+    user_id: Eui
+    roles: frozenset[Role]
+
+
+def responsible_supplier(device: DeviceRecord) -> Eui | None:
+    """Who may set or clear the flag: the import supplier of an ESME, the gas supplier of a GSME or GPF."""
+    if device.device_type in ELECTRICITY_DEVICES:
+        return device.import_supplier
+    if device.device_type in GAS_DEVICES:
+        return device.gas_supplier
+    return None
