@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.duis import ParseError, parse_device_message, parse_request
+from gateway.facts import alert_recipients, inventory_entries, request_facts
 from gateway.flags import evaluate_flag_request
-from gateway.responses import InventoryEntry, inventory_response_xml, response_xml
+from gateway.responses import inventory_response_xml, response_xml
 from gateway.store import CommitBatch, FlagEvent, FlagStore
 from gateway.topics import Topics
 from rules.codes import ResponseCode
@@ -300,7 +301,7 @@ class Pipeline:
             )
         if admission is Admission.ANSWERED:
             return Effect()
-        facts = self._facts(request)
+        facts = request_facts(request, self.view, self._dcc_eui)
         decision = decide(request, facts, self.table)
         if decision.action is Action.LOCAL and request.srv in FLAG_SRVS:
             return request
@@ -351,18 +352,6 @@ class Pipeline:
             ),
         )
 
-    def _facts(self, request: ServiceRequest) -> RequestFacts:
-        devices = {}
-        for eui in request.concerned_devices:
-            facts = self.view.device_facts(eui)
-            if facts is not None:
-                devices[eui] = facts
-        return RequestFacts(
-            requester_roles=self.view.roles(request.request_id.originator),
-            devices=devices,
-            dcc_eui=self._dcc_eui,
-        )
-
     def _act(self, request: ServiceRequest, decision: Decision, facts: RequestFacts) -> Effect:
         request_id = request.request_id
         originator = request_id.originator
@@ -393,21 +382,7 @@ class Pipeline:
         return effect
 
     def _read_inventory(self, request: ServiceRequest, now: datetime) -> bytes:
-        entries = []
-        for eui in request.concerned_devices:
-            record = self.view.device(eui)
-            if record is None:
-                continue
-            entries.append(
-                InventoryEntry(
-                    device_id=eui,
-                    device_type=record.device_type.value,
-                    status=record.status.value,
-                    smets=record.smets,
-                    reduced_communications=self.view.is_flagged(eui),
-                    flag_set_at=None,
-                )
-            )
+        entries = inventory_entries(request, self.view)
         return inventory_response_xml(request_id=request.request_id, at=now, devices=entries)
 
     def _count_and_record(
@@ -634,15 +609,10 @@ class Pipeline:
                 reason=verdict.reason,
             )
             return Effect()
-        recipients = list(self.view.responsible_suppliers(device))
-        operator = self.view.network_operator(device)
-        if verdict.notify_network_operator and operator is not None:
-            recipients.append(operator)
+        recipients = alert_recipients(device, verdict, self.view)
         if not recipients:
             return self._deadletter(message, "no-recipient", f"no responsible supplier for {device}")
-        return Effect(
-            publishes=[(self.topics.out(user), message.payload) for user in dict.fromkeys(recipients)]
-        )
+        return Effect(publishes=[(self.topics.out(user), message.payload) for user in recipients])
 
     # -- timeouts and dead letters -------------------------------------------------------------
 
