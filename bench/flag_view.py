@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.inventory import inventory_row, parse_inventory
-from gateway.store import CommitBatch, FlagEvent, SqliteStore
+from gateway.store import CommitBatch, SqliteStore
 from gateway.view import RoutingView
-from rules.domain import DeviceType, Eui
+from rules.domain import DeviceType, Eui, FlagEvent
 from simulator.estate import INVENTORY_COLUMNS, generate_estate
 
 RESULTS = Path(__file__).parent / "results" / "flag_view.json"

@@ -71,9 +71,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import BrokerSettings, Settings
 from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
+from gateway.metrics import Metrics
 from gateway.mqtt import MqttTransport
-from gateway.outcomes import OutcomeRecorder
-from gateway.pipeline import Committer, Effect
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.topics import Topics
@@ -82,9 +81,9 @@ from rules.decide import Action, RequestFacts, decide
 from rules.domain import DCC_EUI
 from rules.table import default_table
 from simulator.estate import Estate, generate_estate
+from simulator.mosquitto import Mosquitto, mosquitto_binary
 from simulator.recording import PublishItem
 from simulator.traffic import TrafficMix, generate_traffic
-from tests.broker import Mosquitto, mosquitto_binary
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -98,7 +97,10 @@ GUARD_SECONDS = 120.0
 WARMUP_SHARE = 0.1
 TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 5.0
-RELAY, GATEWAY = "relay", "gateway"
+RELAY, GATEWAY, BASELINE = "relay", "gateway", "baseline"
+GATEWAYS = frozenset({GATEWAY, BASELINE})
+BASELINE_CHECKOUT: list[Path] = []  # set from --baseline
+"""BASELINE is the gateway of another checkout (--baseline DIR), e.g. the code before a redesign."""
 # Forwardable traffic only: no flag requests (store reads, answered locally), no bad input.
 MIX = TrafficMix(
     flag_requests=0,
@@ -137,7 +139,7 @@ async def seed(estate: Estate, path: Path) -> RoutingView:
 
 
 def forwardable(estate: Estate, view: RoutingView, seed_number: int, count: int) -> list[Request]:
-    """`count` requests of the traffic mix that the packaged rules forward (decided as the pipeline
+    """`count` requests of the traffic mix that the packaged rules forward (decided as the router
     does, in stream order, so RequestID counters rise per originator)."""
     table = default_table()
     found: list[Request] = []
@@ -269,55 +271,35 @@ def topics_of(root: str) -> Topics:
 
 def subscriptions(kind: str, root: str) -> list[str]:
     topics = topics_of(root)
-    return topics.subscriptions() if kind == GATEWAY else [f"{topics.inbound}/+"]
+    return topics.subscriptions() if kind in GATEWAYS else [f"{topics.inbound}/+"]
 
 
-def time_sqlite_writes() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Log (nanoseconds, items) per SQLite write transaction of the child's gateway: the Committer's
-    (RequestID counters, then the batch's publishes wait for it) and the OutcomeRecorder's (outcome
-    records), which write the same database file from two connections. One perf_counter_ns pair per
-    transaction; they take milliseconds."""
-    commits: list[tuple[int, int]] = []
-    records: list[tuple[int, int]] = []
-    commit = Committer._commit  # noqa: SLF001 - instrumentation of the child's gateway only
-    write = OutcomeRecorder._write  # noqa: SLF001
-
-    async def timed_commit(self: Committer, effects: list[Effect]) -> None:
-        started = time.perf_counter_ns()
-        try:
-            await commit(self, effects)
-        finally:
-            commits.append((time.perf_counter_ns() - started, len(effects)))
-
-    async def timed_write(self: OutcomeRecorder, batch: Sequence[Any]) -> None:
-        started = time.perf_counter_ns()
-        try:
-            await write(self, batch)
-        finally:
-            records.append((time.perf_counter_ns() - started, len(batch)))
-
-    Committer._commit = timed_commit  # type: ignore[method-assign]  # noqa: SLF001
-    OutcomeRecorder._write = timed_write  # type: ignore[method-assign]  # noqa: SLF001
-    return commits, records
-
-
-def write_summary(log: list[tuple[int, int]]) -> dict[str, float]:
-    if not log:
+def commit_summary(metrics: Metrics) -> dict[str, float]:
+    """The gateway's store commits, from its own Prometheus histograms (count, items, mean, p99 bucket)."""
+    seconds = {s.name: s.value for m in metrics.commit_seconds.collect() for s in m.samples}
+    items = {s.name: s.value for m in metrics.commit_batch_size.collect() for s in m.samples}
+    count = seconds.get("mp169_store_commit_seconds_count", 0.0)
+    if not count:
         return {}
-    durations = sorted(duration for duration, _ in log)
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for m in metrics.commit_seconds.collect()
+        for s in m.samples
+        if s.name.endswith("_bucket")
+    )
+    p99 = next(bound for bound, cumulative in buckets if cumulative >= 0.99 * count)
     return {
-        "transactions": len(log),
-        "items_per_transaction": round(sum(items for _, items in log) / len(log), 2),
-        "p50_ms": round(percentile(durations, 0.5), 3),
-        "p99_ms": round(percentile(durations, 0.99), 3),
-        "max_ms": round(durations[-1] / 1e6, 3),
+        "transactions": int(count),
+        "items_per_transaction": round(items.get("mp169_store_commit_batch_size_sum", 0.0) / count, 2),
+        "mean_ms": round(seconds["mp169_store_commit_seconds_sum"] / count * 1e3, 3),
+        "p99_bucket_ms": round(p99 * 1e3, 3),
     }
 
 
 async def serve(kind: str, url: str, root: str, *, client_id: str, store: Path, profile: Path | None) -> None:
     """Run the relay or the gateway until a line arrives on stdin; then report on stdout."""
     configure_logging("warning")
-    commits, records = time_sqlite_writes() if kind == GATEWAY else ([], [])
+    metrics = Metrics()
     topics = topics_of(root)
     profiler = cProfile.Profile() if profile else None
     service: GatewayService | None = None
@@ -346,7 +328,7 @@ async def serve(kind: str, url: str, root: str, *, client_id: str, store: Path, 
             client_id=settings.gateway.client_id,
             receive_maximum=settings.gateway.inflight_window,
         )
-        service = await GatewayService.start(settings, transport)
+        service = await GatewayService.start(settings, transport, metrics=metrics)
     else:
         transport = MqttTransport(BrokerSettings(url=url), client_id, receive_maximum=WINDOW)
         inbound = f"{topics.inbound}/"
@@ -366,7 +348,7 @@ async def serve(kind: str, url: str, root: str, *, client_id: str, store: Path, 
         profiler.dump_stats(profile)
     report = {
         "handler_errors": transport.handler_errors,
-        "sqlite": {"committer": write_summary(commits), "outcome_recorder": write_summary(records)},
+        "sqlite": {"committer": commit_summary(metrics)},
     }
     if service is not None:
         await service.stop()
@@ -386,12 +368,15 @@ class Child:
         cls, kind: str, url: str, root: str, *, client_id: str, store: Path, profile: Path | None = None
     ) -> Child:
         """Start the child; `ready` waits until it is connected (its pid is known before that)."""
-        command = [sys.executable, "-m", "bench.gateway_mqtt", "--serve", kind, "--url", url]
+        serves = GATEWAY if kind == BASELINE else kind
+        command = [sys.executable, "-m", "bench.gateway_mqtt", "--serve", serves, "--url", url]
         command += ["--root", root, "--client-id", client_id, "--store", str(store)]
         if profile is not None:
             command += ["--profile-to", str(profile)]
+        # The baseline runs its own checkout's code (python -m puts the working directory first).
+        checkout = BASELINE_CHECKOUT[0] if kind == BASELINE else ROOT
         process = await asyncio.create_subprocess_exec(
-            *command, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *command, cwd=checkout, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
         return cls(process)
 
@@ -480,7 +465,7 @@ class Bench:
         self.runs += 1
         root = f"b{self.runs}"
         store = self.folder / f"{root}.sqlite3"
-        if system == GATEWAY:
+        if system in GATEWAYS:
             shutil.copyfile(self.store_template, store)  # a fresh store: RequestID counters from zero
         return root, f"{root}-{system}", store
 
@@ -510,7 +495,7 @@ class Bench:
         await producer.stop()  # returns once the broker acknowledged (queued) every request
         cpu = CpuWindow({})
         sink = Sink({request.key: number for number, request in enumerate(workload)}, cpu)
-        users = Users(len(workload) if system == GATEWAY else 0)
+        users = Users(len(workload) if system in GATEWAYS else 0)
         devices, answers = await self._clients(root, sink, users)
         child: Child | None = None
         try:
@@ -554,7 +539,7 @@ class Bench:
     ) -> LatencyRun:
         root, client_id, store = self._next(system)
         sink = Sink({request.key: number for number, request in enumerate(workload)})
-        users = Users(len(workload) if system == GATEWAY else 0)
+        users = Users(len(workload) if system in GATEWAYS else 0)
         devices, answers = await self._clients(root, sink, users)
         producer = MqttTransport(self.driver_settings, f"{root}-load")
         await producer.start([], nothing)
@@ -630,7 +615,8 @@ _AREAS = (
     ("gateway/duis", "gateway.duis (parse)"),
     ("gateway/responses", "gateway.responses (I99 XML)"),
     ("gateway/outcomes", "gateway.outcomes (recorder)"),
-    ("gateway/pipeline", "gateway.pipeline"),
+    ("gateway/router", "gateway.router"),
+    ("gateway/shell", "gateway.shell"),
     ("gateway/mqtt", "gateway.mqtt"),
     ("gateway/view", "gateway.view"),
     ("gateway/model", "gateway.model"),
@@ -725,6 +711,12 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def rotated(systems: Sequence[str], round_number: int) -> tuple[str, ...]:
+    """Each round starts with the next system, so none is always first (or always after the same one)."""
+    shift = (round_number - 1) % len(systems)
+    return (*systems[shift:], *systems[:shift])
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     configure_logging("warning")
     started = time.perf_counter()
@@ -732,6 +724,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     throughput_runs: list[ThroughputRun] = []
     latency_runs: list[LatencyRun] = []
     profile: dict[str, Any] | None = None
+    systems = (RELAY, GATEWAY, BASELINE) if BASELINE_CHECKOUT else (RELAY, GATEWAY)
     with tempfile.TemporaryDirectory(prefix="mp169-bench-") as name:
         folder = Path(name)
         estate = generate_estate(args.seed, args.premises)
@@ -743,7 +736,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         try:
             bench = Bench(broker, folder, template)
             for round_number in range(1, args.rounds + 1):
-                order = (RELAY, GATEWAY) if round_number % 2 else (GATEWAY, RELAY)
+                order = rotated(systems, round_number)
                 for system in order:
                     run = await bench.throughput(system, round_number, workload)
                     throughput_runs.append(run)
@@ -758,7 +751,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 estate, view, args.seed + 1, max(100, round(rate * args.latency_seconds))
             )
             for round_number in range(1, args.latency_rounds + 1):
-                order = (RELAY, GATEWAY) if round_number % 2 else (GATEWAY, RELAY)
+                order = rotated(systems, round_number)
                 for system in order:
                     lrun = await bench.latency(system, round_number, latency_workload, rate)
                     latency_runs.append(lrun)
@@ -809,14 +802,18 @@ def summary(
         r.round: {run.system: run.requests_per_second for run in throughput_runs if run.round == r.round}
         for r in throughput_runs
     }
-    round_ratios = [pair[GATEWAY] / pair[RELAY] for pair in by_round.values() if len(pair) == 2]
+    round_ratios = [
+        pair[GATEWAY] / pair[RELAY] for pair in by_round.values() if RELAY in pair and GATEWAY in pair
+    ]
+    baseline_ratios = [pair[GATEWAY] / pair[BASELINE] for pair in by_round.values() if BASELINE in pair]
 
     def latency(system: str, key: str) -> float:
         return round(_median([getattr(r, key) for r in latency_runs if r.system == system]), 3)
 
     raw = {
         system: {key: latency(system, key) for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms")}
-        for system in (RELAY, GATEWAY)
+        for system in (RELAY, GATEWAY, BASELINE)
+        if any(r.system == system for r in latency_runs)
     }
     added = {key: round(raw[GATEWAY][key] - raw[RELAY][key], 3) for key in ("p50_ms", "p99_ms")}
     every: list[ThroughputRun | LatencyRun] = [*throughput_runs, *latency_runs]
@@ -840,11 +837,20 @@ def summary(
             "gateway_requests_per_second": round(gateway),
             "ratio": round(ratio, 3),
             "ratio_per_round": [round(value, 3) for value in round_ratios],
+            **(
+                {
+                    "baseline": str(BASELINE_CHECKOUT[0]),
+                    "baseline_requests_per_second": round(_median(rates(BASELINE))),
+                    "gateway_vs_baseline_per_round": [round(value, 3) for value in baseline_ratios],
+                    "gateway_vs_baseline": round(_median(baseline_ratios), 3),
+                }
+                if baseline_ratios
+                else {}
+            ),
         },
         "latency_at_half_load": {
             "offered_per_second": latency_runs[0].offered_per_second if latency_runs else 0,
-            "relay": raw[RELAY],
-            "gateway": raw[GATEWAY],
+            **raw,
             "added": added,
         },
         "targets": {"ratio": TARGET_RATIO, "added_p99_ms": TARGET_ADDED_P99_MS},
@@ -901,6 +907,20 @@ def markdown(result: dict[str, Any]) -> str:
         p50_row,
         p99_row,
     ]
+    if "gateway_vs_baseline" in t:
+        base = lat.get(BASELINE, {})
+        lines += [
+            "",
+            (
+                f"Side by side with the baseline gateway ({t['baseline']}): throughput "
+                f"{t['gateway_requests_per_second']} vs {t['baseline_requests_per_second']} req/s, "
+                f"ratio {t['gateway_vs_baseline']} (rounds {t['gateway_vs_baseline_per_round']})"
+            ),
+            (
+                f"p50 / p99 at half load: {lat['gateway']['p50_ms']} / {lat['gateway']['p99_ms']} ms vs "
+                f"{base.get('p50_ms')} / {base.get('p99_ms')} ms."
+            ),
+        ]
     for regime, profile in (result.get("profile") or {}).items():
         title = (
             f"gateway profile at {regime} (cProfile own time, µs per request; "
@@ -926,6 +946,13 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="add two cProfiled gateway runs: at max rate and at half load"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also run the gateway of this checkout (e.g. a git worktree of the code before a change), "
+        "side by side in every round",
+    )
     parser.add_argument("--serve", choices=(RELAY, GATEWAY), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -945,6 +972,8 @@ def main() -> int:
             )
         )
         return 0
+    if args.baseline is not None:
+        BASELINE_CHECKOUT.append(args.baseline.resolve())
     quick = args.quick
     args.requests = args.requests or (5000 if quick else 20_000)
     args.rounds = args.rounds or (1 if quick else 5)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gateway.logging import configure_logging
 from simulator.demo import DemoOptions, run_demo
-from tests.broker import Mosquitto
+from simulator.mosquitto import Mosquitto
 
 RESULTS = Path(__file__).parent / "results" / "replay_mosquitto.json"
 

@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import BrokerSettings
 from gateway.mqtt import MqttTransport
-from tests.broker import Mosquitto, mosquitto_binary
+from simulator.mosquitto import Mosquitto, mosquitto_binary
 
 if TYPE_CHECKING:
     from gateway.transport import Message

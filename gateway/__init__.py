@@ -1,1 +1,1 @@
-"""MP169 DSP routing gateway: DUIS parsing, the flag store, the pipeline and its adapters."""
+"""MP169 DSP routing gateway: DUIS parsing, the flag store, the router, its shell and the adapters."""

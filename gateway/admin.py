@@ -18,9 +18,17 @@ from rich.table import Table
 
 from gateway.config import ConfigError, load_settings
 from gateway.inventory import InventoryFileError, parse_inventory, parse_users
-from gateway.store import OUTCOME_ACCEPTED, OUTCOME_UNCHANGED, FlagEvent, FlagState, SqliteStore, UpsertCounts
+from gateway.store import FlagState, SqliteStore, UpsertCounts
 from rules.codes import ResponseCode
-from rules.domain import DeviceRecord, UserRecord, parse_eui, responsible_supplier
+from rules.domain import (
+    OUTCOME_ACCEPTED,
+    OUTCOME_UNCHANGED,
+    DeviceRecord,
+    FlagEvent,
+    UserRecord,
+    parse_eui,
+    responsible_supplier,
+)
 
 if TYPE_CHECKING:
     import argparse

@@ -52,6 +52,23 @@ class Metrics:
             "Forwarded requests without a device answer in time.",
             registry=self.registry,
         )
+        self.commit_failures = Counter(
+            "mp169_commit_failures",
+            "Requests whose commit failed: answered STORE_FAILED, routing state rolled back.",
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "mp169_store_commit_seconds",
+            "Duration of one store transaction of routing state (flag events and RequestID counters).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.commit_batch_size = Histogram(
+            "mp169_store_commit_batch_size",
+            "Messages whose routing state one store transaction made durable.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "mp169_request_handling_seconds",
             "Time from receiving a request to handing its forward or answer to the broker.",

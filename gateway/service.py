@@ -1,4 +1,4 @@
-"""One running gateway: the store, the routing view, the outcome recorder, the pipeline and a transport.
+"""One running gateway: store, routing view, outcome recorder, router and shell, and a transport.
 
 Used by `mp169 run` (MQTT) and `mp169 demo` (in memory) alike, so both run the same code.
 """
@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.metrics import Metrics
+from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
 from gateway.outcomes import OutcomeRecorder
-from gateway.pipeline import Clock, Pipeline
+from gateway.router import Router, RouterSettings
+from gateway.shell import Clock, Shell
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from gateway.view import RoutingView
@@ -47,7 +49,8 @@ class GatewayService:
     store: SqliteStore
     view: RoutingView
     recorder: OutcomeRecorder
-    pipeline: Pipeline
+    router: Router
+    shell: Shell
     transport: Transport
     _clock: Clock = utc_now
     _housekeeping: asyncio.Task[None] | None = None
@@ -77,23 +80,29 @@ class GatewayService:
         )
         await recorder.start()
         topics = Topics.from_settings(settings.topics)
-        pipeline = Pipeline(
+        router = Router(
             table=table,
             view=view,
-            store=store,
-            publish=transport.publish,
-            recorder=recorder,
-            metrics=metrics or Metrics(),
-            dcc_eui=parse_eui(settings.gateway.dcc_eui),
-            topics=topics,
-            max_message_bytes=settings.gateway.max_message_bytes,
-            target_response_seconds=settings.gateway.target_response_seconds,
-            clock=clock,
+            settings=RouterSettings(
+                dcc_eui=parse_eui(settings.gateway.dcc_eui),
+                topics=topics,
+                max_message_bytes=settings.gateway.max_message_bytes,
+                target_response_seconds=settings.gateway.target_response_seconds,
+            ),
             counters=await store.load_request_counters(),
         )
-        pipeline.start()
-        service = cls(settings, store, view, recorder, pipeline, transport, clock)
-        await transport.start(topics.subscriptions(settings.topics.shared_group), pipeline.handle)
+        metrics = metrics or Metrics()
+        shell = Shell(
+            router,
+            store=store,
+            publish=transport.publish,
+            observers=(MetricsObserver(metrics), LogObserver(), OutcomeObserver(recorder)),
+            metrics=metrics,
+            clock=clock,
+        )
+        shell.start()
+        service = cls(settings, store, view, recorder, router, shell, transport, clock)
+        await transport.start(topics.subscriptions(settings.topics.shared_group), shell.handle)
         service._housekeeping = asyncio.create_task(service._housekeep(), name="mp169-housekeeping")
         log.info("gateway-started", client_id=settings.gateway.client_id, store=str(path))
         return service
@@ -105,7 +114,7 @@ class GatewayService:
         except TableError as exc:
             log.error("rules-reload-failed", error=str(exc))  # noqa: TRY400 - the message is the whole story
             return False
-        self.pipeline.table = table
+        self.router.table = table
         log.info("rules-reloaded", srvs=len(table.srvs), alerts=len(table.alerts))
         return True
 
@@ -120,7 +129,7 @@ class GatewayService:
         while True:
             await asyncio.sleep(_HOUSEKEEPING_SECONDS)
             try:
-                await self.pipeline.expire_pending()
+                self.shell.tick()
                 await self.refresh_inventory()
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + _ORPHAN_SWEEP_SECONDS
@@ -136,7 +145,7 @@ class GatewayService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
         await self.transport.stop()
-        await self.pipeline.stop()
+        await self.shell.stop()
         await self.recorder.close()
         await self.store.close()
         log.info("gateway-stopped")

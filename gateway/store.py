@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import aiosqlite
 
-from rules.codes import ResponseCode
 from rules.domain import (
     MAX_COUNTER,
     NOT_A_DEVICE,
+    OUTCOME_ACCEPTED,
     DeviceRecord,
     DeviceStatus,
     DeviceType,
     Eui,
+    FlagEvent,
     Role,
     Tariff,
     UserRecord,
@@ -102,18 +103,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-OUTCOME_ACCEPTED = "accepted"
-"""The flag request was accepted and changed the flag."""
-OUTCOME_UNCHANGED = "unchanged"
-"""The flag request was accepted and the flag already had the asked-for value."""
-_OUTCOMES = frozenset(
-    {
-        OUTCOME_ACCEPTED,
-        OUTCOME_UNCHANGED,
-        *(code.value for code in ResponseCode if code.value.startswith("E")),
-    }
-)
-
 _DEVICE_COLUMNS = (
     "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
     " gas_supplier, tariff, wan, network_operator"
@@ -147,30 +136,6 @@ _BUSY_TIMEOUT_MS = 30_000
 
 
 # -- values ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FlagEvent:
-    """One flag Service Request and its outcome: a flag_history row."""
-
-    device_id: Eui
-    set: bool
-    requester: Eui
-    request_id: str
-    declaration: bool | None
-    """AllReasonableStepsTaken of a set; None for a clear."""
-    consumer_reference: str | None
-    outcome: str
-    """'accepted' (the flag changed), 'unchanged' (accepted, already so) or the refusal response code."""
-    at: datetime
-
-    def __post_init__(self) -> None:
-        if self.outcome not in _OUTCOMES:
-            raise ValueError(
-                f"flag event outcome {self.outcome!r}: not accepted, unchanged or a refusal code"
-            )
-        if self.at.tzinfo is None:
-            raise ValueError("flag event time must be timezone-aware")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """RoutingView: the inventory, users and flags in memory, for routing decisions without I/O.
 
 Built from the store at start (`await RoutingView.load(store)`), then kept current in place: the
-pipeline sets and clears flags write-through as flag Service Requests commit, and `refresh(store)`
+router sets and clears flags write-through as flag Service Requests commit, and `refresh(store)`
 applies inventory and user upserts made since (by `mp169 inventory import` in another process).
 
 Memory, for a million devices: no object per device. Devices live in an open-addressing hash table

@@ -34,6 +34,7 @@ class ResponseCode(StrEnum):
     FLAG_RADIO_TELESWITCH = "E081506"
     FLAG_NO_WAN = "E081507"
     FLAG_DEVICE_TYPE = "E081508"
+    STORE_FAILED = "E16920"
 
 
 RESPONSE_CODE_MEANINGS: dict[ResponseCode, str] = {
@@ -83,4 +84,8 @@ RESPONSE_CODE_MEANINGS: dict[ResponseCode, str] = {
         "Flag set refused: network-managed site without WAN coverage, where the meter must communicate."
     ),
     ResponseCode.FLAG_DEVICE_TYPE: "Flag request refused: only an ESME or GSME carries the flag.",
+    ResponseCode.STORE_FAILED: (
+        "The gateway could not make the request durable (store failure): it was not acted on and left "
+        "no trace; send it again."
+    ),
 }

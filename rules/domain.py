@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import NewType
 
+from rules.codes import ResponseCode
+
 Eui = NewType("Eui", str)
 """An EUI-64 as written in DUIS: eight upper-case hex pairs joined by '-', e.g. 00-DB-12-34-56-78-90-A0."""
 
@@ -206,3 +208,40 @@ def responsible_supplier(device: DeviceRecord) -> Eui | None:
     if device.device_type in GAS_DEVICES:
         return device.gas_supplier
     return None
+
+
+OUTCOME_ACCEPTED = "accepted"
+"""The flag request was accepted and changed the flag."""
+OUTCOME_UNCHANGED = "unchanged"
+"""The flag request was accepted and the flag already had the asked-for value."""
+_OUTCOMES = frozenset(
+    {
+        OUTCOME_ACCEPTED,
+        OUTCOME_UNCHANGED,
+        *(code.value for code in ResponseCode if code.value.startswith("E")),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FlagEvent:
+    """One flag Service Request and its outcome: a flag_history row."""
+
+    device_id: Eui
+    set: bool
+    requester: Eui
+    request_id: str
+    declaration: bool | None
+    """AllReasonableStepsTaken of a set; None for a clear."""
+    consumer_reference: str | None
+    outcome: str
+    """'accepted' (the flag changed), 'unchanged' (accepted, already so) or the refusal response code."""
+    at: datetime
+
+    def __post_init__(self) -> None:
+        if self.outcome not in _OUTCOMES:
+            raise ValueError(
+                f"flag event outcome {self.outcome!r}: not accepted, unchanged or a refusal code"
+            )
+        if self.at.tzinfo is None:
+            raise ValueError("flag event time must be timezone-aware")

@@ -139,7 +139,7 @@ async def run_demo(
             answer_timeout=TARGET_RESPONSE_SECONDS * 5,
             settle_seconds=0.5,
             progress=progress,
-            topics=service.pipeline.topics,
+            topics=service.router.topics,
             # MP169 as the packaged table reads it, whatever table the gateway was given.
             table=default_table(),
             before_wait=alerts_and_schedules,

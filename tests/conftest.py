@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.broker import Mosquitto, MosquittoError
+from simulator.mosquitto import Mosquitto, MosquittoError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

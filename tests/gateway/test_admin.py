@@ -11,8 +11,8 @@ import pytest
 
 from gateway import admin
 from gateway.cli import main
-from gateway.store import CommitBatch, FlagEvent, SqliteStore
-from rules.domain import DeviceStatus, Eui, Tariff
+from gateway.store import CommitBatch, SqliteStore
+from rules.domain import DeviceStatus, Eui, FlagEvent, Tariff
 from tests.gateway.test_inventory import (
     GAS_METER,
     IMPORT_SUPPLIER,

@@ -23,9 +23,10 @@ from gateway.mqtt import MqttTransport
 from gateway.service import GatewayService
 from rules.codes import ResponseCode
 from simulator.devices import DeviceConfig, DeviceSimulator
+from tests.gateway.messages import CONSUMPTION_SRV, SECURITY_SRV, flag_request, header, request
 from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER
 from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
-from tests.gateway.test_pipeline import CONSUMPTION_SRV, SECURITY_SRV, flag_request, header, request, seed
+from tests.gateway.test_shell import seed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
     from gateway.transport import Message
     from rules.domain import Eui
-    from tests.broker import Mosquitto
+    from simulator.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.broker
 

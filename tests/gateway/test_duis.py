@@ -731,7 +731,7 @@ def with_dtd(dtd: str, where: str = "ServiceReferenceVariant") -> bytes:
     where=st.sampled_from(["RequestID", "ServiceReferenceVariant", "CommandVariant"]),
     encoding=st.sampled_from(["utf-8", "utf-16", "utf-16-le"]),
 )
-def test_external_entities_never_read_a_file_or_the_network(  # noqa: PLR0917 - hypothesis + fixtures
+def test_external_entities_never_read_a_file_or_the_network(
     which: int, where: str, encoding: str, secret_file: Path, listener: socket.socket, no_python_sockets: None
 ) -> None:
     dtd = external_dtds(secret_file, listener.getsockname()[1])[which]

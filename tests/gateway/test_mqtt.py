@@ -1,4 +1,4 @@
-"""MqttTransport against a real Mosquitto (a private one per test, see tests/broker.py), and the deploy files.
+"""MqttTransport against a real Mosquitto (a private one per test: simulator/mosquitto.py), and deploy files.
 
 Waiting is event-driven; GUARD_SECONDS only turns a hang into a failure. "Nothing else arrived" is
 proved by order: a later message on the same path arrives after anything published before it.
@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from gateway.config import BrokerSettings
 from gateway.mqtt import BrokerRefusedError, ConnectionEvent, MqttTransport, backoff_delay
 from gateway.transport import Handler, Message
-from tests.broker import Mosquitto, MosquittoError, current_user, free_port
+from simulator.mosquitto import Mosquitto, MosquittoError, current_user, free_port
 
 pytestmark = pytest.mark.broker
 

@@ -35,6 +35,7 @@ MP169_CODES = {
     "E081506",
     "E081507",
     "E081508",
+    "E16920",
 }
 READER = etree.XMLParser(remove_comments=False, resolve_entities=False, no_network=True)
 

@@ -16,12 +16,12 @@ import pytest
 from rules.table import PACKAGED_TABLE
 from simulator.demo import DemoOptions, DemoResult, run_demo
 from simulator.invariants import EventKind
-from tests.gateway.test_pipeline import header
+from tests.gateway.messages import header
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.broker import Mosquitto
+    from simulator.mosquitto import Mosquitto
 
 
 def small(tmp_path: Path, **changes: object) -> DemoOptions:

@@ -1,4 +1,4 @@
-"""A private Mosquitto for tests and benchmarks: its own config, port and persistence in a temporary folder.
+"""A private Mosquitto for the simulator, tests and benchmarks: own config, port and persistence.
 
 Never the system broker: the port is a free one on 127.0.0.1, chosen at start and kept across
 restarts, and persistence is on, so a restart keeps sessions and queued QoS 1 messages (Mosquitto
@@ -88,7 +88,7 @@ class Mosquitto:
         attempts = 1 if self._started else _PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             self.config_path.write_text(self.config_text(), encoding="utf-8")
-            self._process = subprocess.Popen(
+            self._process = subprocess.Popen(  # noqa: S603 - the Debian binary, a config file we wrote
                 [mosquitto_binary(), "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -1,0 +1,926 @@
+"""The router: every routing decision of the gateway, as a state machine over plain data (sans-IO).
+
+`Router.handle(event, now)` takes one event and the time, and returns the effects to apply, in
+order. It does no I/O, reads no clock, logs nothing and starts no task: the shell
+(gateway/shell.py) feeds it the events (a message arrived, a store read or a commit finished,
+time passed) and applies what it returns (publish, make durable, acknowledge), and the observers
+(gateway/observers.py) turn its `Observation`s into metrics, log lines and outcome records.
+
+Ordering, which the MP169 guarantee rests on:
+- Every inbound message becomes a *step*, decided in arrival order. A step's publishes and its
+  acknowledgement are released only when the step and every step before it are durable, so answers
+  and forwards leave in decision order and a message is acknowledged only once its effects are
+  durable and handed to the broker.
+- An MP169 flag request reads its device and comms hub from the store and is committed before any
+  later message is decided: messages that arrive meanwhile are held, undecided. So every message is
+  decided against the flag as it was when the message arrived; no consumption request that arrived
+  after a flag-set is forwarded, and the supplier's I0 leaves after every earlier forward.
+
+State changes only when the commit that makes them durable succeeds: the flag in the view, the
+pending requests (a forward waits for its device's answer only once it was really sent), and the
+committed RequestID counters. The live counters run ahead (a repeat of a request still being
+committed is already a duplicate); a failed commit rolls its counters back, so the user's retry is
+decided as new, and the request is answered STORE_FAILED instead of what it would have got.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from gateway.duis import ParseError, parse_device_message, parse_request
+from gateway.facts import alert_recipients, inventory_entries, request_facts
+from gateway.flags import evaluate_flag_request
+from gateway.responses import inventory_response_xml, response_xml
+from gateway.topics import Topics
+from rules.codes import ResponseCode
+from rules.decide import Action, Decision, Delivery, decide, decide_device_message
+from rules.domain import FLAG_SRVS, DeviceMessageKind, FlagEvent, parse_eui
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from datetime import datetime
+
+    from gateway.view import RoutingView
+    from rules.decide import RequestFacts
+    from rules.domain import DeviceMessage, DeviceRecord, Eui, RequestId, Role, ServiceRequest
+    from rules.table import RulesTable
+
+# Late answers to requests already answered with a timeout are dropped; remember this many.
+_TIMED_OUT_MEMORY = 100_000
+# A dead letter always fits the broker's packet limit (deploy/mosquitto.conf allows 1 MiB): the
+# reason is clipped and at most this much of the original payload travels with its digest.
+DEADLETTER_PAYLOAD_BYTES = 64 * 1024
+_DEADLETTER_TEXT_CHARS = 1024
+
+
+# -- events: what the shell tells the router ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """The time of an event: wall clock for DUIS timestamps, monotonic seconds for timeouts."""
+
+    wall: datetime
+    monotonic: float
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message arrived from the broker; `ticket` names it in the `Acknowledge` that releases it."""
+
+    ticket: int
+    topic: str
+    payload: bytes
+    redelivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FlagSubjectRead:
+    """The store read asked for by `ReadFlagSubject` finished (error: it failed)."""
+
+    ticket: int
+    device: DeviceRecord | None
+    comms_hub: DeviceRecord | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """These `Commit`s are durable (one transaction or several, in the order they were emitted)."""
+
+    batches: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFailed:
+    """These `Commit`s were not made durable."""
+
+    batches: tuple[int, ...]
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimePassed:
+    """Time went by: forwarded requests past the target response time are answered E21."""
+
+
+Event = Received | FlagSubjectRead | Committed | CommitFailed | TimePassed
+
+
+# -- effects: what the router asks the shell to do -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Make these durable in one transaction, then report `Committed` or `CommitFailed` for `batch`.
+    Commits are applied in the order they are emitted; the shell may join consecutive ones."""
+
+    batch: int
+    flag_events: tuple[FlagEvent, ...]
+    counters: Mapping[Eui, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFlagSubject:
+    """Read `device_id` and its comms hub from the store, then report `FlagSubjectRead`."""
+
+    ticket: int
+    device_id: Eui
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledge:
+    """The message `ticket` is handled: its effects are durable and its publishes handed over."""
+
+    ticket: int
+
+
+# -- observations: what happened, for metrics, logs and outcome records --------------------------
+
+
+class Admission(StrEnum):
+    """What the RequestID check makes of an inbound Service Request."""
+
+    NEW = "new"
+    AGAIN = "again"  # redelivered after a restart: decided before, its answer may be lost
+    ANSWERED = "answered"  # redelivered within this process: already answered
+    DUPLICATE = "duplicate"  # counter not above the originator's highest: refused
+    SPOOFED = "spoofed"  # originator is not the topic's user: refused, answered to the topic's user
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDecided:
+    """A Service Request got its answer (or was forwarded), decided by the rules or the flag checks."""
+
+    at: datetime
+    request_id: RequestId
+    user: Eui
+    """The topic's user: the one answered (differs from the originator for a spoofed request)."""
+    srv: str
+    command_variant: int
+    devices: tuple[Eui, ...]
+    category: str
+    """The SRV's rules-table category; "unknown" when it was rejected before any rule applied."""
+    action: Action
+    response_code: str
+    reason: str
+    detail: str
+    role: str | None
+    """The requester's role the SRV accepted, if one did."""
+    flagged: bool
+    """A device the request concerns had the MP169 flag when it was decided."""
+    admission: Admission
+    flag_outcome: str | None = None
+    """8.15.x: 'accepted', 'unchanged' or the refusal code; None for every other SRV."""
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateDelivery:
+    """A redelivery of a request this process already decided: acknowledged, nothing published."""
+
+    at: datetime
+    request_id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class RequestUnreadable:
+    """An inbound Service Request that could not be parsed: dead-lettered, answered where possible."""
+
+    at: datetime
+    user: Eui
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMessageRouted:
+    """A device's response or alert, and where it went."""
+
+    at: datetime
+    device: Eui
+    kind: DeviceMessageKind
+    request_id: RequestId | None
+    srv: str | None
+    alert_code: str | None
+    delivery: str
+    """deliver, withhold, reject, or late (a response after its request was timed out)."""
+    reason: str
+    category: str | None
+    outcome: str | None
+    """success / failure of a device response that was recorded against its request."""
+    response_code: str | None
+    recipients: tuple[Eui, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    at: datetime
+    topic: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimedOut:
+    at: datetime
+    request_id: RequestId
+    srv: str
+    after_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRolledBack:
+    """A request's commit (or its flag store read) failed: it left no trace and was answered STORE_FAILED."""
+
+    at: datetime
+    error: str
+    request_id: RequestId
+
+
+Observation = (
+    RequestDecided
+    | DuplicateDelivery
+    | RequestUnreadable
+    | DeviceMessageRouted
+    | DeadLettered
+    | RequestTimedOut
+    | CommitRolledBack
+)
+Effect = Publish | Commit | ReadFlagSubject | Acknowledge | Observation
+
+
+# -- the router --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A forwarded request waiting for its device's answer."""
+
+    srv: str
+    service_reference: str
+    forwarded_at: float
+
+
+@dataclass(eq=False, slots=True)
+class _Step:
+    """One message's (or one timeout sweep's) effects, released in order once durable."""
+
+    ticket: int | None
+    effects: list[Effect] = field(default_factory=list)
+    batch: int | None = None
+    counters: dict[Eui, int] = field(default_factory=dict)
+    request: ServiceRequest | None = None
+    """The admitted Service Request (for the failure answer and the pending entry)."""
+    admission: Admission = Admission.NEW
+    reading: bool = False
+    """A flag request waiting for its store read."""
+    forwarded: bool = False
+    flag_change: tuple[Eui, bool] | None = None
+    """(device, set) of an accepted flag request that changes the flag; applied when durable."""
+
+    @property
+    def durable(self) -> bool:
+        return self.batch is None and not self.reading
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    dcc_eui: Eui
+    topics: Topics = field(default_factory=Topics)
+    max_message_bytes: int = 1024 * 1024
+    target_response_seconds: float = 30.0
+
+
+class Router:
+    """Routes DUIS Service Requests to devices, and device responses and alerts back to users."""
+
+    def __init__(
+        self,
+        *,
+        table: RulesTable,
+        view: RoutingView,
+        settings: RouterSettings,
+        counters: Mapping[Eui, int] | None = None,
+    ) -> None:
+        self.table = table
+        self.view = view
+        self.settings = settings
+        self.topics = settings.topics
+        # Highest RequestID counter accepted per originator: live (ahead of the store by the commits
+        # in flight) and committed.
+        self._counters: dict[Eui, int] = dict(counters or {})
+        self._committed_counters: dict[Eui, int] = dict(self._counters)
+        # The counters as this process found them: a redelivered request at or below them was
+        # handled by an earlier process, which may have died between its commit and its publishes.
+        self._counters_at_start: dict[Eui, int] = dict(self._counters)
+        self._pending: dict[RequestId, PendingRequest] = {}
+        self._timed_out: OrderedDict[RequestId, None] = OrderedDict()
+        self._steps: deque[_Step] = deque()
+        self._by_batch: dict[int, _Step] = {}
+        self._next_batch = 0
+        # While a flag request is read and committed, later messages wait here undecided.
+        self._flag_step: _Step | None = None
+        self._held: deque[Received] = deque()
+        self._inbound_prefix = f"{self.topics.inbound}/"
+        self._device_prefix = f"{self.topics.devices}/"
+
+    # -- introspection (tests, the shell's drain, metrics) ---------------------------------------
+
+    @property
+    def pending(self) -> Mapping[RequestId, PendingRequest]:
+        return self._pending
+
+    @property
+    def unreleased(self) -> int:
+        """Messages received and not yet acknowledged (held ones included)."""
+        return sum(1 for step in self._steps if step.ticket is not None) + len(self._held)
+
+    @property
+    def counters(self) -> Mapping[Eui, int]:
+        return self._counters
+
+    # -- the one entry point ------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: Instant) -> list[Effect]:
+        out: list[Effect] = []
+        if isinstance(event, Received):
+            if self._flag_step is not None:
+                self._held.append(event)
+            else:
+                self._receive(event, now, out)
+        elif isinstance(event, FlagSubjectRead):
+            self._flag_subject_read(event, now, out)
+        elif isinstance(event, Committed):
+            for batch in event.batches:
+                self._committed(self._by_batch.pop(batch), now)
+        elif isinstance(event, CommitFailed):
+            for batch in event.batches:
+                self._rolled_back(self._by_batch.pop(batch), event.error, now)
+        else:
+            self._expire(now)
+        self._release(now, out)
+        return out
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _step(self, ticket: int | None) -> _Step:
+        step = _Step(ticket)
+        self._steps.append(step)
+        return step
+
+    def _commit(self, step: _Step, out: list[Effect], flag_events: tuple[FlagEvent, ...] = ()) -> None:
+        """Ask for the step's state to be made durable; its publishes wait for the answer."""
+        if not step.counters and not flag_events:
+            return
+        step.batch = self._next_batch
+        self._next_batch += 1
+        self._by_batch[step.batch] = step
+        out.append(Commit(step.batch, flag_events, dict(step.counters)))
+
+    def _committed(self, step: _Step, now: Instant) -> None:
+        step.batch = None
+        for originator, counter in step.counters.items():
+            if counter > self._committed_counters.get(originator, -1):
+                self._committed_counters[originator] = counter
+        request = step.request
+        if step.forwarded and request is not None:
+            self._pending[request.request_id] = PendingRequest(
+                request.srv, request.service_reference, now.monotonic
+            )
+        if step.flag_change is not None:
+            device, set_flag = step.flag_change
+            if set_flag:
+                self.view.set_flag(device)
+            else:
+                self.view.clear_flag(device)
+
+    def _rolled_back(self, step: _Step, error: str, now: Instant) -> None:
+        """The step's commit failed: undo its counters and answer STORE_FAILED instead."""
+        step.batch = None
+        self._restore_counters(step.counters)
+        step.effects.clear()
+        request = step.request
+        if request is None:  # every step with a commit carries its request
+            return
+        step.effects.append(
+            self._answer(
+                request.request_id.originator,
+                request,
+                ResponseCode.STORE_FAILED,
+                now,
+                f"store-failed: the request could not be recorded ({_clip(error)}); it was not acted "
+                "on, send it again",
+            )
+        )
+        step.effects.append(CommitRolledBack(now.wall, _clip(error), request.request_id))
+
+    def _restore_counters(self, counters: Mapping[Eui, int]) -> None:
+        for originator in counters:
+            highest = self._committed_counters.get(originator, -1)
+            for step in self._steps:
+                if step.batch is not None:
+                    highest = max(highest, step.counters.get(originator, -1))
+            if highest < 0:
+                self._counters.pop(originator, None)
+            else:
+                self._counters[originator] = highest
+
+    def _release(self, now: Instant, out: list[Effect]) -> None:
+        """Emit the effects of every durable step at the head, in order; then decide held messages."""
+        steps = self._steps
+        while True:
+            while steps and steps[0].durable:
+                step = steps.popleft()
+                out.extend(step.effects)
+                if step.ticket is not None:
+                    out.append(Acknowledge(step.ticket))
+            flag_step = self._flag_step
+            if flag_step is None or not flag_step.durable:
+                return
+            self._flag_step = None
+            while self._held and self._flag_step is None:
+                self._receive(self._held.popleft(), now, out)
+
+    # -- inbound messages -------------------------------------------------------------------------
+
+    def _receive(self, event: Received, now: Instant, out: list[Effect]) -> None:
+        step = self._step(event.ticket)
+        topic = event.topic
+        try:
+            if topic.startswith(self._inbound_prefix):
+                self._service_request(topic[len(self._inbound_prefix) :], event, step, now, out)
+            elif topic.startswith(self._device_prefix) and topic.endswith("/up"):
+                self._device_message(topic[len(self._device_prefix) : -len("/up")], event, step, now)
+            else:
+                self._deadletter(step, event, "unexpected-topic", f"no route for topic {topic!r}", now)
+        except Exception as exc:  # noqa: BLE001 - a bug must never stall the ordered release of later messages
+            step.effects.clear()
+            step.reading = False
+            if self._flag_step is step:
+                self._flag_step = None
+            self._deadletter(step, event, "internal-error", repr(exc), now)
+
+    def _service_request(
+        self, topic_user: str, event: Received, step: _Step, now: Instant, out: list[Effect]
+    ) -> None:
+        try:
+            user = parse_eui(topic_user)
+        except ValueError:
+            self._deadletter(step, event, "bad-topic", f"topic user is not an EUI-64: {topic_user!r}", now)
+            return
+        parsed = parse_request(event.payload, max_bytes=self.settings.max_message_bytes)
+        if isinstance(parsed, ParseError):
+            self._unparseable(step, user, event, parsed, now)
+            return
+        request = parsed
+        admission = self._admit(user, request, event.redelivered)
+        if admission is Admission.SPOOFED:
+            # The answer goes to the topic's owner, never to the claimed originator.
+            self._refuse_before_rules(
+                step,
+                user,
+                request,
+                admission=admission,
+                code=ResponseCode.USER_NOT_AUTHORISED,
+                reason="originator-mismatch",
+                detail=f"RequestID originator {request.request_id.originator} is not the user of topic "
+                f"{event.topic}",
+                now=now,
+            )
+            return
+        if admission is Admission.DUPLICATE:
+            self._refuse_before_rules(
+                step,
+                user,
+                request,
+                admission=admission,
+                code=ResponseCode.DUPLICATE_REQUEST_ID,
+                reason="duplicate-request-id",
+                detail=f"RequestID counter {request.request_id.counter} is not above the highest accepted "
+                f"from {request.request_id.originator}",
+                now=now,
+            )
+            return
+        if admission is Admission.ANSWERED:
+            # This process decided it: its answer is published or on its way.
+            step.effects.append(DuplicateDelivery(now.wall, request.request_id))
+            return
+        step.request = request
+        step.admission = admission
+        step.counters[user] = request.request_id.counter
+        facts = request_facts(request, self.view, self.settings.dcc_eui)
+        decision = decide(request, facts, self.table)
+        if decision.action is Action.LOCAL and request.srv in FLAG_SRVS:
+            self._flag_request(step, event.ticket, request, out)
+            return
+        self._act(step, request, decision, facts, now)
+        self._commit(step, out)
+
+    def _admit(self, user: Eui, request: ServiceRequest, redelivered: bool) -> Admission:
+        """Check the RequestID against the topic's user and its counter; advance the live counter."""
+        request_id = request.request_id
+        if request_id.originator != user:
+            return Admission.SPOOFED
+        if request_id.counter > self._counters.get(user, -1):
+            self._counters[user] = request_id.counter
+            return Admission.NEW
+        if not redelivered:
+            return Admission.DUPLICATE
+        if request_id.counter <= self._counters_at_start.get(user, -1):
+            # At-least-once: decide and publish again (devices and users discard repeats by RequestID).
+            return Admission.AGAIN
+        return Admission.ANSWERED
+
+    def _act(
+        self,
+        step: _Step,
+        request: ServiceRequest,
+        decision: Decision,
+        facts: RequestFacts,
+        now: Instant,
+    ) -> None:
+        request_id = request.request_id
+        originator = request_id.originator
+        if decision.action is Action.FORWARD:
+            step.effects.append(Publish(self.topics.command(request_id.target), request.raw))
+            step.effects.append(self._answer(originator, request, ResponseCode.ACKNOWLEDGED, now))
+            step.forwarded = True
+        elif decision.action is Action.LOCAL:
+            entries = inventory_entries(request, self.view)
+            payload = inventory_response_xml(request_id=request_id, at=now.wall, devices=entries)
+            step.effects.append(Publish(self.topics.out(originator), payload))
+        else:
+            reason = f"{decision.reason}: {decision.detail}"
+            step.effects.append(self._answer(originator, request, decision.response_code, now, reason))
+        step.effects.append(
+            RequestDecided(
+                at=now.wall,
+                request_id=request_id,
+                user=originator,
+                srv=request.srv,
+                command_variant=request.command_variant,
+                devices=request.concerned_devices,
+                category=decision.rule.category.value if decision.rule is not None else "unknown",
+                action=decision.action,
+                response_code=decision.response_code.value,
+                reason=decision.reason,
+                detail=decision.detail,
+                role=_accepted_role(facts.requester_roles, decision),
+                flagged=any(device.flagged for device in facts.devices.values()),
+                admission=step.admission,
+            )
+        )
+
+    def _refuse_before_rules(  # noqa: PLR0913 - the parts of one refusal
+        self,
+        step: _Step,
+        user: Eui,
+        request: ServiceRequest,
+        *,
+        admission: Admission,
+        code: ResponseCode,
+        reason: str,
+        detail: str,
+        now: Instant,
+    ) -> None:
+        """Answer a request refused before any rule applies (spoofed originator, repeated RequestID)."""
+        step.effects.append(self._answer(user, request, code, now, f"{reason}: {detail}"))
+        step.effects.append(
+            RequestDecided(
+                at=now.wall,
+                request_id=request.request_id,
+                user=user,
+                srv=request.srv,
+                command_variant=request.command_variant,
+                devices=request.concerned_devices,
+                category="unknown",
+                action=Action.REJECT,
+                response_code=code.value,
+                reason=reason,
+                detail=detail,
+                role=None,
+                flagged=False,
+                admission=admission,
+            )
+        )
+
+    def _unparseable(self, step: _Step, user: Eui, event: Received, error: ParseError, now: Instant) -> None:
+        self._deadletter(step, event, error.reason, error.detail, now)
+        # The sender of garbage on its own topic still gets a clear DUIS answer.
+        request_id = error.request_id if error.request_id and error.request_id.originator == user else None
+        step.effects.append(
+            Publish(
+                self.topics.out(user),
+                response_xml(
+                    request_id=request_id,
+                    code=ResponseCode.INVALID_REQUEST,
+                    service_reference=None,
+                    srv=None,
+                    at=now.wall,
+                    reason=f"{error.reason}: {error.detail}",
+                ),
+            )
+        )
+        step.effects.append(RequestUnreadable(now.wall, user, error.reason, error.detail))
+
+    def _answer(
+        self, user: Eui, request: ServiceRequest, code: ResponseCode, now: Instant, reason: str | None = None
+    ) -> Publish:
+        """A DUIS response to `request` on `user`'s topic."""
+        return Publish(
+            self.topics.out(user),
+            response_xml(
+                request_id=request.request_id,
+                code=code,
+                service_reference=request.service_reference,
+                srv=request.srv,
+                at=now.wall,
+                reason=reason,
+            ),
+        )
+
+    # -- MP169 flag requests -----------------------------------------------------------------------
+
+    def _flag_request(self, step: _Step, ticket: int, request: ServiceRequest, out: list[Effect]) -> None:
+        """Hold every later message until this request's device is read and its outcome durable."""
+        instruction = request.flag
+        if instruction is None:  # the parser gives every 8.15.x its instruction
+            raise ValueError(f"flag request {request.request_id} without its instruction")
+        step.reading = True
+        self._flag_step = step
+        out.append(ReadFlagSubject(ticket, instruction.device_id))
+
+    def _flag_subject_read(self, event: FlagSubjectRead, now: Instant, out: list[Effect]) -> None:
+        step = self._flag_step
+        if step is None or not step.reading or step.ticket != event.ticket or step.request is None:
+            raise ValueError(f"no flag request waits for the store read of message {event.ticket}")
+        step.reading = False
+        request = step.request
+        instruction = request.flag
+        if instruction is None:
+            raise ValueError(f"flag request {request.request_id} without its instruction")
+        if event.error is not None:
+            # As a failed commit: nothing happened, the supplier is told to send it again.
+            self._rolled_back(step, event.error, now)
+            return
+        request_id = request.request_id
+        flagged = self.view.is_flagged(instruction.device_id)
+        verdict = evaluate_flag_request(
+            instruction, request_id.originator, event.device, event.comms_hub, flagged
+        )
+        outcome = ("accepted" if verdict.changed else "unchanged") if verdict.accepted else verdict.code.value
+        flag_event = FlagEvent(
+            device_id=instruction.device_id,
+            set=instruction.set,
+            requester=request_id.originator,
+            request_id=str(request_id),
+            declaration=instruction.all_reasonable_steps_taken if instruction.set else None,
+            consumer_reference=instruction.consumer_reference,
+            outcome=outcome,
+            at=now.wall,
+        )
+        if verdict.accepted and verdict.changed:
+            step.flag_change = (instruction.device_id, instruction.set)
+        reason = f"{verdict.reason}: {verdict.detail}"
+        step.effects.append(self._answer(request_id.originator, request, verdict.code, now, reason))
+        step.effects.append(
+            RequestDecided(
+                at=now.wall,
+                request_id=request_id,
+                user=request_id.originator,
+                srv=request.srv,
+                command_variant=request.command_variant,
+                devices=request.concerned_devices,
+                category="consumer-choice-flag",
+                action=Action.LOCAL,
+                response_code=verdict.code.value,
+                reason=verdict.reason,
+                detail=verdict.detail,
+                role=None,
+                flagged=flagged,
+                admission=step.admission,
+                flag_outcome=outcome,
+            )
+        )
+        self._commit(step, out, (flag_event,))
+
+    # -- device responses and alerts ---------------------------------------------------------------
+
+    def _device_message(self, topic_device: str, event: Received, step: _Step, now: Instant) -> None:
+        try:
+            device = parse_eui(topic_device)
+        except ValueError:
+            self._deadletter(
+                step, event, "bad-topic", f"topic device is not an EUI-64: {topic_device!r}", now
+            )
+            return
+        parsed = parse_device_message(event.payload, max_bytes=self.settings.max_message_bytes)
+        if isinstance(parsed, ParseError):
+            self._deadletter(step, event, parsed.reason, parsed.detail, now)
+            return
+        if parsed.kind is DeviceMessageKind.RESPONSE:
+            self._device_response(step, device, parsed, event, now)
+        else:
+            self._alert(step, device, parsed, event, now)
+
+    def _device_response(
+        self, step: _Step, device: Eui, response: DeviceMessage, event: Received, now: Instant
+    ) -> None:
+        request_id = response.request_id
+        if request_id is None or request_id.target != device:
+            self._deadletter(
+                step,
+                event,
+                "response-mismatch",
+                f"response on {event.topic} does not answer a request to {device}",
+                now,
+            )
+            return
+        pending = self._pending.pop(request_id, None)
+        if pending is None and request_id in self._timed_out:
+            step.effects.append(self._routed(now, device, response, "late", "late-response"))
+            return
+        verdict = decide_device_message(response, self.view.device_facts(device), self.table)
+        category = verdict.category.value if verdict.category is not None else None
+        if verdict.delivery is Delivery.REJECT:
+            self._deadletter(step, event, verdict.reason, verdict.detail, now)
+            step.effects.append(
+                self._routed(now, device, response, verdict.delivery, verdict.reason, category=category)
+            )
+            return
+        outcome = "success" if response.response_code == ResponseCode.SUCCESS else "failure"
+        originator = request_id.originator
+        if verdict.delivery is Delivery.WITHHOLD:
+            # The request still gets its one final answer: the refusal, not the data.
+            payload = response_xml(
+                request_id=request_id,
+                code=ResponseCode.CONSUMER_CHOICE,
+                service_reference=pending.service_reference if pending else None,
+                srv=response.srv,
+                at=now.wall,
+                reason=f"{verdict.reason}: {verdict.detail}",
+            )
+        else:
+            payload = event.payload
+        step.effects.append(Publish(self.topics.out(originator), payload))
+        step.effects.append(
+            self._routed(
+                now,
+                device,
+                response,
+                verdict.delivery,
+                verdict.reason,
+                category=category,
+                recipients=(originator,),
+                outcome=outcome,
+            )
+        )
+
+    def _alert(self, step: _Step, device: Eui, alert: DeviceMessage, event: Received, now: Instant) -> None:
+        facts = self.view.device_facts(device)
+        if facts is None:
+            self._deadletter(step, event, "unknown-device", f"alert from {device}, not in the inventory", now)
+            step.effects.append(self._routed(now, device, alert, Delivery.REJECT, "unknown-device"))
+            return
+        verdict = decide_device_message(alert, facts, self.table)
+        category = verdict.category.value if verdict.category is not None else None
+        if verdict.delivery is Delivery.REJECT:
+            self._deadletter(step, event, verdict.reason, verdict.detail, now)
+            step.effects.append(
+                self._routed(now, device, alert, verdict.delivery, verdict.reason, category=category)
+            )
+            return
+        if verdict.delivery is Delivery.WITHHOLD:
+            step.effects.append(
+                self._routed(now, device, alert, verdict.delivery, verdict.reason, category=category)
+            )
+            return
+        recipients = alert_recipients(device, verdict, self.view)
+        if not recipients:
+            self._deadletter(step, event, "no-recipient", f"no responsible supplier for {device}", now)
+            step.effects.append(
+                self._routed(now, device, alert, Delivery.REJECT, "no-recipient", category=category)
+            )
+            return
+        step.effects.extend(Publish(self.topics.out(user), event.payload) for user in recipients)
+        step.effects.append(
+            self._routed(
+                now, device, alert, verdict.delivery, verdict.reason, category=category, recipients=recipients
+            )
+        )
+
+    @staticmethod
+    def _routed(  # noqa: PLR0913 - the facts of one routed device message
+        now: Instant,
+        device: Eui,
+        message: DeviceMessage,
+        delivery: str,
+        reason: str,
+        *,
+        category: str | None = None,
+        recipients: tuple[Eui, ...] = (),
+        outcome: str | None = None,
+    ) -> DeviceMessageRouted:
+        return DeviceMessageRouted(
+            at=now.wall,
+            device=device,
+            kind=message.kind,
+            request_id=message.request_id,
+            srv=message.srv,
+            alert_code=message.alert_code,
+            delivery=str(delivery),
+            reason=reason,
+            category=category,
+            outcome=outcome,
+            response_code=message.response_code if outcome is not None else None,
+            recipients=recipients,
+        )
+
+    # -- timeouts and dead letters -------------------------------------------------------------
+
+    def _expire(self, now: Instant) -> None:
+        """Answer forwarded requests whose device has not answered in time (E21)."""
+        target = self.settings.target_response_seconds
+        deadline = now.monotonic - target
+        expired: list[tuple[RequestId, PendingRequest]] = []
+        # Insertion order is forwarding order: the expired requests are a prefix.
+        for request_id, pending in self._pending.items():
+            if pending.forwarded_at > deadline:
+                break
+            expired.append((request_id, pending))
+        if not expired:
+            return
+        step = self._step(None)
+        for request_id, pending in expired:
+            del self._pending[request_id]
+            self._timed_out[request_id] = None
+            if len(self._timed_out) > _TIMED_OUT_MEMORY:
+                self._timed_out.popitem(last=False)
+            step.effects.append(
+                Publish(
+                    self.topics.out(request_id.originator),
+                    response_xml(
+                        request_id=request_id,
+                        code=ResponseCode.DEVICE_TIMEOUT,
+                        service_reference=pending.service_reference,
+                        srv=pending.srv,
+                        at=now.wall,
+                        reason=f"device-timeout: no answer from {request_id.target} within {target:g} s",
+                    ),
+                )
+            )
+            step.effects.append(RequestTimedOut(now.wall, request_id, pending.srv, target))
+
+    def _deadletter(self, step: _Step, event: Received, reason: str, detail: str, now: Instant) -> None:
+        step.effects.append(Publish(self.topics.deadletter, deadletter_payload(event, reason, detail)))
+        step.effects.append(DeadLettered(now.wall, event.topic, reason, _clip(detail)))
+
+
+def deadletter_payload(event: Received, reason: str, detail: str) -> bytes:
+    """A JSON envelope that always fits the broker's packet limit: the reason, the original topic, the
+    original payload's size and SHA-256, and at most DEADLETTER_PAYLOAD_BYTES of it (base64)."""
+    payload = event.payload
+    kept = payload[:DEADLETTER_PAYLOAD_BYTES]
+    return json.dumps(
+        {
+            "reason": _clip(reason),
+            "detail": _clip(detail),
+            "topic": _clip(event.topic),
+            "payload_bytes": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "payload_truncated": len(kept) < len(payload),
+            "payload_base64": base64.b64encode(kept).decode("ascii"),
+        }
+    ).encode()
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _DEADLETTER_TEXT_CHARS else text[: _DEADLETTER_TEXT_CHARS - 1] + "…"
+
+
+def _accepted_role(roles: frozenset[Role] | None, decision: Decision) -> str | None:
+    if decision.rule is None or roles is None:
+        return None
+    eligible = sorted(role.value for role in roles & decision.rule.eligible_roles)
+    return eligible[0] if eligible else None
+
+
+def observations(effects: Iterable[Effect]) -> list[Observation]:
+    """The observations among `effects` (for tests and observers)."""
+    return [
+        effect
+        for effect in effects
+        if not isinstance(effect, Publish | Commit | ReadFlagSubject | Acknowledge)
+    ]

@@ -1,0 +1,243 @@
+"""The shell around the router: feeds it events and applies its effects, in order.
+
+`Shell.handle` is the transport's handler. It turns the message into a `Received` event at once
+(handlers start in arrival order, so the router sees messages in arrival order), applies the
+effects the router returns, and returns, so the transport acknowledges the message, when the
+router releases it with `Acknowledge`: after its commit and its publishes.
+
+Three small loops do the I/O: the committer joins the router's `Commit`s that are queued into one
+store transaction and reports `Committed` / `CommitFailed`; the publisher hands `Publish`es to the
+transport in order and resolves each `Acknowledge`; flag requests' store reads run as tasks that
+report `FlagSubjectRead`. Observations go to the observers (metrics, logs, outcome records) with
+the RequestID bound in structlog's context. The shell decides nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import TYPE_CHECKING, TypeAlias
+
+import structlog
+
+from gateway.router import (
+    Acknowledge,
+    Commit,
+    CommitFailed,
+    Committed,
+    FlagSubjectRead,
+    Instant,
+    Publish,
+    ReadFlagSubject,
+    Received,
+    Router,
+    TimePassed,
+    deadletter_payload,
+)
+from gateway.store import CommitBatch
+from rules.domain import utc_now
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+    from datetime import datetime
+
+    from gateway.metrics import Metrics
+    from gateway.observers import Observer
+    from gateway.router import Effect, Event, Observation
+    from gateway.store import FlagStore
+    from gateway.transport import Message
+    from rules.domain import Eui
+
+log = structlog.get_logger("mp169.shell")
+
+Publisher: TypeAlias = "Callable[[str, bytes], Awaitable[None]]"
+Clock: TypeAlias = "Callable[[], datetime]"
+
+
+class Shell:
+    """Runs one router against one store and one transport."""
+
+    def __init__(  # noqa: PLR0913 - the collaborators of one running router
+        self,
+        router: Router,
+        *,
+        store: FlagStore,
+        publish: Publisher,
+        observers: Sequence[Observer] = (),
+        metrics: Metrics | None = None,
+        clock: Clock = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+        max_batch: int = 512,
+    ) -> None:
+        self.router = router
+        self._store = store
+        self._publish = publish
+        self._observers = tuple(observers)
+        self._metrics = metrics
+        self._clock = clock
+        self._monotonic = monotonic
+        self._max_batch = max_batch
+        self._tickets = itertools.count()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._commits: asyncio.Queue[Commit] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Publish | Acknowledge] = asyncio.Queue()
+        self._publish_error: Exception | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._commit_loop(), name="mp169-committer"),
+            asyncio.create_task(self._publish_loop(), name="mp169-publisher"),
+        ]
+
+    async def stop(self) -> None:
+        """Finish every message already handed to `handle` (decided, committed, published), then stop."""
+        while self._waiting:
+            await asyncio.gather(*self._waiting.values(), return_exceptions=True)
+            await asyncio.sleep(0)  # let the handlers that were waiting remove themselves
+        await self._commits.join()
+        await self._outbox.join()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+
+    # -- the transport handler ------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        """Returns once the router released the message: its effects are durable and handed over."""
+        started = time.perf_counter()
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.inflight.inc()
+        ticket = next(self._tickets)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[ticket] = done
+        try:
+            self._feed(Received(ticket, message.topic, message.payload, message.redelivered))
+            await done
+        except Exception as exc:
+            log.exception("handling-failed", topic=message.topic)
+            await self._deadletter_now(message, repr(exc))
+        finally:
+            del self._waiting[ticket]
+            if metrics is not None:
+                metrics.inflight.dec()
+                metrics.latency.observe(time.perf_counter() - started)
+
+    def tick(self) -> None:
+        """Time passed: the router answers forwarded requests that are past their target (E21)."""
+        self._feed(TimePassed())
+
+    # -- events in, effects out -----------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        effects = self.router.handle(event, Instant(self._clock(), self._monotonic()))
+        self._apply(effects)
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Publish | Acknowledge):
+                self._outbox.put_nowait(effect)
+            elif isinstance(effect, Commit):
+                self._commits.put_nowait(effect)
+            elif isinstance(effect, ReadFlagSubject):
+                task = asyncio.create_task(self._read_flag_subject(effect), name="mp169-flag-read")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                self._observe(effect)
+
+    def _observe(self, observation: Observation) -> None:
+        request_id = getattr(observation, "request_id", None)
+        with structlog.contextvars.bound_contextvars(
+            request_id=None if request_id is None else str(request_id)
+        ):
+            for observer in self._observers:
+                try:
+                    observer(observation)
+                except Exception:
+                    log.exception("observer-failed", observer=type(observer).__name__)
+
+    # -- the I/O loops --------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            commits = [await self._commits.get()]
+            while len(commits) < self._max_batch and not self._commits.empty():
+                commits.append(self._commits.get_nowait())
+            batches = tuple(commit.batch for commit in commits)
+            started = time.perf_counter()
+            try:
+                await self._store.commit(_joined(commits))
+            except Exception as exc:  # noqa: BLE001 - the router answers every request of the batch
+                log.critical("store-commit-failed", error=f"{type(exc).__name__}: {exc}", batch=len(batches))
+                self._feed(CommitFailed(batches, f"{type(exc).__name__}: {exc}"))
+            else:
+                if self._metrics is not None:
+                    self._metrics.commit_seconds.observe(time.perf_counter() - started)
+                    self._metrics.commit_batch_size.observe(len(batches))
+                self._feed(Committed(batches))
+            finally:
+                for _ in commits:
+                    self._commits.task_done()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            try:
+                if isinstance(item, Acknowledge):
+                    self._acknowledge(item.ticket)
+                else:
+                    await self._publish(item.topic, item.payload)
+            except Exception as exc:
+                log.exception("publish-failed", topic=getattr(item, "topic", None))
+                self._publish_error = exc
+            finally:
+                self._outbox.task_done()
+
+    def _acknowledge(self, ticket: int) -> None:
+        # A publish that failed since the last acknowledgement belongs to this message.
+        error, self._publish_error = self._publish_error, None
+        done = self._waiting.get(ticket)
+        if done is None or done.done():  # its handler was cancelled by a stopping transport
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    async def _read_flag_subject(self, read: ReadFlagSubject) -> None:
+        try:
+            device = await self._store.get_device(read.device_id)
+            hub = None
+            if device is not None and device.comms_hub_id is not None:
+                hub = await self._store.get_device(device.comms_hub_id)
+        except Exception as exc:  # noqa: BLE001 - the router answers the flag request
+            log.critical("store-read-failed", error=f"{type(exc).__name__}: {exc}", device=read.device_id)
+            self._feed(FlagSubjectRead(read.ticket, None, None, error=f"{type(exc).__name__}: {exc}"))
+        else:
+            self._feed(FlagSubjectRead(read.ticket, device, hub))
+
+    async def _deadletter_now(self, message: Message, detail: str) -> None:
+        received = Received(-1, message.topic, message.payload, message.redelivered)
+        try:
+            await self._publish(
+                self.router.topics.deadletter, deadletter_payload(received, "internal-error", detail)
+            )
+        except Exception:
+            log.exception("deadletter-failed", topic=message.topic)
+
+
+def _joined(commits: Sequence[Commit]) -> CommitBatch:
+    """One transaction for consecutive commits: flag events in order, the highest counter per originator."""
+    counters: dict[Eui, int] = {}
+    for commit in commits:
+        for originator, counter in commit.counters.items():
+            counters[originator] = max(counter, counters.get(originator, -1))
+    return CommitBatch(
+        flag_events=tuple(event for commit in commits for event in commit.flag_events), counters=counters
+    )

@@ -1,0 +1,446 @@
+"""The router with no event loop: every routing path, driven as the shell would (tests/gateway/desk.py)."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gateway.router
+from gateway.router import (
+    DEADLETTER_PAYLOAD_BYTES,
+    Admission,
+    CommitRolledBack,
+    Publish,
+    Received,
+    RequestDecided,
+    RequestTimedOut,
+)
+from rules.codes import ResponseCode
+from rules.table import default_table
+from tests.gateway.desk import TOPICS, Desk
+from tests.gateway.messages import (
+    CONSUMPTION_SRV,
+    DCC,
+    FIRMWARE_SRV,
+    SECURITY_SRV,
+    UNKNOWN_METER,
+    alert,
+    flag_request,
+    meter_reading_answer,
+    request,
+)
+from tests.gateway.test_inventory import (
+    EXPORT_SUPPLIER,
+    GAS_SUPPLIER,
+    HUB,
+    IMPORT_SUPPLIER,
+    METER,
+    NEW_SUPPLIER,
+    USERS,
+)
+
+
+@pytest.fixture
+def desk() -> Desk:
+    return Desk()
+
+
+def read(counter: int) -> bytes:
+    return request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter)
+
+
+def set_flag(counter: int, *, declared: bool = True) -> bytes:
+    return flag_request(IMPORT_SUPPLIER, counter, METER, set_flag=True, declared=declared)
+
+
+def clear_flag(counter: int) -> bytes:
+    return flag_request(IMPORT_SUPPLIER, counter, METER, set_flag=False)
+
+
+# -- the router does no I/O -----------------------------------------------------------------------
+
+IO_MODULES = {"asyncio", "aiosqlite", "sqlite3", "socket", "gmqtt", "time", "logging", "structlog", "os"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+    return names
+
+
+def test_the_router_and_what_it_imports_from_the_project_do_no_io() -> None:
+    # The router and every project module it imports at run time (not only for type checking).
+    seen: set[str] = set()
+    todo = ["gateway.router"]
+    root = Path(gateway.router.__file__).resolve().parent.parent
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = root.joinpath(*module.split(".")).with_suffix(".py")
+        tree = ast.parse(path.read_text())
+        runtime = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        for node in runtime:
+            names = (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            )
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in IO_MODULES, f"{module} imports {name}"
+                if top in {"gateway", "rules"}:
+                    todo.append(name)
+    assert "rules.domain" in seen
+    assert not seen & {"gateway.shell", "gateway.store", "gateway.mqtt", "gateway.outcomes"}
+
+
+# -- Service Requests -----------------------------------------------------------------------------
+
+
+def test_a_consumption_read_is_forwarded_then_acknowledged_once_durable() -> None:
+    desk = Desk(hold=True)
+    payload = read(1)
+    assert desk.send(IMPORT_SUPPLIER, payload) == []  # nothing leaves before the counter is durable
+    assert desk.acknowledged == []
+    out = desk.commit()
+    assert out == [
+        Publish(TOPICS.command(METER), payload),
+        out[1],
+    ]
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.ACKNOWLEDGED]
+    assert desk.acknowledged == [0]
+    assert desk.durable.counters == {IMPORT_SUPPLIER: 1}
+    assert METER in {request_id.target for request_id in desk.router.pending}
+
+
+def test_a_flagged_device_refuses_consumption_but_not_security_or_firmware(desk: Desk) -> None:
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, set_flag(1))) == [ResponseCode.SUCCESS]
+    refused = desk.send(IMPORT_SUPPLIER, read(2))
+    assert desk.commands(refused) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, refused) == [ResponseCode.CONSUMER_CHOICE]
+    assert b"consumer" in refused[0].payload
+    security = desk.send(IMPORT_SUPPLIER, request(SECURITY_SRV, IMPORT_SUPPLIER, METER, 3))
+    assert desk.commands(security) == [TOPICS.command(METER)]
+    firmware = desk.send(IMPORT_SUPPLIER, request(FIRMWARE_SRV, IMPORT_SUPPLIER, DCC, 4, DeviceIDList=METER))
+    assert desk.commands(firmware) == [TOPICS.command(DCC)]
+
+
+def test_the_flag_is_refused_to_a_supplier_that_is_not_responsible(desk: Desk) -> None:
+    out = desk.send(NEW_SUPPLIER, flag_request(NEW_SUPPLIER, 1, METER, set_flag=True))
+    assert desk.answers_to(NEW_SUPPLIER, out) == [ResponseCode.NOT_RESPONSIBLE_SUPPLIER]
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(1))) == [TOPICS.command(METER)]
+
+
+def test_a_flag_without_the_declaration_is_refused(desk: Desk) -> None:
+    out = desk.send(IMPORT_SUPPLIER, set_flag(1, declared=False))
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.FLAG_DECLARATION_MISSING]
+    assert desk.agree() == frozenset()
+
+
+def test_clearing_the_flag_restores_forwarding_and_both_are_in_the_history(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, set_flag(1))
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, clear_flag(2))) == [
+        ResponseCode.SUCCESS
+    ]
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(3))) == [TOPICS.command(METER)]
+    assert [(event.set, event.outcome) for event in desk.durable.history] == [
+        (True, "accepted"),
+        (False, "accepted"),
+    ]
+
+
+def test_messages_after_a_flag_request_wait_undecided_until_it_is_durable() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.send(IMPORT_SUPPLIER, set_flag(2))
+    desk.send(IMPORT_SUPPLIER, read(3))
+    assert len(desk.waiting_reads) == 1
+    assert len(desk.waiting_commits) == 1  # read 1's counter; read 3 is not even decided yet
+    desk.read()
+    assert len(desk.waiting_commits) == 2  # the flag event joins; read 3 still waits
+    out = desk.commit()
+    assert desk.commands(out) == [TOPICS.command(METER)]
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.ACKNOWLEDGED, ResponseCode.SUCCESS]
+    out += desk.commit()  # read 3, decided against the durable flag
+    assert desk.answers_to(IMPORT_SUPPLIER, out)[-1] == ResponseCode.CONSUMER_CHOICE
+    # The earlier command left before the supplier held the flag's acknowledgement.
+    topics = [publish.topic for publish in out]
+    assert topics.index(TOPICS.command(METER)) < topics.index(TOPICS.out(IMPORT_SUPPLIER), 1)
+    assert desk.acknowledged == [0, 1, 2]
+
+
+def test_a_stream_with_flag_requests_is_decided_in_arrival_order(desk: Desk) -> None:
+    out = []
+    for counter in range(1, 121):
+        if counter % 20 == 0:
+            out += desk.send(
+                IMPORT_SUPPLIER, flag_request(IMPORT_SUPPLIER, counter, METER, set_flag=counter % 40 == 0)
+            )
+        else:
+            out += desk.send(IMPORT_SUPPLIER, read(counter))
+    codes = desk.answers_to(IMPORT_SUPPLIER, out)
+    assert ResponseCode.DUPLICATE_REQUEST_ID not in codes
+    assert len(codes) == 120
+    refused = set(range(41, 60)) | set(range(81, 100))
+    assert codes.count(ResponseCode.CONSUMER_CHOICE) == len(refused)
+
+
+def test_a_spoofed_originator_is_answered_on_the_senders_topic_only(desk: Desk) -> None:
+    out = desk.send(GAS_SUPPLIER, read(1))
+    assert [publish.topic for publish in out] == [TOPICS.out(GAS_SUPPLIER)]
+    assert desk.answers_to(GAS_SUPPLIER, out) == [ResponseCode.USER_NOT_AUTHORISED]
+    decided = [o for o in desk.observed if isinstance(o, RequestDecided)]
+    assert [(o.user, o.admission) for o in decided] == [(GAS_SUPPLIER, Admission.SPOOFED)]
+    # The victim's counter is untouched: its own request 1 still goes through.
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(1))) == [TOPICS.command(METER)]
+
+
+def test_a_repeated_request_id_is_refused_and_never_forwarded_twice(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, read(7))
+    again = desk.send(IMPORT_SUPPLIER, read(7)) + desk.send(IMPORT_SUPPLIER, read(6))
+    assert desk.commands(again) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, again) == [ResponseCode.DUPLICATE_REQUEST_ID] * 2
+
+
+def test_a_repeat_of_a_request_still_being_committed_is_a_duplicate_too() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(7))
+    desk.send(IMPORT_SUPPLIER, read(7))
+    out = desk.commit()
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [
+        ResponseCode.ACKNOWLEDGED,
+        ResponseCode.DUPLICATE_REQUEST_ID,
+    ]
+    assert desk.commands(out) == [TOPICS.command(METER)]
+
+
+def test_a_redelivery_of_a_request_this_process_answered_is_dropped(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, read(7))
+    assert desk.send(IMPORT_SUPPLIER, read(7), redelivered=True) == []
+    assert desk.acknowledged == [0, 1]
+
+
+def test_a_redelivery_after_a_restart_is_routed_again(desk: Desk) -> None:
+    # The earlier process committed the counter and may have died before publishing: at least once.
+    payload = read(7)
+    desk.send(IMPORT_SUPPLIER, payload)
+    desk.restart()
+    again = desk.send(IMPORT_SUPPLIER, payload, redelivered=True)
+    assert again[0] == Publish(TOPICS.command(METER), payload)
+    fresh_copy = desk.send(IMPORT_SUPPLIER, payload)
+    assert desk.answers_to(IMPORT_SUPPLIER, fresh_copy) == [ResponseCode.DUPLICATE_REQUEST_ID]
+
+
+def test_the_flag_and_the_counters_survive_a_restart(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, set_flag(5))
+    desk.restart()
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, read(6))) == [
+        ResponseCode.CONSUMER_CHOICE
+    ]
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, read(5))) == [
+        ResponseCode.DUPLICATE_REQUEST_ID
+    ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"<not-xml", "not-well-formed"),
+        (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>', "doctype-forbidden"),
+        (b"\xff\xfe garbage", "invalid-encoding"),
+    ],
+)
+def test_bad_input_is_dead_lettered_with_its_reason_and_answered(
+    desk: Desk, payload: bytes, reason: str
+) -> None:
+    out = desk.send(IMPORT_SUPPLIER, payload)
+    letters = [json.loads(p.payload) for p in out if p.topic == TOPICS.deadletter]
+    assert len(letters) == 1
+    assert letters[0]["reason"] == reason
+    assert base64.b64decode(letters[0]["payload_base64"]) == payload
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.INVALID_REQUEST]
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(min_value=0, max_value=3 * DEADLETTER_PAYLOAD_BYTES), reason=st.text(max_size=5000))
+def test_a_dead_letter_always_fits_and_names_what_it_dropped(size: int, reason: str) -> None:
+    payload = b"<" + b"x" * size
+    letter = json.loads(
+        gateway.router.deadletter_payload(Received(0, "dsp/in/x", payload), reason, reason * 3)
+    )
+    assert len(base64.b64decode(letter["payload_base64"])) == min(len(payload), DEADLETTER_PAYLOAD_BYTES)
+    assert letter["payload_bytes"] == len(payload)
+    assert letter["payload_truncated"] == (len(payload) > DEADLETTER_PAYLOAD_BYTES)
+    assert len(letter["detail"]) <= 1024
+
+
+def test_a_message_on_a_topic_that_is_not_an_eui_is_dead_lettered(desk: Desk) -> None:
+    [letter] = desk.receive("dsp/in/not-an-eui", b"<x/>")
+    assert letter.topic == TOPICS.deadletter
+    assert json.loads(letter.payload)["reason"] == "bad-topic"
+
+
+def test_an_unknown_device_is_rejected_with_e19(desk: Desk) -> None:
+    out = desk.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, UNKNOWN_METER, 1))
+    assert desk.commands(out) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.UNKNOWN_DEVICE]
+
+
+# -- a failed commit leaves no trace -------------------------------------------------------------
+
+
+def test_a_failed_commit_is_answered_and_the_retry_is_decided_as_new() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    out = desk.commit(error="OperationalError: database or disk is full")
+    assert desk.commands(out) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.STORE_FAILED]
+    assert b"disk is full" in out[0].payload
+    assert desk.acknowledged == [0]
+    assert desk.router.pending == {}
+    assert desk.durable.counters == {}
+    [rolled_back] = [o for o in desk.observed if isinstance(o, CommitRolledBack)]
+    assert "disk is full" in rolled_back.error
+    assert not [o for o in desk.observed if isinstance(o, RequestDecided)]  # no outcome to record
+    desk.send(IMPORT_SUPPLIER, read(1))
+    retried = desk.commit()
+    assert desk.answers_to(IMPORT_SUPPLIER, retried) == [ResponseCode.ACKNOWLEDGED]
+    assert desk.commands(retried) == [TOPICS.command(METER)]
+    assert desk.pass_time(60) != []  # forwarded for real this time: pending, then timed out
+
+
+def test_a_failed_flag_commit_leaves_the_flag_as_it_was_and_later_messages_flow() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, set_flag(1))
+    desk.read()
+    desk.send(IMPORT_SUPPLIER, read(2))  # held behind the flag request
+    out = desk.commit(error="disk full")
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.STORE_FAILED]
+    assert desk.agree() == frozenset()
+    out = desk.commit()
+    assert desk.commands(out) == [TOPICS.command(METER)]  # the flag never took effect
+    desk.send(IMPORT_SUPPLIER, set_flag(3))  # the supplier sends it again
+    desk.read()
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.SUCCESS]
+    assert desk.agree() == {METER}
+
+
+def test_a_failed_store_read_answers_the_flag_request_and_changes_nothing() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, set_flag(1))
+    out = desk.read(error="OperationalError: unable to open database file")
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.STORE_FAILED]
+    assert desk.durable.history == []
+    assert desk.router.counters == {}
+
+
+def test_a_failed_commit_keeps_the_counters_of_commits_still_in_flight() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    first = list(desk.waiting_commits)
+    desk.waiting_commits.clear()
+    desk.send(IMPORT_SUPPLIER, read(2))
+    desk.waiting_commits.extendleft(first)
+    # Only the first fails; the second is still in flight and holds counter 2.
+    failed = desk.waiting_commits.popleft()
+    desk.feed(gateway.router.CommitFailed((failed.batch,), "disk full"))
+    assert desk.router.counters == {IMPORT_SUPPLIER: 2}
+    desk.commit()
+    # Counter 2 is durable now: a retry of 1 comes too late, as DUIS's rising counters require.
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, read(1))) == [
+        ResponseCode.DUPLICATE_REQUEST_ID
+    ]
+
+
+# -- device responses, alerts, timeouts ------------------------------------------------------------
+
+
+def test_the_device_response_reaches_the_originator(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, read(1))
+    answer = meter_reading_answer(1)
+    assert desk.device_says(METER, answer) == [Publish(TOPICS.out(IMPORT_SUPPLIER), answer)]
+    assert desk.router.pending == {}
+
+
+def test_consumption_data_answering_after_the_flag_was_set_is_withheld(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.send(IMPORT_SUPPLIER, set_flag(2))
+    answer = meter_reading_answer(1)
+    out = desk.device_says(METER, answer)
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.CONSUMER_CHOICE]
+    assert answer not in [p.payload for p in out]
+
+
+def test_a_response_from_another_device_than_the_target_is_dead_lettered(desk: Desk) -> None:
+    out = desk.device_says(HUB, meter_reading_answer(1))
+    assert [p.topic for p in out] == [TOPICS.deadletter]
+    assert json.loads(out[0].payload)["reason"] == "response-mismatch"
+
+
+def test_alerts_from_a_flagged_meter_flow_except_consumption_ones(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, set_flag(1))
+    suppliers = [TOPICS.out(IMPORT_SUPPLIER), TOPICS.out(EXPORT_SUPPLIER)]  # both responsible for an ESME
+    tamper = alert(METER, "81BC")  # Strong Magnetic Field Removed: security
+    assert desk.device_says(METER, tamper) == [Publish(topic, tamper) for topic in suppliers]
+    assert desk.device_says(METER, alert(METER, "8F0A", 2)) == []  # Billing Data Log Updated
+    desk.send(IMPORT_SUPPLIER, clear_flag(2))
+    billing = alert(METER, "8F0A", 3)
+    assert desk.device_says(METER, billing) == [Publish(topic, billing) for topic in suppliers]
+
+
+def test_a_silent_device_gets_its_request_answered_with_a_timeout_once() -> None:
+    desk = Desk(target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    assert desk.pass_time(29.0) == []
+    out = desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.DEVICE_TIMEOUT]
+    assert [type(o) for o in desk.observed].count(RequestTimedOut) == 1
+    assert desk.device_says(METER, meter_reading_answer(1)) == []  # late: dropped
+    assert desk.pass_time(60.0) == []
+
+
+def test_the_timeout_clock_starts_when_the_forward_is_durable() -> None:
+    desk = Desk(hold=True, target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.seconds = 100.0  # a slow commit
+    desk.commit()
+    assert desk.pass_time(29.0) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(1.0)) == [ResponseCode.DEVICE_TIMEOUT]
+
+
+def test_every_decision_is_observed_with_what_the_outcome_record_needs(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, set_flag(1))
+    desk.send(IMPORT_SUPPLIER, read(2))
+    desk.send(IMPORT_SUPPLIER, read(2))
+    desk.send(IMPORT_SUPPLIER, request(SECURITY_SRV, IMPORT_SUPPLIER, METER, 3))
+    decided = [o for o in desk.observed if isinstance(o, RequestDecided)]
+    assert [(o.srv, o.action.value, o.response_code, o.flagged, o.flag_outcome) for o in decided] == [
+        ("8.15.1", "handle-locally", "I0", False, "accepted"),
+        (CONSUMPTION_SRV, "refuse", "E169", True, None),
+        (CONSUMPTION_SRV, "reject", "E11", False, None),
+        (SECURITY_SRV, "forward", "I99", True, None),
+    ]
+    rule = default_table().srvs[CONSUMPTION_SRV]
+    user_roles = {role.value for user in USERS if user.user_id == IMPORT_SUPPLIER for role in user.roles}
+    assert decided[1].role in user_roles & {role.value for role in rule.eligible_roles}
+
+
+def test_every_message_is_acknowledged_once_in_arrival_order(desk: Desk) -> None:
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.send(IMPORT_SUPPLIER, b"<garbage")
+    desk.send(IMPORT_SUPPLIER, set_flag(2))
+    desk.device_says(METER, meter_reading_answer(1))
+    desk.receive("elsewhere/x", b"")
+    assert desk.acknowledged == [0, 1, 2, 3, 4]
+    assert desk.router.unreleased == 0
