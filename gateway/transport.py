@@ -4,8 +4,9 @@
 broker (documented here and in docs/transport.md): QoS 1 delivery, a message acknowledged only after
 its handler returned, publishes handed over in call order. `MqttTransport` (gateway/mqtt.py)
 implements it over MQTT 5; `MemoryBroker` + `MemoryTransport` implement it in process, for the
-embedded demo and fast tests, with the broker semantics the gateway relies on: topic filters with + and #, MQTT 5 shared
-subscriptions, per-client sessions that survive a stop, ordered delivery and a receive maximum.
+embedded demo and fast tests, with the broker semantics the gateway relies on: topic filters with +
+and #, MQTT 5 shared subscriptions, per-client sessions that survive a stop, ordered delivery and a
+receive maximum.
 """
 
 from __future__ import annotations
