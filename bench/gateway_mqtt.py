@@ -72,7 +72,7 @@ from gateway.config import BrokerSettings, Settings
 from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
 from gateway.mqtt import MqttTransport
-from gateway.outcomes import OutcomeRecorder
+from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.pipeline import Committer, Effect
 from gateway.service import GatewayService
 from gateway.store import SqliteStore

@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.outcomes import OutcomeRecorder
-from gateway.report import Period, Report, query_report, render_html, short_report
+from gateway.outcomes.recorder import OutcomeRecorder
+from gateway.report.compute import Period, Report
+from gateway.report.load import query_report
+from gateway.report.render_html import render_html
+from gateway.report.render_text import short_report
 from gateway.store import connect
 
 RESULTS = Path(__file__).parent / "results" / "outcomes.json"

@@ -56,7 +56,7 @@ from rules.domain import (
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-    from gateway.outcomes import OutcomeRecorder
+    from gateway.outcomes.recorder import OutcomeRecorder
     from gateway.transport import Message
     from gateway.view import RoutingView
     from rules.table import RulesTable

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.metrics import Metrics
-from gateway.outcomes import OutcomeRecorder
+from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.pipeline import Clock, Pipeline
 from gateway.store import SqliteStore
 from gateway.topics import Topics

@@ -18,7 +18,8 @@ from lxml import etree
 
 from gateway.duis import PARSER
 from gateway.metrics import Metrics
-from gateway.outcomes import OutcomeRecorder, read_records
+from gateway.outcomes.queries import read_records
+from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.pipeline import Pipeline
 from gateway.responses import response_xml
 from gateway.store import CommitBatch, SqliteStore

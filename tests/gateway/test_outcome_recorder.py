@@ -8,16 +8,13 @@ from datetime import UTC, datetime, timedelta
 import aiosqlite
 import pytest
 
-from gateway import outcomes
-from gateway.outcomes import (
-    OutcomeRecorder,
-    Rollup,
-    Tally,
-    read_records,
-    read_rollup_cells,
-    read_rollup_totals,
-)
-from gateway.report import cells_from_records
+from gateway.outcomes import recorder as recorder_module
+from gateway.outcomes.queries import read_records, read_rollup_cells, read_rollup_totals
+from gateway.outcomes.recorder import OutcomeRecorder
+from gateway.outcomes.schema import Rollup
+from gateway.outcomes.tally import Tally
+from gateway.report.compute import cells_from_records
+from gateway.store import connect
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 USER = "90-B3-D5-1F-30-01-00-00"
@@ -174,7 +171,7 @@ async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
     records = await read_records_from(path)
     days = [datetime(2024, 5, d, tzinfo=UTC) for d in (1, 2, 3)]
     assert sorted(await daily_totals(path)) == days
-    db = await outcomes.connect(path, read_only=True)
+    db = await connect(path, read_only=True)
     try:
         for rollup, step, starts in (
             (Rollup.DAILY, timedelta(days=1), days),
@@ -192,7 +189,7 @@ async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
 
 async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_path, monkeypatch):
     path = tmp_path / "db.sqlite3"
-    real = outcomes._upsert_rollups
+    real = recorder_module._upsert_rollups
     calls = 0
 
     async def failing_once(db, increments):
@@ -202,7 +199,7 @@ async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_pa
             raise aiosqlite.OperationalError("disk I/O error")
         await real(db, increments)
 
-    monkeypatch.setattr(outcomes, "_upsert_rollups", failing_once)
+    monkeypatch.setattr(recorder_module, "_upsert_rollups", failing_once)
     async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
         decide(recorder, 1, T0)
         decide(recorder, 2, T0)
@@ -215,7 +212,7 @@ async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_pa
 
 
 async def test_purge_deletes_old_rows_in_chunks_and_old_days(tmp_path, monkeypatch):
-    monkeypatch.setattr(outcomes, "_PURGE_CHUNK", 2)
+    monkeypatch.setattr(recorder_module, "_PURGE_CHUNK", 2)
     path = tmp_path / "db.sqlite3"
     async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
         for counter in range(10):
@@ -278,7 +275,7 @@ def test_inconsistent_or_naive_input_is_refused_at_the_call(tmp_path):
 
 
 async def read_records_from(path):
-    db = await outcomes.connect(path, read_only=True)
+    db = await connect(path, read_only=True)
     try:
         return await read_records(db, T0 - timedelta(days=30), T0 + timedelta(days=30))
     finally:
@@ -286,7 +283,7 @@ async def read_records_from(path):
 
 
 async def read_rollup_totals_from(path, rollup: Rollup) -> dict[datetime, Tally]:
-    db = await outcomes.connect(path, read_only=True)
+    db = await connect(path, read_only=True)
     try:
         return await read_rollup_totals(db, rollup, T0 - timedelta(days=30), T0 + timedelta(days=30))
     finally:
