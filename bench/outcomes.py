@@ -249,7 +249,7 @@ def file_bytes(path: Path) -> int:
 
 def hot_path_us(calls: int = 200_000) -> float:
     """The pipeline's cost per recorded decision: the call only appends to the buffer."""
-    recorder = OutcomeRecorder(Path("unused.sqlite3"), batch_size=calls + 1)
+    recorder = OutcomeRecorder(Path("unused.sqlite3"), batch_size=calls + 1, max_buffered=calls + 1)
     user, device = SUPPLIERS[0], "00-DB-12-34-56-78-90-A0"
     began = time.perf_counter()
     for counter in range(calls):

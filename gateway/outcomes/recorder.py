@@ -2,93 +2,47 @@
 
 The pipeline calls `OutcomeRecorder.record_decision` and `record_device_outcome` synchronously: they
 only append to an in-memory buffer. A background task writes the buffer in batches, one transaction
-per batch, through the recorder's own aiosqlite connection to the same SQLite file as the flag store
-(WAL lets both connections work side by side), so the routing hot path never waits on the disk. The
-same connection expires requests left pending by a stopped gateway and purges old ones (retention).
+per batch, to a SQLite file of the recorder's own, so the routing hot path never waits on the disk.
+The SQL, and all the Python work of building a batch's rows and counts, runs in one worker thread
+that owns the connection (`gateway.outcomes.writes`); the event loop only hands batches over.
+
+The buffer is bounded: while the file is unwritable (disk full, read-only, locked) batches are
+retried on a fresh connection, and once `max_buffered` records wait, each new one drops the oldest,
+counted in `dropped` and `mp169_outcome_records_dropped_total`. Routing never stops for reporting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Self, TypeVar
 
 import structlog
 
-from gateway.outcomes.schema import (
-    COMPONENT,
-    MIGRATIONS,
-    DeviceOutcome,
-    Rollup,
-    signed_counter,
-    split_request_id,
-    to_ms,
-)
-from gateway.outcomes.tally import (
-    CellKey,
-    Increments,
-    Tally,
-    add_answer_increments,
-    add_decision_increments,
-    daily_increments,
-)
-from gateway.store import connect, migrate
-from rules.codes import ResponseCode
+from gateway.outcomes import writes
+from gateway.outcomes.schema import COMPONENT, MIGRATIONS, DeviceOutcome, split_request_id, to_ms
+from gateway.outcomes.writes import Answer, Decision, Entry
+from gateway.store import connect, migrate, open_connection
 from rules.domain import utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    import sqlite3
+    from collections.abc import Callable, Sequence
     from datetime import datetime
     from pathlib import Path
 
-    import aiosqlite
+    from gateway.metrics import Metrics
 
 log = structlog.get_logger("mp169.outcomes")
 
 _T = TypeVar("_T")
 
 _PURGE_CHUNK = 20_000
-_SQL_PARAMS = 500  # bound parameters per statement, well below SQLite's limit
-_FLUSH_RETRY_SECONDS = 1.0
 _PURGE_EVERY = timedelta(hours=1)
-
-# -- the buffer's entries ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Decision:
-    originator: str
-    target: str
-    counter: int
-    role: str | None
-    srv: str | None
-    category: str | None
-    command_variant: int | None
-    received_ms: int
-    decision: str
-    response_code: str
-    reason: str
-    flagged: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    originator: str
-    target: str
-    counter: int
-    outcome: str
-    code: str | None
-    answered_ms: int
-
-
-_Entry = _Decision | _Answer
-
-
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 class OutcomeRecorder:
@@ -100,30 +54,52 @@ class OutcomeRecorder:
         *,
         batch_size: int = 500,
         flush_seconds: float = 0.5,
+        max_buffered: int = 200_000,
         target_response_seconds: float = 30.0,
         retention_days: int | None = None,
+        retry_seconds: float = 1.0,
         clock: Callable[[], datetime] = utc_now,
+        metrics: Metrics | None = None,
+        opener: Callable[[Path], sqlite3.Connection] = open_connection,
     ) -> None:
+        """`opener` makes the worker thread's connection (again after each failed write)."""
+        if max_buffered < batch_size:
+            raise ValueError(f"max_buffered ({max_buffered}) must be at least batch_size ({batch_size})")
         self._path = path
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
+        self._max_buffered = max_buffered
         self._target_ms = round(target_response_seconds * 1000)
         self._retention = None if retention_days is None else timedelta(days=retention_days)
+        self._retry_seconds = retry_seconds
         self._clock = clock
-        self._buffer: list[_Entry] = []
-        self._db: aiosqlite.Connection | None = None
+        self._metrics = metrics
+        self._opener = opener
+        self._buffer: deque[Entry] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        # The worker thread's connection and the EUI ids cached for its file; touched only in that thread.
+        self._link: tuple[sqlite3.Connection, dict[str, int]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        # One transaction at a time on the connection: flushes, expiry and purge chunks interleave.
+        # One transaction at a time, in order: flushes, expiry and purge chunks interleave.
         self._lock = asyncio.Lock()
-        self._parties: dict[str, int] = {}
         self._closed = False
+        # Since the last healthy moment: when writes began to fail, the last error, whether and from
+        # which count records are being dropped (for one log line at each change, not one per record).
+        self._failing_since: datetime | None = None
+        self._last_error = ""
+        self._dropping = False
+        self._dropped_mark = 0
         self.flushed = 0
         """Records (decisions and device outcomes) written so far."""
         self.unmatched = 0
         """Device outcomes that found no forwarded request still waiting for one."""
         self.purged = 0
         """Rows deleted by retention so far."""
+        self.dropped = 0
+        """Records dropped, oldest first, because `max_buffered` were waiting."""
+        self.write_failures = 0
+        """Failed attempts to write a batch."""
 
     # -- the hot path: synchronous, memory only -----------------------------------------------
 
@@ -145,7 +121,7 @@ class OutcomeRecorder:
     ) -> None:
         counter = _checked_counter(request_id, originator, target)
         self._append(
-            _Decision(
+            Decision(
                 originator=originator,
                 target=target,
                 counter=counter,
@@ -164,41 +140,73 @@ class OutcomeRecorder:
     def record_device_outcome(self, request_id: str, outcome: str, code: str | None, at: datetime) -> None:
         """The device's final answer to a forwarded request (success, failure) or a timeout."""
         originator, target, counter = split_request_id(request_id)
-        self._append(_Answer(originator, target, counter, DeviceOutcome(outcome).value, code, to_ms(at)))
+        self._append(Answer(originator, target, counter, DeviceOutcome(outcome).value, code, to_ms(at)))
 
-    def _append(self, entry: _Entry) -> None:
+    def _append(self, entry: Entry) -> None:
         if self._closed:
             raise RuntimeError("outcome recorder is closed")
+        if len(self._buffer) >= self._max_buffered:
+            self._buffer.popleft()
+            self._drop(1)
         self._buffer.append(entry)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
+
+    def _drop(self, count: int) -> None:
+        if not self._dropping:
+            self._dropping = True
+            log.error("outcome-buffer-full-dropping-oldest", max_buffered=self._max_buffered)
+        self.dropped += count
+        if self._metrics is not None:
+            self._metrics.outcome_records_dropped.inc(count)
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def failing(self) -> bool:
+        """The last attempt to write failed (the file is unwritable); cleared by the next success."""
+        return self._failing_since is not None
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await connect(self._path)
-        await migrate(self._db, COMPONENT, MIGRATIONS)
+        db = await connect(self._path)
+        try:
+            await migrate(db, COMPONENT, MIGRATIONS)
+        finally:
+            await db.close()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp169-outcomes")
+        await self._sql(lambda _db, _parties: None)  # open the worker's connection now: fail at start
         self._task = asyncio.create_task(self._run(), name="mp169-outcomes")
 
     async def close(self) -> None:
-        """Stop the background task and write everything still buffered."""
+        """Stop the background task and write everything still buffered.
+
+        If that last write fails too, what is left is counted as dropped and logged: stopping the
+        gateway must not wait for a disk that may never come back.
+        """
         self._closed = True
         if self._task is not None:
             # Not cancelled: a cancellation landing on a COMMIT could write a batch twice.
             self._wake.set()
             await self._task
             self._task = None
-        if self._db is not None:
-            try:
-                await self.flush()
-            finally:
-                await self._db.close()
-                self._db = None
+        if self._executor is None:
+            return
+        try:
+            await self.flush()
+        except Exception as exc:  # noqa: BLE001 - logged with the error; the records are counted
+            lost = len(self._buffer)
+            self._buffer.clear()
+            self._drop(lost)
+            log.error("outcome-records-lost-at-close", count=lost, **_error_fields(exc))  # noqa: TRY400
+        finally:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
+            self._executor.shutdown()
+            self._executor = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -221,141 +229,98 @@ class OutcomeRecorder:
                 if self._retention is not None and self._clock() >= next_purge:
                     await self.purge(self._clock() - self._retention)
                     next_purge = self._clock() + _PURGE_EVERY
-            except Exception:
-                log.exception("outcome-flush-failed", buffered=len(self._buffer))
-                await asyncio.sleep(_FLUSH_RETRY_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - logged by _failed; retried
+                self._failed(exc)
+                await asyncio.sleep(self._retry_seconds)
+            else:
+                self._recovered()
+            finally:
+                if self._metrics is not None:
+                    self._metrics.outcome_records_buffered.set(len(self._buffer))
+
+    def _failed(self, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if self._failing_since is None:
+            self._failing_since = self._clock()
+            log.error("outcome-write-failed", buffered=len(self._buffer), exc_info=exc, **_error_fields(exc))
+        elif error != self._last_error:
+            log.error("outcome-write-failed", buffered=len(self._buffer), **_error_fields(exc))
+        self._last_error = error
+
+    def _recovered(self) -> None:
+        if self._failing_since is None and not self._dropping:
+            return
+        log.warning(
+            "outcome-recording-recovered",
+            failing_seconds=None
+            if self._failing_since is None
+            else round((self._clock() - self._failing_since).total_seconds(), 1),
+            dropped=self.dropped - self._dropped_mark,
+        )
+        self._failing_since = None
+        self._last_error = ""
+        self._dropping = False
+        self._dropped_mark = self.dropped
 
     # -- writing --------------------------------------------------------------------------------
 
     async def flush(self) -> int:
         """Write everything buffered, one transaction per batch; returns how many records."""
+        # Shielded: a caller cancelled mid-batch must not leave a batch both committed and re-buffered.
+        return await asyncio.shield(self._flush())
+
+    async def _flush(self) -> int:
         written = 0
         async with self._lock:
             while self._buffer:
-                batch = self._buffer[: self._batch_size]
-                del self._buffer[: len(batch)]
+                batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
                 try:
-                    await self._write(batch)
+                    unmatched = await self._sql_unlocked(
+                        partial(writes.write_batch, batch=batch, target_ms=self._target_ms)
+                    )
                 except BaseException:
-                    self._buffer[:0] = batch  # nothing of it was committed: keep it, in order
+                    self.write_failures += 1
+                    if self._metrics is not None:
+                        self._metrics.outcome_write_failures.inc()
+                    self._requeue(batch)
                     raise
+                self.unmatched += unmatched
                 written += len(batch)
                 self.flushed += len(batch)
         return written
 
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _requeue(self, batch: Sequence[Entry]) -> None:
+        """Put a batch that was not committed back at the front, in order, within the bound."""
+        lost = max(0, len(self._buffer) + len(batch) - self._max_buffered)
+        if lost:
+            self._drop(lost)
+        self._buffer.extendleft(reversed(batch[lost:]))
+
+    async def _sql(self, work: Callable[[sqlite3.Connection, dict[str, int]], _T]) -> _T:
+        async with self._lock:
+            return await self._sql_unlocked(work)
+
+    async def _sql_unlocked(self, work: Callable[[sqlite3.Connection, dict[str, int]], _T]) -> _T:
+        if self._executor is None:
             raise RuntimeError("outcome recorder is not started")
-        return self._db
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_worker, work)
 
-    async def _write(self, batch: Sequence[_Entry]) -> None:
-        db = self._connection()
-        decisions = [e for e in batch if isinstance(e, _Decision)]
-        all_answers = [e for e in batch if isinstance(e, _Answer)]
-        answers = _first_answer_per_request(all_answers)
-        await db.execute("BEGIN IMMEDIATE")
+    def _in_worker(self, work: Callable[[sqlite3.Connection, dict[str, int]], _T]) -> _T:
+        if self._link is None:
+            self._link = (self._opener(self._path), {})
+        db, parties = self._link
         try:
-            parties = await self._resolve_parties(db, batch)
-            await db.executemany(
-                "INSERT INTO outcomes (originator_id, target_id, counter, role, srv, category,"
-                " command_variant, received_at, decision, response_code, reason, flagged)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        parties[d.originator],
-                        parties[d.target],
-                        signed_counter(d.counter),
-                        d.role,
-                        d.srv,
-                        d.category,
-                        d.command_variant,
-                        d.received_ms,
-                        d.decision,
-                        d.response_code,
-                        d.reason,
-                        int(d.flagged),
-                    )
-                    for d in decisions
-                ],
-            )
-            increments: Increments = {}
-            add_decision_increments(
-                increments,
-                (
-                    (
-                        CellKey(d.originator, d.role, d.srv, d.category),
-                        d.received_ms,
-                        d.decision,
-                        d.response_code,
-                    )
-                    for d in decisions
-                ),
-            )
-            if answers:
-                answered = await self._apply_answers(db, answers, parties)
-                self.unmatched += len(all_answers) - len(answered)
-                add_answer_increments(increments, answered, self._target_ms)
-            await _upsert_rollups(db, increments)
-            await db.execute("COMMIT")
+            return work(db, parties)
         except BaseException:
-            await db.execute("ROLLBACK")
+            # A fresh connection next time: the fault may have left this one unusable (or the file replaced).
+            self._disconnect()
             raise
-        # Only now are the new parties' ids durable.
-        self._parties.update(parties)
 
-    async def _resolve_parties(self, db: aiosqlite.Connection, batch: Sequence[_Entry]) -> dict[str, int]:
-        euis = {e.originator for e in batch} | {e.target for e in batch}
-        parties = {eui: self._parties[eui] for eui in euis if eui in self._parties}
-        unknown = sorted(euis - parties.keys())
-        if not unknown:
-            return parties
-        await db.executemany(
-            "INSERT INTO outcome_parties (eui) VALUES (?) ON CONFLICT (eui) DO NOTHING",
-            [(eui,) for eui in unknown],
-        )
-        for chunk in _chunks(unknown, _SQL_PARAMS):
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT eui, party_id FROM outcome_parties WHERE eui IN ({marks})"  # noqa: S608 - placeholders
-            async with db.execute(sql, chunk) as cursor:
-                parties.update({str(eui): int(party) async for eui, party in cursor})
-        return parties
-
-    async def _apply_answers(
-        self, db: aiosqlite.Connection, answers: Sequence[_Answer], parties: Mapping[str, int]
-    ) -> list[tuple[CellKey, int, int, str]]:
-        """Set the device outcome of requests still waiting; returns (cell, received, answered, outcome)."""
-        await db.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS outcome_answers (target_id INTEGER, counter INTEGER,"
-            " originator_id INTEGER, outcome TEXT, code TEXT, answered_at INTEGER)"
-        )
-        await db.execute("DELETE FROM temp.outcome_answers")
-        await db.executemany(
-            "INSERT INTO temp.outcome_answers VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    parties[a.target],
-                    signed_counter(a.counter),
-                    parties[a.originator],
-                    a.outcome,
-                    a.code,
-                    a.answered_ms,
-                )
-                for a in answers
-            ],
-        )
-        return await _update_returning(
-            db,
-            "UPDATE outcomes SET device_outcome = a.outcome, device_response_code = a.code,"
-            " answered_at = a.answered_at"
-            " FROM temp.outcome_answers AS a"
-            " WHERE outcomes.target_id = a.target_id AND outcomes.counter = a.counter"
-            " AND outcomes.originator_id = a.originator_id"
-            " AND outcomes.decision = 'forward' AND outcomes.device_outcome IS NULL"
-            " RETURNING (SELECT eui FROM outcome_parties WHERE party_id = outcomes.originator_id),"
-            " outcomes.role, outcomes.srv, outcomes.category, outcomes.received_at, outcomes.answered_at,"
-            " outcomes.device_outcome",
-            (),
-        )
+    def _disconnect(self) -> None:
+        if self._link is not None:
+            db, self._link = self._link[0], None
+            with contextlib.suppress(Exception):
+                db.close()
 
     async def expire_pending(self, now: datetime, target_response_seconds: float) -> int:
         """Mark forwarded requests older than the target response time and still unanswered as timed out.
@@ -365,29 +330,12 @@ class OutcomeRecorder:
         """
         cutoff = to_ms(now) - round(target_response_seconds * 1000)
         await self.flush()
-        async with self._lock:
-            db = self._connection()
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                expired = await _update_returning(
-                    db,
-                    "UPDATE outcomes SET device_outcome = 'timeout', device_response_code = ?,"
-                    " answered_at = ?"
-                    " WHERE decision = 'forward' AND device_outcome IS NULL AND received_at <= ?"
-                    " RETURNING (SELECT eui FROM outcome_parties WHERE party_id = outcomes.originator_id),"
-                    " role, srv, category, received_at, answered_at, device_outcome",
-                    (ResponseCode.DEVICE_TIMEOUT.value, to_ms(now), cutoff),
-                )
-                increments: Increments = {}
-                add_answer_increments(increments, expired, self._target_ms)
-                await _upsert_rollups(db, increments)
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
+        expired = await self._sql(
+            lambda db, _parties: writes.expire_pending(db, to_ms(now), cutoff, self._target_ms)
+        )
         if expired:
-            log.info("outcomes-expired", count=len(expired))
-        return len(expired)
+            log.info("outcomes-expired", count=expired)
+        return expired
 
     async def purge(self, older_than: datetime) -> int:
         """Delete requests received before `older_than`, and the counts of hours and days ended by then.
@@ -397,25 +345,12 @@ class OutcomeRecorder:
         cutoff = to_ms(older_than)
         deleted = 0
         while True:
-            async with self._lock:
-                db = self._connection()
-                cursor = await db.execute(
-                    "DELETE FROM outcomes WHERE id IN"
-                    " (SELECT id FROM outcomes WHERE received_at < ? ORDER BY received_at LIMIT ?)",
-                    (cutoff, _PURGE_CHUNK),
-                )
-                count = cursor.rowcount
+            count = await self._sql(lambda db, _parties: writes.purge_rows(db, cutoff, _PURGE_CHUNK))
             deleted += count
             self.purged += count
             if count < _PURGE_CHUNK:
                 break
-        async with self._lock:
-            db = self._connection()
-            for rollup in Rollup:
-                await db.execute(
-                    f"DELETE FROM {rollup} WHERE start < ?",  # noqa: S608 - fixed table names
-                    (rollup.key(older_than),),
-                )
+        await self._sql(lambda db, _parties: writes.purge_rollups(db, older_than))
         if deleted:
             log.info("outcomes-purged", count=deleted, older_than=older_than.isoformat())
         return deleted
@@ -428,57 +363,6 @@ def _checked_counter(request_id: str, originator: str, target: str) -> int:
     return counter
 
 
-def _first_answer_per_request(answers: Iterable[_Answer]) -> list[_Answer]:
-    """A request has one final outcome: the first one recorded wins, as in the database."""
-    first: dict[tuple[str, str, int], _Answer] = {}
-    for answer in answers:
-        first.setdefault((answer.originator, answer.target, answer.counter), answer)
-    return list(first.values())
-
-
-async def _update_returning(
-    db: aiosqlite.Connection, sql: str, params: tuple[object, ...]
-) -> list[tuple[CellKey, int, int, str]]:
-    async with db.execute(sql, params) as cursor:
-        return [
-            (CellKey(str(originator), role, srv, category), int(received), int(answered), str(outcome))
-            async for originator, role, srv, category, received, answered, outcome in cursor
-        ]
-
-
-def _upsert_sql(rollup: Rollup) -> str:
-    # The count columns are TALLY_COLUMNS, in order.
-    return f"""
-INSERT INTO {rollup} (start, originator, role, srv, category, requests, forwarded, succeeded, failed,
-    timed_out, refused_consumer_choice, rejected, handled_locally, within_target)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (start, originator, role, srv, category) DO UPDATE SET
-    requests = requests + excluded.requests,
-    forwarded = forwarded + excluded.forwarded,
-    succeeded = succeeded + excluded.succeeded,
-    failed = failed + excluded.failed,
-    timed_out = timed_out + excluded.timed_out,
-    refused_consumer_choice = refused_consumer_choice + excluded.refused_consumer_choice,
-    rejected = rejected + excluded.rejected,
-    handled_locally = handled_locally + excluded.handled_locally,
-    within_target = within_target + excluded.within_target
-"""  # noqa: S608 - fixed table names
-
-
-async def _upsert_rollups(db: aiosqlite.Connection, hourly: Mapping[tuple[str, CellKey], Tally]) -> None:
-    for rollup, increments in ((Rollup.HOURLY, hourly), (Rollup.DAILY, daily_increments(hourly))):
-        if increments:
-            await db.executemany(
-                _upsert_sql(rollup),
-                [
-                    (
-                        start,
-                        cell.originator,
-                        cell.role or "",
-                        cell.srv or "",
-                        cell.category or "",
-                        *tally.as_tuple(),
-                    )
-                    for (start, cell), tally in increments.items()
-                ],
-            )
+def _error_fields(exc: BaseException) -> dict[str, str | None]:
+    """The real error: SQLite's own name for it (SQLITE_FULL, SQLITE_READONLY, ...) and its message."""
+    return {"error": f"{type(exc).__name__}: {exc}", "sqlite_error": getattr(exc, "sqlite_errorname", None)}

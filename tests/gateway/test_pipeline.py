@@ -22,7 +22,7 @@ from gateway.outcomes.queries import read_records
 from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.pipeline import Pipeline
 from gateway.responses import response_xml
-from gateway.store import CommitBatch, SqliteStore
+from gateway.store import CommitBatch, SqliteStore, connect
 from gateway.topics import Topics
 from gateway.transport import Message
 from gateway.view import RoutingView
@@ -412,8 +412,11 @@ async def test_outcomes_are_recorded_for_every_decision(tmp_path: Path) -> None:
         await harness.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2))
         await harness.send(IMPORT_SUPPLIER, request(SECURITY_SRV, IMPORT_SUPPLIER, METER, 3))
         await recorder.flush()
-        db = recorder._connection()
-        records = await read_records(db, AT.replace(hour=0), AT.replace(hour=23))
+        db = await connect(path, read_only=True)
+        try:
+            records = await read_records(db, AT.replace(hour=0), AT.replace(hour=23))
+        finally:
+            await db.close()
     finally:
         await stop(harness)
         await recorder.close()
