@@ -179,7 +179,12 @@ class OutcomeRecorder:
         finally:
             await db.close()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp169-outcomes")
-        await self._sql(lambda _db, _parties: None)  # open the worker's connection now: fail at start
+        try:
+            await self._sql(lambda _db, _parties: None)  # open the worker's connection now: fail at start
+        except BaseException:
+            self._executor.shutdown()
+            self._executor = None
+            raise
         self._task = asyncio.create_task(self._run(), name="mp169-outcomes")
 
     async def close(self) -> None:

@@ -207,6 +207,7 @@ class Disk:
         """The next connection waits for `release`: a write the test knows to be in flight."""
         self.waiting = False
         self._released = threading.Event()
+        self.threads: set[int] = set()
 
     def release(self) -> None:
         self._released.set()
@@ -215,8 +216,9 @@ class Disk:
         if self.held:
             self.waiting = True
             self._released.wait(timeout=30)
-        db = open_connection(path)
+        db = open_connection(path)  # not check_same_thread=False: the opening thread is the only user
         self.opened += 1
+        self.threads.add(threading.get_ident())
         if self.fault == "full":
             (pages,) = db.execute("PRAGMA page_count").fetchone()
             db.execute(f"PRAGMA max_page_count = {pages}")
@@ -240,6 +242,8 @@ async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_pa
         assert await recorder.flush() == 2
     assert await rows(path, "SELECT requests FROM outcome_daily") == [(2,)]
     assert disk.opened == 2  # a fresh connection after the failure
+    assert len(disk.threads) == 1  # the worker's, not the event loop's
+    assert threading.get_ident() not in disk.threads
 
 
 @pytest.mark.parametrize(
