@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "gateway.check",  # mp169 check
     "gateway.admin",  # mp169 inventory import, users import, flags show
     "gateway.daemon",  # mp169 run
-    "gateway.report",  # mp169 report
+    "gateway.report.cli",  # mp169 report
     "simulator.cli",  # mp169 simulate ..., record, replay
     "simulator.demo",  # mp169 demo
 )

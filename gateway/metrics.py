@@ -81,6 +81,21 @@ class Metrics:
         self.reconnects = Counter(
             "mp169_broker_reconnects", "Reconnections to the MQTT broker.", registry=self.registry
         )
+        self.outcome_records_buffered = Gauge(
+            "mp169_outcome_records_buffered",
+            "Outcome records waiting in memory to be written.",
+            registry=self.registry,
+        )
+        self.outcome_records_dropped = Counter(
+            "mp169_outcome_records_dropped",
+            "Outcome records dropped, oldest first, because the buffer was full (outcome file unwritable).",
+            registry=self.registry,
+        )
+        self.outcome_write_failures = Counter(
+            "mp169_outcome_write_failures",
+            "Failed attempts to write a batch of outcome records (each retried).",
+            registry=self.registry,
+        )
 
         # labels() costs a lock and a dict build per call; the hot path reuses the children.
         self._request_counters: dict[tuple[str, str], Counter] = {}

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from gateway.metrics import Metrics
-    from gateway.outcomes import OutcomeRecorder
+    from gateway.outcomes.recorder import OutcomeRecorder
     from gateway.router import Observation
 
 log = structlog.get_logger("mp169.router")

@@ -15,7 +15,7 @@ import structlog
 
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
-from gateway.outcomes import OutcomeRecorder
+from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.router import Router, RouterSettings
 from gateway.shell import Clock, Shell
 from gateway.store import SqliteStore

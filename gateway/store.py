@@ -251,6 +251,20 @@ def _read_only_uri(path: Path) -> str:
     return f"{path.absolute().as_uri()}?mode=ro"
 
 
+def _pragmas(*, read_only: bool) -> list[str]:
+    writer = [
+        "PRAGMA journal_mode = WAL",
+        # NORMAL in WAL: a commit survives a process crash; only an OS crash or power cut can lose the last.
+        "PRAGMA synchronous = NORMAL",
+    ]
+    return [
+        *([] if read_only else writer),
+        "PRAGMA foreign_keys = ON",
+        # Another process may hold the write lock for a whole inventory import: wait rather than fail.
+        f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
+    ]
+
+
 async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on; `read_only`
     for readers such as `mp169 report`, which must never write a production database."""
@@ -258,12 +272,16 @@ async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connectio
         db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
     else:
         db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL: a commit survives a process crash; only an OS crash or power cut can lose the last.
-        await db.execute("PRAGMA synchronous = NORMAL")
-    await db.execute("PRAGMA foreign_keys = ON")
-    # Another process may hold the write lock for a whole inventory import: wait rather than fail.
-    await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    for pragma in _pragmas(read_only=read_only):
+        await db.execute(pragma)
+    return db
+
+
+def open_connection(path: Path) -> sqlite3.Connection:
+    """The blocking counterpart of `connect` (read-write), for a worker thread that owns its connection."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in _pragmas(read_only=False):
+        db.execute(pragma)
     return db
 
 

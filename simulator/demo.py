@@ -23,7 +23,9 @@ from gateway.config import BrokerSettings, Settings
 from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
 from gateway.mqtt import MqttTransport
-from gateway.report import Period, Report, load_report, short_report
+from gateway.report.compute import Period, Report
+from gateway.report.load import load_report
+from gateway.report.render_text import short_report
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport

@@ -18,22 +18,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from gateway.outcomes import OutcomeRecord, OutcomeRecorder, Rollup, Tally
-from gateway.report import (
-    GROUP_COLUMNS,
+from gateway.outcomes.recorder import OutcomeRecorder
+from gateway.outcomes.schema import OutcomeRecord, Rollup
+from gateway.outcomes.tally import Tally
+from gateway.report.cli import register
+from gateway.report.compute import (
     Granularity,
     InstalledMeters,
     Period,
     installation_rows,
-    load_report,
     plan_reads,
-    register,
-    render_csv,
-    render_json,
-    render_table,
     report_from_records,
-    short_report,
 )
+from gateway.report.figures import GROUP_COLUMNS
+from gateway.report.load import load_report
+from gateway.report.render_csv import render_csv
+from gateway.report.render_json import render_json
+from gateway.report.render_text import render_table, short_report
 
 if TYPE_CHECKING:
     from pathlib import Path

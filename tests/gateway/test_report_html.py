@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 from lxml import html as lxml_html
 
-from gateway.report import Period, build_report, render_html
+from gateway.report.compute import Period, build_report
+from gateway.report.render_html import render_html
 from tests.gateway.test_report import T0, TARGET, fixture_report
 
 if TYPE_CHECKING:

@@ -102,7 +102,11 @@ def test_the_router_and_what_it_imports_from_the_project_do_no_io() -> None:
                 if top in {"gateway", "rules"}:
                     todo.append(name)
     assert "rules.domain" in seen
-    assert not seen & {"gateway.shell", "gateway.store", "gateway.mqtt", "gateway.outcomes"}
+    assert not {
+        module
+        for module in seen
+        if module.startswith(("gateway.shell", "gateway.store", "gateway.mqtt", "gateway.outcomes"))
+    }
 
 
 # -- Service Requests -----------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import structlog
 
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
-from gateway.outcomes import OutcomeRecorder, read_records
+from gateway.outcomes.queries import read_records
+from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.router import Router, RouterSettings
 from gateway.shell import Shell
-from gateway.store import CommitBatch, SqliteStore
+from gateway.store import CommitBatch, SqliteStore, connect
 from gateway.topics import Topics
 from gateway.transport import Message
 from gateway.view import RoutingView
@@ -258,10 +259,14 @@ async def test_outcomes_are_recorded_for_every_decision_through_the_observer(tmp
         await running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2))
         await running.send(IMPORT_SUPPLIER, request(SECURITY_SRV, IMPORT_SUPPLIER, METER, 3))
         await recorder.flush()
-        records = await read_records(recorder._connection(), AT.replace(hour=0), AT.replace(hour=23))
     finally:
         await stop(running)
         await recorder.close()
+    db = await connect(path, read_only=True)
+    try:
+        records = await read_records(db, AT.replace(hour=0), AT.replace(hour=23))
+    finally:
+        await db.close()
     assert [(r.srv, r.decision, r.response_code, r.flagged) for r in records] == [
         ("8.15.1", "handle-locally", "I0", False),
         (CONSUMPTION_SRV, "refuse", "E169", True),

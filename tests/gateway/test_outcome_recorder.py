@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import aiosqlite
 import pytest
+from structlog.testing import capture_logs
 
-from gateway import outcomes
-from gateway.outcomes import (
-    OutcomeRecorder,
-    Rollup,
-    Tally,
-    read_records,
-    read_rollup_cells,
-    read_rollup_totals,
-)
-from gateway.report import cells_from_records
+from gateway.metrics import Metrics
+from gateway.outcomes import recorder as recorder_module
+from gateway.outcomes.queries import read_records, read_rollup_cells, read_rollup_totals
+from gateway.outcomes.recorder import OutcomeRecorder
+from gateway.outcomes.schema import Rollup
+from gateway.outcomes.tally import Tally
+from gateway.report.compute import cells_from_records
+from gateway.store import connect, open_connection
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 USER = "90-B3-D5-1F-30-01-00-00"
@@ -174,7 +179,7 @@ async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
     records = await read_records_from(path)
     days = [datetime(2024, 5, d, tzinfo=UTC) for d in (1, 2, 3)]
     assert sorted(await daily_totals(path)) == days
-    db = await outcomes.connect(path, read_only=True)
+    db = await connect(path, read_only=True)
     try:
         for rollup, step, starts in (
             (Rollup.DAILY, timedelta(days=1), days),
@@ -190,32 +195,145 @@ async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
     assert (total.requests, total.refused_consumer_choice, total.final) == (60, 12, 36)
 
 
-async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_path, monkeypatch):
+class Disk:
+    """The outcome file as the recorder's `opener` seam finds it: writable, or with a fault SQLite
+    itself reports on the real connection: "full" (a page quota at the file's size: SQLITE_FULL, as
+    on a full disk) or "read-only" (SQLITE_READONLY). Each (re)connection sees the current state."""
+
+    def __init__(self, fault: str | None = None) -> None:
+        self.fault = fault
+        self.opened = 0
+        self.held = False
+        """The next connection waits for `release`: a write the test knows to be in flight."""
+        self.waiting = False
+        self._released = threading.Event()
+        self.threads: set[int] = set()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def open(self, path: Path) -> sqlite3.Connection:
+        if self.held:
+            self.waiting = True
+            self._released.wait(timeout=30)
+        db = open_connection(path)  # not check_same_thread=False: the opening thread is the only user
+        self.opened += 1
+        self.threads.add(threading.get_ident())
+        if self.fault == "full":
+            (pages,) = db.execute("PRAGMA page_count").fetchone()
+            db.execute(f"PRAGMA max_page_count = {pages}")
+        elif self.fault == "read-only":
+            db.execute("PRAGMA query_only = ON")
+        return db
+
+
+async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_path):
     path = tmp_path / "db.sqlite3"
-    real = outcomes._upsert_rollups
-    calls = 0
-
-    async def failing_once(db, increments):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise aiosqlite.OperationalError("disk I/O error")
-        await real(db, increments)
-
-    monkeypatch.setattr(outcomes, "_upsert_rollups", failing_once)
-    async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
+    disk = Disk("read-only")
+    async with OutcomeRecorder(path, flush_seconds=3600, opener=disk.open) as recorder:
         decide(recorder, 1, T0)
         decide(recorder, 2, T0)
-        with pytest.raises(aiosqlite.OperationalError):
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
             await recorder.flush()
         assert recorder.buffered == 2
+        assert recorder.write_failures == 1
         assert await rows(path, "SELECT count(*) FROM outcomes") == [(0,)]
+        disk.fault = None
         assert await recorder.flush() == 2
     assert await rows(path, "SELECT requests FROM outcome_daily") == [(2,)]
+    assert disk.opened == 2  # a fresh connection after the failure
+    assert len(disk.threads) == 1  # the worker's, not the event loop's
+    assert threading.get_ident() not in disk.threads
+
+
+@pytest.mark.parametrize(
+    ("fault", "sqlite_error"), [("full", "SQLITE_FULL"), ("read-only", "SQLITE_READONLY")]
+)
+async def test_an_unwritable_file_bounds_the_buffer_drops_the_oldest_and_recovers(
+    tmp_path, fault, sqlite_error
+):
+    path = tmp_path / "db.sqlite3"
+    disk = Disk(fault)
+    metrics = Metrics()
+    recorder = OutcomeRecorder(
+        path,
+        batch_size=100,
+        max_buffered=300,
+        flush_seconds=0.01,
+        retry_seconds=0.01,
+        metrics=metrics,
+        opener=disk.open,
+    )
+    with capture_logs() as logs:
+        async with recorder:
+            for counter in range(1000):
+                decide(recorder, counter, T0 + timedelta(seconds=counter))
+            assert (recorder.buffered, recorder.dropped) == (300, 700)
+            await wait_until(lambda: recorder.write_failures >= 3)
+            # Retried and still failing: the failed batches went back without passing the bound.
+            assert recorder.failing
+            assert (recorder.buffered, recorder.dropped, recorder.flushed) == (300, 700, 0)
+            assert await rows(path, "SELECT count(*) FROM outcomes") == [(0,)]
+            disk.fault = None
+            await wait_until(lambda: recorder.buffered == 0 and not recorder.failing)
+    assert [r.request_id for r in await read_records_from(path)] == [rid(c) for c in range(700, 1000)]
+    sample = metrics.registry.get_sample_value
+    assert sample("mp169_outcome_records_dropped_total") == 700
+    assert sample("mp169_outcome_write_failures_total") == recorder.write_failures
+    events = [e for e in logs if e["event"].startswith("outcome")]
+    failures = [e for e in events if e["event"] == "outcome-write-failed"]
+    assert len(failures) == 1  # once per fault, not once per retry
+    assert failures[0]["sqlite_error"] == sqlite_error
+    assert failures[0]["exc_info"] is not None
+    assert [e["event"] for e in events if e["event"] != "outcome-write-failed"] == [
+        "outcome-buffer-full-dropping-oldest",
+        "outcome-recording-recovered",
+    ]
+    assert events[-1]["dropped"] == 700
+
+
+async def test_records_arriving_during_a_failed_write_keep_the_bound(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    disk = Disk("read-only")
+    async with OutcomeRecorder(
+        path, batch_size=100, max_buffered=300, flush_seconds=3600, opener=disk.open
+    ) as recorder:
+        for counter in range(300):
+            decide(recorder, counter, T0)
+        with pytest.raises(sqlite3.OperationalError):
+            await recorder.flush()  # leaves no connection: the next write opens one
+        disk.held = True
+        flush = asyncio.create_task(recorder.flush())
+        await wait_until(lambda: disk.waiting)
+        assert recorder.buffered == 200  # the first batch is in flight
+        for counter in range(300, 400):
+            decide(recorder, counter, T0)
+        disk.release()
+        with pytest.raises(sqlite3.OperationalError):
+            await flush
+        # The failed batch was the oldest: it goes, the newer records stay.
+        assert (recorder.buffered, recorder.dropped) == (300, 100)
+        disk.fault = None
+        assert await recorder.flush() == 300
+    assert [r.request_id for r in await read_records_from(path)] == [rid(c) for c in range(100, 400)]
+
+
+async def test_close_on_an_unwritable_file_counts_and_logs_what_it_could_not_write(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    recorder = OutcomeRecorder(path, flush_seconds=3600, opener=Disk("read-only").open)
+    await recorder.start()
+    for counter in range(5):
+        decide(recorder, counter, T0)
+    with capture_logs() as logs:
+        await recorder.close()
+    assert (recorder.buffered, recorder.dropped) == (0, 5)
+    (lost,) = [e for e in logs if e["event"] == "outcome-records-lost-at-close"]
+    assert lost["count"] == 5
+    assert lost["sqlite_error"] == "SQLITE_READONLY"
 
 
 async def test_purge_deletes_old_rows_in_chunks_and_old_days(tmp_path, monkeypatch):
-    monkeypatch.setattr(outcomes, "_PURGE_CHUNK", 2)
+    monkeypatch.setattr(recorder_module, "_PURGE_CHUNK", 2)
     path = tmp_path / "db.sqlite3"
     async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
         for counter in range(10):
@@ -278,7 +396,7 @@ def test_inconsistent_or_naive_input_is_refused_at_the_call(tmp_path):
 
 
 async def read_records_from(path):
-    db = await outcomes.connect(path, read_only=True)
+    db = await connect(path, read_only=True)
     try:
         return await read_records(db, T0 - timedelta(days=30), T0 + timedelta(days=30))
     finally:
@@ -286,7 +404,7 @@ async def read_records_from(path):
 
 
 async def read_rollup_totals_from(path, rollup: Rollup) -> dict[datetime, Tally]:
-    db = await outcomes.connect(path, read_only=True)
+    db = await connect(path, read_only=True)
     try:
         return await read_rollup_totals(db, rollup, T0 - timedelta(days=30), T0 + timedelta(days=30))
     finally:
