@@ -1,7 +1,7 @@
 """The outcome recorder: buffers what became of every Service Request and writes it in batches.
 
-The pipeline calls `OutcomeRecorder.record_decision` and `record_device_outcome` synchronously: they
-only append to an in-memory buffer. A background task writes the buffer in batches, one transaction
+The outcome observer (gateway/observers.py) calls `record_decision` and `record_device_outcome`
+synchronously: they only append to an in-memory buffer. A background task writes the buffer in batches, one transaction
 per batch, to a SQLite file of the recorder's own, so the routing hot path never waits on the disk.
 The SQL, and all the Python work of building a batch's rows and counts, runs in one worker thread
 that owns the connection (`gateway.outcomes.writes`); the event loop only hands batches over.
@@ -330,8 +330,8 @@ class OutcomeRecorder:
     async def expire_pending(self, now: datetime, target_response_seconds: float) -> int:
         """Mark forwarded requests older than the target response time and still unanswered as timed out.
 
-        For requests whose gateway stopped before their answer or timeout was recorded (the pipeline
-        times out the others itself). Call it with a margin over the pipeline's own timeout.
+        For requests whose gateway stopped before their answer or timeout was recorded (the router
+        times out the others itself). Call it with a margin over the router's own timeout.
         """
         cutoff = to_ms(now) - round(target_response_seconds * 1000)
         await self.flush()
