@@ -3,8 +3,9 @@
 The outcome observer (gateway/observers.py) calls `record_decision` and `record_device_outcome`
 synchronously: they only append to an in-memory buffer. A background task writes the buffer in
 batches, one transaction per batch, to a SQLite file of the recorder's own, so the routing hot path
-never waits on the disk. The SQL, and all the Python work of building a batch's rows and counts, runs in one worker thread
-that owns the connection (`gateway.outcomes.writes`); the event loop only hands batches over.
+never waits on the disk. The SQL, and all the Python work of building a batch's rows and counts,
+runs in one worker thread that owns the connection (`gateway.outcomes.writes`); the event loop only
+hands batches over.
 
 The buffer is bounded: while the file is unwritable (disk full, read-only, locked) batches are
 retried on a fresh connection, and once `max_buffered` records wait, each new one drops the oldest,
