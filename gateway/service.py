@@ -70,6 +70,7 @@ class GatewayService:
         store = SqliteStore(path)
         await store.open()
         view = await RoutingView.load(store)
+        metrics = metrics or Metrics()
         recorder = OutcomeRecorder(
             settings.outcomes_path,
             batch_size=settings.outcomes.batch_size,
@@ -77,6 +78,7 @@ class GatewayService:
             target_response_seconds=settings.gateway.target_response_seconds,
             retention_days=settings.outcomes.retention_days,
             clock=clock,
+            metrics=metrics,
         )
         await recorder.start()
         topics = Topics.from_settings(settings.topics)
@@ -91,7 +93,6 @@ class GatewayService:
             ),
             counters=await store.load_request_counters(),
         )
-        metrics = metrics or Metrics()
         shell = Shell(
             router,
             store=store,
