@@ -19,6 +19,7 @@ from rich.table import Table
 from gateway.config import ConfigError, load_settings
 from gateway.inventory import InventoryFileError, parse_inventory, parse_users
 from gateway.store import FlagState, SqliteStore, UpsertCounts
+from gateway.options import config_option
 from rules.codes import ResponseCode
 from rules.domain import (
     OUTCOME_ACCEPTED,
@@ -51,14 +52,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "import", help="validate an inventory CSV and upsert it (all or nothing)"
     )
     command.add_argument("file", type=Path, metavar="FILE.csv")
-    _config_option(command)
+    config_option(command)
     command.set_defaults(handler=import_inventory)
 
     users = subparsers.add_parser("users", help="user registry administration")
     users_actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
     command = users_actions.add_parser("import", help="validate a users CSV and upsert it (all or nothing)")
     command.add_argument("file", type=Path, metavar="FILE.csv")
-    _config_option(command)
+    config_option(command)
     command.set_defaults(handler=import_users)
 
     flags = subparsers.add_parser("flags", help="MP169 reduced-communications flags")
@@ -73,14 +74,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     command.add_argument(
         "--limit", type=int, default=20, help="history events shown without DEVICE (default 20)"
     )
-    _config_option(command)
+    config_option(command)
     command.set_defaults(handler=show_flags)
-
-
-def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, default=None, metavar="PATH", help="configuration file (default ./config.toml)"
-    )
 
 
 def _store_path(args: argparse.Namespace) -> Path:

@@ -164,7 +164,13 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from exc
+        raise ConfigError(f"{source}: {validation_problems(exc)}") from exc
+
+
+def validation_problems(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    """A pydantic error as one line, `key: problem; key: problem`, each key dotted after `prefix`."""
+
+    def key(location: tuple[int | str, ...]) -> str:
+        return ".".join((*prefix, *(str(part) for part in location)))
+
+    return "; ".join(f"{key(error['loc'])}: {error['msg']}" for error in exc.errors())

@@ -1,63 +1,205 @@
-"""`mp169 run`: the gateway daemon against an MQTT broker.
+"""`mp169 run`: the gateway daemon against an MQTT broker; `mp169 ready`: is a running one ready?
 
-SIGTERM and SIGINT drain and stop; SIGHUP reloads the rules table (a bad table is logged and the
-running one kept).
+SIGTERM and SIGINT drain and stop, promptly also while the broker is unreachable (the daemon retries
+a broker that is down for as long as it takes, but never ignores a signal meanwhile); SIGHUP reloads
+the rules table (a bad table is logged and the running one kept). If another client connects with
+the gateway's client id, the broker hands it the session (MQTT 5 reason 0x8E): the daemon then
+stops with exit status 3 and says so, instead of taking the session back in a reconnect storm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.health import Health
+from gateway.interrupt import stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, MetricsServer
 from gateway.mqtt import MqttTransport
+from gateway.options import EXIT_USAGE, broker_options, config_option, error, settings_of
 from gateway.service import GatewayService
+from gateway.systemd import notify
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
 
 log = structlog.get_logger("mp169.daemon")
 
+EXIT_NOT_READY = 1
+EXIT_TRANSPORT_FAILED = 3
+"""Another client took the gateway's session over: restarting would take it back (the unit's
+RestartPreventExitStatus)."""
+_READY_POLL_SECONDS = 0.25
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("run", help="run the gateway daemon against the configured MQTT broker")
+    parser = subparsers.add_parser("run", help="run the gateway daemon against an MQTT broker")
+    broker_options(parser, interactive=False)
     parser.add_argument(
-        "--config", type=Path, default=None, help="configuration file (default ./config.toml)"
+        "--log-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append the JSON log lines to FILE instead of stderr",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="port of /metrics, /healthz and /readyz on 127.0.0.1, 0 for none "
+        "(default: gateway.metrics_port of the configuration)",
     )
     parser.set_defaults(handler=_run)
 
+    ready = subparsers.add_parser(
+        "ready",
+        help="exit 0 if the gateway on this host is ready (its /readyz), else 1: a readiness check",
+    )
+    config_option(ready)
+    ready.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="the gateway's metrics port (default: gateway.metrics_port of the configuration)",
+    )
+    ready.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep asking for up to this long before answering not ready",
+    )
+    ready.set_defaults(handler=_ready)
+
 
 def _run(args: argparse.Namespace) -> int:
+    gateway = {} if args.metrics_port is None else {"gateway": {"metrics_port": args.metrics_port}}
     try:
-        settings = load_settings(args.config)
+        settings = settings_of(args, **gateway)
     except ConfigError as exc:
-        print(f"mp169 run: {exc}", file=sys.stderr)  # noqa: T201 - CLI error output
-        return 2
-    configure_logging(settings.gateway.log_level)
-    return asyncio.run(serve(settings))
+        error("run", str(exc))
+        return EXIT_USAGE
+    with contextlib.ExitStack() as files:
+        stream: TextIO | None = None
+        if args.log_file is not None:
+            try:
+                args.log_file.parent.mkdir(parents=True, exist_ok=True)
+                stream = files.enter_context(args.log_file.open("a", encoding="utf-8", buffering=1))
+            except OSError as exc:
+                error("run", f"--log-file {args.log_file}: {exc.strerror or exc}")
+                return EXIT_USAGE
+        configure_logging(settings.gateway.log_level, stream=stream, json=True)
+        return asyncio.run(serve(settings))
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    sd_notify: Callable[[str], object] = notify,
+) -> int:
     """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the exit status."""
-    metrics = Metrics()
-    if settings.gateway.metrics_port:
-        metrics.serve(settings.gateway.metrics_port)
-    transport = MqttTransport.from_settings(settings, on_reconnect=metrics.reconnects.inc)
-    service = await GatewayService.start(settings, transport, metrics=metrics)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, service.reload_rules)
-    log.info("daemon-ready", broker=settings.broker.url)
-    await stop.wait()
-    log.info("daemon-stopping")
-    await service.stop()
+    stop_on_signals(stop)
+    metrics = Metrics()
+    health = Health()
+    server = _serve_metrics(metrics, health, settings.gateway.metrics_port)
+    if isinstance(server, str):
+        error("run", server)
+        return EXIT_USAGE
+    transport = MqttTransport.from_settings(settings, on_reconnect=metrics.reconnects.inc)
+    transport.on_connection_event = health.connection_event
+    transport.on_failure = lambda _: stop.set()
+    heartbeat = asyncio.create_task(health.heartbeat(), name="mp169-heartbeat")
+    try:
+        service = await unless_stopped(GatewayService.start(settings, transport, metrics=metrics), stop)
+        if service is None:
+            log.info("daemon-stopped", connected=False)
+            return 0
+        health.store_open = True
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload_rules)
+        log.info("daemon-ready", broker=settings.broker.url)
+        sd_notify(f"READY=1\nSTATUS=connected to {settings.broker.url}")
+        await stop.wait()
+        log.info("daemon-stopping")
+        sd_notify("STOPPING=1")
+        await service.stop()
+        health.store_open = False
+    finally:
+        heartbeat.cancel()
+        if server is not None:
+            server.close()
+    if transport.failure is not None:
+        error("run", f"stopped: {transport.failure}")
+        return EXIT_TRANSPORT_FAILED
     return 0
+
+
+def _serve_metrics(metrics: Metrics, health: Health, port: int) -> MetricsServer | str | None:
+    """The endpoint, None when turned off, or the problem naming the setting."""
+    if not port:
+        return None
+    try:
+        return metrics.serve(port, health)
+    except OSError as exc:
+        return (
+            f"gateway.metrics_port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+            "another gateway may be running: choose another port with --metrics-port or "
+            "MP169_GATEWAY__METRICS_PORT (0 turns the endpoint off)"
+        )
+
+
+# -- mp169 ready ------------------------------------------------------------------------------------
+
+
+def _ready(args: argparse.Namespace) -> int:
+    try:
+        port = (
+            args.metrics_port
+            if args.metrics_port is not None
+            else load_settings(args.config).gateway.metrics_port
+        )
+    except ConfigError as exc:
+        error("ready", str(exc))
+        return EXIT_USAGE
+    if not port:
+        error("ready", "gateway.metrics_port is 0: the gateway serves no /readyz to ask")
+        return EXIT_USAGE
+    answer = wait_ready(f"http://127.0.0.1:{port}/readyz", args.wait)
+    sys.stdout.write(f"{answer}\n")
+    return 0 if answer == "ready" else EXIT_NOT_READY
+
+
+def wait_ready(url: str, seconds: float) -> str:
+    """'ready', or why not (the last answer of /readyz, or why it could not be asked)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = _ask(url)
+        if answer == "ready" or time.monotonic() >= deadline:
+            return answer
+        time.sleep(_READY_POLL_SECONDS)
+
+
+def _ask(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a fixed http://127.0.0.1 URL
+            response.read()
+            return "ready"
+    except urllib.error.HTTPError as exc:
+        return f"not ready: {exc.read().decode(errors='replace').strip()}"
+    except OSError as exc:
+        return f"not ready: no gateway answers at {url} ({getattr(exc, 'reason', exc)})"

@@ -1,4 +1,6 @@
-"""structlog configuration: one JSON object per line, filtered by level before any work is done.
+"""structlog configuration: one JSON object per line (or, on a terminal, one human-readable line),
+filtered by level before any work is done. The daemon always logs JSON (for log collectors); the
+interactive commands log for a person when stderr is a terminal.
 
 Per-request events are logged at debug level; with the filtering bound logger a debug call at info
 level is a no-op method, so the hot path pays nothing for them.
@@ -31,8 +33,14 @@ class _StderrLogger:
     log = debug = info = warn = warning = err = error = critical = exception = failure = fatal = msg
 
 
-def configure_logging(level: str = "info", *, stream: TextIO | None = None, json: bool = True) -> None:
-    """Logs go to stderr (stdout is for command output such as `--json`)."""
+def configure_logging(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
+    """Logs go to `stream`, by default stderr (stdout is for command output such as `--json`).
+
+    json None: JSON unless the stream is a terminal.
+    """
+    if json is None:
+        target = stream or sys.stderr
+        json = not (hasattr(target, "isatty") and target.isatty())
     # gmqtt logs every reconnect attempt through the standard library at INFO/WARNING; our transport
     # logs those as structured events already.
     logging.getLogger("gmqtt").setLevel(logging.ERROR)

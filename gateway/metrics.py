@@ -1,8 +1,18 @@
-"""Prometheus metrics of the gateway, in a registry of its own (tests and the demo build several)."""
+"""Prometheus metrics of the gateway, in a registry of its own (tests and the demo build several),
+served over HTTP with the health endpoints beside them."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from gateway.health import Health
 
 # Handling latency is sub-millisecond on the hot path; the upper buckets catch disk stalls.
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -107,6 +117,52 @@ class Metrics:
             self._request_counters[category, decision] = counter
         counter.inc()
 
-    def serve(self, port: int) -> None:
-        """Expose /metrics on 127.0.0.1:port (a thread owned by prometheus_client)."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int, health: Health | None = None) -> MetricsServer:
+        """Serve /metrics (and, given `health`, /healthz and /readyz) on 127.0.0.1:port in a thread.
+
+        OSError if the port cannot be bound (in use): the caller names the setting.
+        """
+        return MetricsServer(port, _routes(make_wsgi_app(self.registry), health))
+
+
+class _ThreadingServer(WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes and probes every few seconds: not worth a log line each."""
+
+
+class MetricsServer:
+    """The HTTP endpoint, in a daemon thread; `close()` stops it and frees the port."""
+
+    def __init__(self, port: int, app: Any) -> None:
+        self._server = make_server("127.0.0.1", port, app, _ThreadingServer, handler_class=_QuietHandler)
+        self.port = int(self._server.server_port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="mp169-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def _routes(metrics_app: Any, health: Health | None) -> Any:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if health is None or path not in {"/healthz", "/readyz"}:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        problem = (None if health.live() else "event loop not running") if path == "/healthz" else None
+        if path == "/readyz":
+            problem = health.not_ready_because()
+        body = f"{problem or 'ok'}\n".encode()
+        status = "503 Service Unavailable" if problem else "200 OK"
+        start_response(
+            status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return app

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mp169.mqtt")
 
 PUBACK_SUCCESS = 0
+# MQTT 5 DISCONNECT reason code: another client connected with this client id.
+SESSION_TAKEN_OVER = 0x8E
 # gmqtt reconnects by itself while its failed attempts <= reconnect_retries (-1: forever); -2 never does.
 _GMQTT_NO_RECONNECT = -2
 _QOS_1 = 1
@@ -75,6 +77,19 @@ class BrokerRefusedError(Exception):
 
 class ConnectionLostError(Exception):
     """The connection dropped before it was usable."""
+
+
+class TransportFailedError(RuntimeError):
+    """The transport gave up for good: the broker stayed unreachable past `give_up_seconds`, or another
+    client took the session over. Raised by `start` and, afterwards, by `publish`."""
+
+
+class BrokerUnreachableError(TransportFailedError):
+    """No connection to the broker within `give_up_seconds`."""
+
+
+class SessionTakenOverError(TransportFailedError):
+    """The broker disconnected us with reason 0x8E: another client connected with our client id."""
 
 
 def backoff_delay(
@@ -116,6 +131,8 @@ class _Link:
         """Set on a PUBACK and on the loss of the connection."""
         self.lost = asyncio.Event()
         self.session_present = False
+        self.taken_over = False
+        """The broker closed this connection with reason 0x8E (session taken over)."""
         self._deliver = deliver
         self._sending: Outbound | None = None
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
@@ -216,7 +233,11 @@ class _Link:
     def _on_connect(self, _client: Any, flags: int, _rc: int, _properties: Any) -> None:
         self.session_present = bool(flags)
 
-    def _on_disconnect(self, _client: Any, _packet: Any, _exc: Any = None) -> None:
+    def _on_disconnect(self, _client: Any, packet: Any, _exc: Any = None) -> None:
+        # A DISCONNECT from the broker arrives with its variable header (the reason code first); a
+        # dropped socket arrives as an empty packet.
+        if isinstance(packet, bytes | bytearray) and packet[:1] == bytes([SESSION_TAKEN_OVER]):
+            self.taken_over = True
         self._mark_lost()
 
     def _on_subscribe(self, _client: Any, mid: int, granted: Sequence[int], _properties: Any) -> None:
@@ -259,6 +280,13 @@ class MqttTransport:
     `reconnects` counts connections re-established after a loss, and `on_reconnect` is called after
     each (the metrics counter); `on_connection_event`, if set, is called with every ConnectionEvent;
     `handler_errors` counts handlers that raised (their messages were acknowledged).
+
+    `give_up_seconds` (None: never) bounds how long the broker may stay unreachable, at start and
+    after a loss; interactive commands set it, the daemon does not. Whatever it is, a connection
+    closed with reason 0x8E (another client took the session over) is never re-established: two
+    clients with one id would take it from each other forever. Either failure ends the transport:
+    `start` raises it, or later `failure` holds it, `failed` is set, `on_failure` is called, and
+    `publish` raises it.
     """
 
     def __init__(  # noqa: PLR0913 - keyword-only options with defaults
@@ -269,8 +297,10 @@ class MqttTransport:
         receive_maximum: int = 1000,
         ssl_context: ssl.SSLContext | None = None,
         stop_timeout_seconds: float = _STOP_TIMEOUT_SECONDS,
+        give_up_seconds: float | None = None,
         on_reconnect: Callable[[], object] | None = None,
         on_connection_event: Callable[[ConnectionEvent], object] | None = None,
+        on_failure: Callable[[TransportFailedError], object] | None = None,
     ) -> None:
         if not 1 <= receive_maximum <= 65535:
             raise ValueError("receive_maximum must be in 1..65535")
@@ -281,6 +311,10 @@ class MqttTransport:
         self.handler_errors = 0
         self.on_reconnect = on_reconnect
         self.on_connection_event = on_connection_event
+        self.on_failure = on_failure
+        self.give_up_seconds = give_up_seconds
+        self.failure: TransportFailedError | None = None
+        self.failed = asyncio.Event()
         self._tls: ssl.SSLContext | bool = ssl_context or settings.ssl_context() or False
         self._stop_timeout = stop_timeout_seconds
         self._handler: Handler | None = None
@@ -304,6 +338,7 @@ class MqttTransport:
         settings: Settings,
         client_id: str | None = None,
         *,
+        give_up_seconds: float | None = None,
         on_reconnect: Callable[[], object] | None = None,
     ) -> MqttTransport:
         """The broker section, the in-flight window and (by default) the gateway's client id."""
@@ -311,14 +346,16 @@ class MqttTransport:
             settings.broker,
             client_id or settings.gateway.client_id,
             receive_maximum=settings.gateway.inflight_window,
+            give_up_seconds=give_up_seconds,
             on_reconnect=on_reconnect,
         )
 
     # -- Transport --------------------------------------------------------------------------------
 
     async def start(self, subscriptions: Sequence[str], handler: Handler) -> None:
-        """Connect (retrying while the broker is unreachable) and subscribe. Raises BrokerRefusedError
-        at once if the broker refuses the connection or a subscription: that is configuration."""
+        """Connect (retrying while the broker is unreachable, up to `give_up_seconds`) and subscribe.
+        Raises BrokerRefusedError at once if the broker refuses the connection or a subscription: that
+        is configuration; BrokerUnreachableError when `give_up_seconds` passed without a connection."""
         if self._handler is not None:
             raise RuntimeError("already started")
         for subscription in subscriptions:
@@ -342,6 +379,8 @@ class MqttTransport:
             raise RuntimeError("transport not started")
         async with self._send_lock:  # FIFO: publishes reach the connection in call order
             while True:
+                if self.failure is not None:
+                    raise self.failure
                 if self._closed:
                     raise RuntimeError(f"transport stopped: not published to {topic}")
                 link = self._link
@@ -359,14 +398,16 @@ class MqttTransport:
     async def stop(self) -> None:
         """Stop taking messages, wait (up to the stop timeout) for running handlers and for the broker
         to acknowledge every publish, then disconnect. Messages that arrive meanwhile are left
-        unacknowledged: the broker keeps them for the next session."""
+        unacknowledged: the broker keeps them for the next session. Without a connection it does
+        not wait: nothing more can be acknowledged, running handlers are cancelled and their
+        messages redelivered to the next session, which is also where unacknowledged publishes
+        are owed (their requests' PUBACKs went with the connection that carried them)."""
         if self._closed or self._handler is None:
             return
         self._taking = False
         try:
             async with asyncio.timeout(self._stop_timeout):
-                await self._idle.wait()
-                await self._outbound_acknowledged()
+                await self._drain()
         except TimeoutError:
             log.warning(
                 "stop-timeout",
@@ -419,8 +460,11 @@ class MqttTransport:
         return _Link(self.client_id, self.settings, self.receive_maximum, self._on_message)
 
     async def _establish(self, *, first: bool) -> _Link:
-        """A connected, subscribed link; retries with backoff. On the first start, a refusal raises."""
+        """A connected, subscribed link; retries with backoff. On the first start, a refusal raises;
+        BrokerUnreachableError once `give_up_seconds` would pass before the next attempt."""
         attempt = 0
+        loop = asyncio.get_running_loop()
+        since = loop.time()
         while True:
             link = self._new_link()
             try:
@@ -438,6 +482,12 @@ class MqttTransport:
                     maximum=self.settings.reconnect_max_seconds,
                 )
                 attempt += 1
+                waited = loop.time() - since
+                if self.give_up_seconds is not None and waited + delay > self.give_up_seconds:
+                    raise BrokerUnreachableError(
+                        f"no connection to the broker at {self.settings.url} after {attempt} attempt(s) "
+                        f"in {waited:.0f} s: {exc}"
+                    ) from exc
                 # A refusal needs an operator (credentials, ACL); an unreachable broker does not.
                 report = log.error if isinstance(exc, BrokerRefusedError) else log.warning
                 report("broker-connect-failed", attempt=attempt, retry_in=round(delay, 3), error=str(exc))
@@ -454,8 +504,21 @@ class MqttTransport:
             await link.lost.wait()
             self._deactivate(link)
             self._emit(ConnectionEvent.LOST)
+            if link.taken_over:
+                self._fail(
+                    SessionTakenOverError(
+                        f"another client connected to {self.settings.url} with client id "
+                        f"{self.client_id!r} and took this one's session over (MQTT reason 0x8E); "
+                        "two clients must never share a client id"
+                    )
+                )
+                return
             log.warning("broker-connection-lost", unacknowledged=len(self._carryover))
-            link = await self._establish(first=False)
+            try:
+                link = await self._establish(first=False)
+            except BrokerUnreachableError as exc:
+                self._fail(exc)
+                return
             try:
                 replayed = await self._replay(link)
             except asyncio.CancelledError:
@@ -510,14 +573,33 @@ class MqttTransport:
     def _unacknowledged(self) -> int:
         return len(self._carryover) + (len(self._link.unacked) if self._link is not None else 0)
 
-    async def _outbound_acknowledged(self) -> None:
-        while self._unacknowledged() or self._link is None:
-            link = self._link
-            if link is None:
-                await self._ready.wait()
-            else:
-                link.changed.clear()
-                await link.changed.wait()
+    async def _drain(self) -> None:
+        """Until running handlers are done and the broker acknowledged every publish, or the
+        connection is down (then nothing more can be acknowledged on it)."""
+        while (link := self._link) is not None and not link.lost.is_set():
+            if self._idle.is_set() and not self._unacknowledged():
+                return
+            link.changed.clear()
+            waits = [asyncio.ensure_future(link.changed.wait())]
+            if not self._idle.is_set():
+                waits.append(asyncio.ensure_future(self._idle.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+    def _fail(self, failure: TransportFailedError) -> None:
+        """Give up for good: publishers get the failure, and so does whoever waits for it."""
+        log.error("broker-gave-up", client_id=self.client_id, error=str(failure))
+        self.failure = failure
+        self._ready.set()  # publishers waiting for a connection see the failure
+        self.failed.set()
+        if self.on_failure is not None:
+            try:
+                self.on_failure(failure)
+            except Exception:
+                log.exception("failure-hook-failed")
 
     async def _shutdown(self) -> None:
         if self._supervisor is not None:

@@ -103,7 +103,15 @@ class GatewayService:
         )
         shell.start()
         service = cls(settings, store, view, recorder, router, shell, transport, clock)
-        await transport.start(topics.subscriptions(settings.topics.shared_group), shell.handle)
+        try:
+            await transport.start(topics.subscriptions(settings.topics.shared_group), shell.handle)
+        except BaseException:
+            # Cancelled by a signal, or the broker refused or stayed unreachable: close what was
+            # opened, or the store's thread outlives the event loop ("Event loop is closed").
+            await shell.stop()
+            await recorder.close()
+            await store.close()
+            raise
         service._housekeeping = asyncio.create_task(service._housekeep(), name="mp169-housekeeping")
         log.info("gateway-started", client_id=settings.gateway.client_id, store=str(path))
         return service

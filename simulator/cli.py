@@ -1,40 +1,50 @@
 """The simulator's commands: `mp169 simulate estate|traffic|devices`, `mp169 record`, `mp169 replay`.
 
-(`mp169 demo` is registered by simulator.demo.)
+(`mp169 demo` is registered by simulator.demo.) The commands that talk to a broker take `--broker`
+and give up with a message when it cannot be reached for `--connect-timeout` seconds; Ctrl-C and
+SIGTERM stop each of them promptly at any point.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.inventory import InventoryFileError
-from gateway.logging import configure_logging
-from gateway.mqtt import MqttTransport
+from gateway.mqtt import MqttTransport, TransportFailedError
+from gateway.options import EXIT_USAGE, broker_options, error, interactive_settings
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from rules.domain import DeviceRecord, parse_eui
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, read_estate, records_from_rows, write_estate
 from simulator.recording import RecordingError, read_recording, record, write_stream
-from simulator.replay import print_summary, replay
+from simulator.renumber import renumber, stale_requests
+from simulator.replay import ReplayResult, print_summary, replay
 from simulator.traffic import TrafficMix, generate_traffic
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
+
+    from gateway.config import Settings
+    from gateway.transport import Message
+    from rules.domain import Eui
+    from simulator.recording import Recording, StreamItem
 
 EXIT_INVARIANT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_BROKER = 3
+"""The broker could not be reached within --connect-timeout, or another client took the session."""
 RECORDER_CLIENT_ID = "mp169-recorder"
 REPLAY_CLIENT_ID = "mp169-replay"
 DEVICES_CLIENT_ID = "mp169-devices"
+# A DUIS request is a few kilobytes: `record` echoes the start of each payload, as a terminal shows it.
+_ECHO_CHARACTERS = 200
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,41 +54,55 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = simulate.add_subparsers(dest="simulate_command", required=True, metavar="WHAT")
 
     estate = actions.add_parser("estate", help="write a simulated inventory.csv and users.csv")
-    estate.add_argument("--seed", type=int, default=1)
-    estate.add_argument("--premises", type=int, default=1000)
-    estate.add_argument("--out", type=Path, required=True, metavar="DIR")
+    estate.add_argument("--seed", type=int, default=1, help="randomness: one seed, one estate")
+    estate.add_argument("--premises", type=int, default=1000, help="premises (each with its meters and hub)")
+    estate.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the two CSV files go")
     estate.set_defaults(handler=_simulate_estate)
 
     traffic = actions.add_parser("traffic", help="write a request stream (recording format) over an estate")
-    traffic.add_argument("--seed", type=int, default=1)
-    traffic.add_argument("--requests", type=int, default=10_000)
+    traffic.add_argument("--seed", type=int, default=1, help="randomness: one seed, one stream")
+    traffic.add_argument("--requests", type=int, default=10_000, help="Service Requests in the stream")
     traffic.add_argument(
         "--estate", type=Path, required=True, metavar="DIR", help="inventory.csv and users.csv"
     )
-    traffic.add_argument("--out", type=Path, required=True, metavar="FILE")
-    traffic.add_argument("--duration", type=float, default=TrafficMix().duration_seconds, metavar="SECONDS")
+    traffic.add_argument("--out", type=Path, required=True, metavar="FILE", help="the recording to write")
+    traffic.add_argument(
+        "--duration",
+        type=float,
+        default=TrafficMix().duration_seconds,
+        metavar="SECONDS",
+        help="the timeline the requests are spread over (replay --speed 1 keeps it)",
+    )
     traffic.add_argument("--counter-base", type=int, default=1, help="first RequestID counter per user")
     traffic.set_defaults(handler=_simulate_traffic)
 
     devices = actions.add_parser("devices", help="play the devices and the DCC on the configured broker")
-    _config_argument(devices)
-    devices.add_argument("--latency-ms", type=float, default=0.0)
+    broker_options(devices)
+    devices.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
     devices.add_argument("--failure-rate", type=float, default=0.0, help="share of commands answered E20")
     devices.add_argument("--timeout-rate", type=float, default=0.0, help="share of commands never answered")
     devices.add_argument("--alert-rate", type=float, default=0.0, help="alerts per second (needs --estate)")
     devices.add_argument("--estate", type=Path, default=None, metavar="DIR", help="devices that raise alerts")
-    devices.add_argument("--seed", type=int, default=0)
+    devices.add_argument("--seed", type=int, default=0, help="randomness of answers and alerts")
     devices.set_defaults(handler=_simulate_devices)
 
-    recorder = subparsers.add_parser("record", help="record live broker traffic to a file until Ctrl-C")
-    recorder.add_argument("file", type=Path, metavar="FILE")
-    _config_argument(recorder)
-    recorder.add_argument("--topic", action="append", default=None, help="topic filter (default dsp/#)")
+    recorder = subparsers.add_parser(
+        "record",
+        help="record live broker traffic to a file until Ctrl-C, printing each message as it comes",
+    )
+    recorder.add_argument("file", type=Path, metavar="FILE", help="the recording to write")
+    broker_options(recorder)
+    recorder.add_argument(
+        "--topic", action="append", default=None, help="topic filter, repeatable (default: dsp/#)"
+    )
+    recorder.add_argument(
+        "--quiet", action="store_true", help="do not print the messages (like mosquitto_sub -v) as they come"
+    )
     recorder.set_defaults(handler=_record)
 
     replayer = subparsers.add_parser("replay", help="replay a recording through the gateway and check MP169")
-    replayer.add_argument("file", type=Path, metavar="FILE")
-    _config_argument(replayer)
+    replayer.add_argument("file", type=Path, metavar="FILE", help="a recording (generated or recorded)")
+    broker_options(replayer)
     replayer.add_argument("--speed", type=float, default=None, help="1.0 recorded pace (default: flat out)")
     replayer.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
     replayer.add_argument(
@@ -94,39 +118,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replayer.add_argument(
         "--settle", type=float, default=0.5, metavar="SECONDS", help="keep observing after the last answer"
     )
-    replayer.add_argument("--no-progress", action="store_true")
+    replayer.add_argument(
+        "--renumber",
+        action="store_true",
+        help="raise the stream's RequestID counters above those the store already accepted "
+        "(to replay a stream again into the same store; otherwise its requests are answered E11)",
+    )
+    replayer.add_argument("--no-progress", action="store_true", help="no progress bar")
     replayer.set_defaults(handler=_replay)
 
 
-def _config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, default=None, metavar="PATH", help="configuration file (default ./config.toml)"
+def _broker_failure(command: str, failure: TransportFailedError) -> int:
+    error(
+        command,
+        f"{failure}; is the broker running? (--broker URL, --connect-timeout SECONDS)",
     )
+    return EXIT_BROKER
 
 
-def _error(message: str) -> None:
-    sys.stderr.write(f"mp169: {message}\n")
-
-
-def _settings(args: argparse.Namespace) -> Settings | None:
-    """The configuration, with logging set up from it (to stderr: stdout carries the results)."""
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        _error(str(exc))
-        return None
-    configure_logging(settings.gateway.log_level, stream=sys.stderr)
-    return settings
-
-
-def _transport(settings: Settings, client_id: str) -> MqttTransport:
-    return MqttTransport.from_settings(settings, client_id)
-
-
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+def _transport(settings: Settings, client_id: str, args: argparse.Namespace) -> MqttTransport:
+    return MqttTransport.from_settings(settings, client_id, give_up_seconds=args.connect_timeout)
 
 
 # -- simulate estate / traffic -----------------------------------------------------------------------
@@ -134,7 +145,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 def _simulate_estate(args: argparse.Namespace) -> int:
     if args.premises < 1:
-        _error("--premises must be at least 1")
+        error("simulate", "--premises must be at least 1")
         return EXIT_USAGE
     estate = generate_estate(args.seed, args.premises)
     inventory, users = write_estate(estate, args.out)
@@ -149,7 +160,7 @@ def _simulate_traffic(args: argparse.Namespace) -> int:
         estate = read_estate(args.estate)
         mix = TrafficMix(duration_seconds=args.duration, counter_base=args.counter_base)
     except (OSError, InventoryFileError, ValueError) as exc:
-        _error(str(exc))
+        error("simulate", str(exc))
         return EXIT_USAGE
     traffic = generate_traffic(estate, args.seed, args.requests, mix)
     meta = {"seed": args.seed, "requests": args.requests, "estate": str(args.estate)}
@@ -162,11 +173,11 @@ def _simulate_traffic(args: argparse.Namespace) -> int:
 
 
 def _simulate_devices(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = interactive_settings(args, "simulate devices")
     if settings is None:
         return EXIT_USAGE
     if args.alert_rate > 0 and args.estate is None:
-        _error("--alert-rate needs --estate: the devices that raise the alerts")
+        error("simulate devices", "--alert-rate needs --estate: the devices that raise the alerts")
         return EXIT_USAGE
     try:
         devices = read_estate(args.estate).devices if args.estate else ()
@@ -180,16 +191,24 @@ def _simulate_devices(args: argparse.Namespace) -> int:
             devices_topic=settings.topics.devices,
         )
     except (OSError, InventoryFileError, ValueError) as exc:
-        _error(str(exc))
+        error("simulate devices", str(exc))
         return EXIT_USAGE
-    return asyncio.run(_play_devices(settings, config, devices))
+    transport = _transport(settings, DEVICES_CLIENT_ID, args)
+    try:
+        return asyncio.run(_play_devices(settings, transport, config, devices))
+    except TransportFailedError as exc:
+        return _broker_failure("simulate devices", exc)
 
 
-async def _play_devices(settings: Settings, config: DeviceConfig, devices: Sequence[DeviceRecord]) -> int:
+async def _play_devices(
+    settings: Settings, transport: MqttTransport, config: DeviceConfig, devices: Sequence[DeviceRecord]
+) -> int:
     stop = asyncio.Event()
-    _stop_on_signals(stop)
-    simulator = DeviceSimulator(_transport(settings, DEVICES_CLIENT_ID), config, devices=devices)
-    await simulator.start()
+    stop_on_signals(stop)
+    transport.on_failure = lambda _: stop.set()
+    simulator = DeviceSimulator(transport, config, devices=devices)
+    if await unless_stopped(_started(simulator), stop) is None:
+        return EXIT_INTERRUPTED
     sys.stderr.write(f"playing devices on {settings.broker.url} (Ctrl-C stops)\n")
     alerts = asyncio.create_task(simulator.run_alerts(stop))
     await stop.wait()
@@ -198,44 +217,78 @@ async def _play_devices(settings: Settings, config: DeviceConfig, devices: Seque
     sys.stderr.write(
         f"answered {len(simulator.received):,} commands, sent {len(simulator.sent_alerts):,} alerts\n"
     )
+    if transport.failure is not None:
+        raise transport.failure
     return 0
+
+
+async def _started(simulator: DeviceSimulator) -> bool:
+    await simulator.start()
+    return True
 
 
 # -- record / replay ---------------------------------------------------------------------------------
 
 
 def _record(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = interactive_settings(args, "record")
     if settings is None:
         return EXIT_USAGE
-    return asyncio.run(_record_until_signal(settings, args.file, args.topic or ["dsp/#"]))
+    if not args.file.parent.is_dir():
+        error("record", f"{args.file}: no such directory {args.file.parent}")
+        return EXIT_USAGE
+    transport = _transport(settings, RECORDER_CLIENT_ID, args)
+    topics = args.topic or ["dsp/#"]
+    echo = None if args.quiet else _echo
+    try:
+        return asyncio.run(_record_until_signal(settings, transport, args.file, topics, echo))
+    except TransportFailedError as exc:
+        return _broker_failure("record", exc)
 
 
-async def _record_until_signal(settings: Settings, path: Path, topics: Sequence[str]) -> int:
+def _echo(message: Message) -> None:
+    """One line per message, `topic payload`, as `mosquitto_sub -v` prints them (payloads on one line)."""
+    text = message.payload[: _ECHO_CHARACTERS * 4].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    if len(text) > _ECHO_CHARACTERS or len(message.payload) > _ECHO_CHARACTERS * 4:
+        text = f"{text[:_ECHO_CHARACTERS]}... ({len(message.payload):,} bytes)"
+    sys.stdout.write(f"{message.topic} {text}\n")
+    sys.stdout.flush()
+
+
+async def _record_until_signal(
+    settings: Settings,
+    transport: MqttTransport,
+    path: Path,
+    topics: Sequence[str],
+    echo: Callable[[Message], object] | None,
+) -> int:
     stop = asyncio.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
+    transport.on_failure = lambda _: stop.set()
     sys.stderr.write(f"recording {', '.join(topics)} from {settings.broker.url} to {path} (Ctrl-C stops)\n")
-    count = await record(_transport(settings, RECORDER_CLIENT_ID), path, topics, stop=stop)
-    sys.stderr.write(f"recorded {count:,} messages\n")
+    count = await record(transport, path, topics, stop=stop, echo=echo)
+    if count is None:
+        sys.stderr.write("stopped before the broker was reached: nothing recorded\n")
+        return EXIT_INTERRUPTED
+    sys.stderr.write(f"recorded {count:,} messages to {path}\n")
+    if transport.failure is not None:
+        raise transport.failure
     return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = interactive_settings(args, "replay")
     if settings is None:
         return EXIT_USAGE
-    if args.speed is not None and args.speed <= 0:
-        _error("--speed must be positive")
-        return EXIT_USAGE
-    if args.window < 0:
-        _error("--window must not be negative")
-        return EXIT_USAGE
-    try:
-        recording = read_recording(args.file)
-    except (OSError, RecordingError) as exc:
-        _error(str(exc))
+    recording = _replay_stream(args)
+    if isinstance(recording, str):
+        error("replay", recording)
         return EXIT_USAGE
     store_path = Path(settings.store.path)
+    topics = Topics.from_settings(settings.topics)
+    counters = asyncio.run(_store_counters(store_path)) if store_path.exists() else {}
+    items = _fresh_items(recording.items, counters, store_path, topics.inbound, renumbering=args.renumber)
     inventory_wait = args.inventory_wait
 
     async def apply_inventory(rows: Sequence[Mapping[str, str]]) -> None:
@@ -244,20 +297,76 @@ def _replay(args: argparse.Namespace) -> int:
             await store.upsert_devices(records_from_rows(rows))
         await asyncio.sleep(inventory_wait)
 
-    console = Console(stderr=True)
-    result = asyncio.run(
-        replay(
-            recording.items,
-            _transport(settings, REPLAY_CLIENT_ID),
-            speed=args.speed,
-            window=args.window or None,
-            apply_inventory=apply_inventory,
-            answer_timeout=args.timeout,
-            settle_seconds=args.settle,
-            progress=not args.no_progress,
-            topics=Topics.from_settings(settings.topics),
-            console=console,
+    async def run() -> ReplayResult | None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        transport = _transport(settings, REPLAY_CLIENT_ID, args)
+        transport.on_failure = lambda _: stop.set()
+        result = await unless_stopped(
+            replay(
+                items,
+                transport,
+                speed=args.speed,
+                window=args.window or None,
+                apply_inventory=apply_inventory,
+                answer_timeout=args.timeout,
+                settle_seconds=args.settle,
+                progress=not args.no_progress,
+                topics=topics,
+                console=Console(stderr=True),
+            ),
+            stop,
         )
-    )
+        if transport.failure is not None:
+            raise transport.failure
+        return result
+
+    try:
+        result = asyncio.run(run())
+    except TransportFailedError as exc:
+        return _broker_failure("replay", exc)
+    if result is None:
+        error("replay", "interrupted: nothing checked")
+        return EXIT_INTERRUPTED
     print_summary(result, Console())
     return 0 if result.passed else EXIT_INVARIANT_FAILED
+
+
+def _replay_stream(args: argparse.Namespace) -> Recording | str:
+    """The recording to replay, or what is wrong with the arguments."""
+    if args.speed is not None and args.speed <= 0:
+        return "--speed must be positive"
+    if args.window < 0:
+        return "--window must not be negative"
+    try:
+        return read_recording(args.file)
+    except (OSError, RecordingError) as exc:
+        return str(exc)
+
+
+async def _store_counters(path: Path) -> dict[Eui, int]:
+    async with SqliteStore(path) as store:
+        return await store.load_request_counters()
+
+
+def _fresh_items(
+    items: Sequence[StreamItem],
+    counters: Mapping[Eui, int],
+    store_path: Path,
+    inbound: str,
+    *,
+    renumbering: bool,
+) -> Sequence[StreamItem]:
+    """The stream as it will be replayed: warned about, or renumbered, if the store has seen it."""
+    if renumbering:
+        fresh, changed = renumber(items, counters, inbound)
+        sys.stderr.write(f"renumbered {changed:,} requests above the counters of {store_path}\n")
+        return fresh
+    stale = stale_requests(items, counters, inbound)
+    if stale:
+        sys.stderr.write(
+            f"warning: {stale:,} requests of this stream carry RequestID counters that {store_path} has "
+            "already accepted (was it replayed against this store before?): the gateway will answer "
+            "them E11 and forward none. --renumber gives them fresh counters.\n"
+        )
+    return items

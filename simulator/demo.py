@@ -5,34 +5,42 @@ code `mp169 run` runs) and the simulated devices connect to an in-memory broker;
 stream (consumption reads, flag set and clear, Change of Supplier and of Tenancy, spoofed, malformed
 and invalid requests) is replayed through it, alerts are raised from flagged and other devices, and
 the MP169 invariants are checked on everything observed. Exit status 0 means every invariant held.
+
+Every argument is checked before anything is touched (`prepare`), and a run writes into a fresh
+sibling of the work folder, which replaces the previous results only once the run has completed:
+a bad argument, a broker that cannot be reached or Ctrl-C leave the last demo as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from rich.console import Console
 
-from gateway.config import BrokerSettings, Settings
+from gateway.config import BrokerSettings, Settings, validation_problems
 from gateway.duis import ParseError, parse_request
+from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
-from gateway.mqtt import MqttTransport
+from gateway.mqtt import MqttTransport, TransportFailedError
+from gateway.options import DEFAULT_CONNECT_TIMEOUT_SECONDS
 from gateway.report.compute import Period, Report
 from gateway.report.load import load_report
 from gateway.report.render_text import short_report
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport
-from rules.table import default_table
+from rules.table import TableError, default_table, load_table
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, records_from_rows
-from simulator.recording import PublishItem, read_recording, write_stream
+from simulator.recording import PublishItem, RecordingError, read_recording, write_stream
 from simulator.replay import ReplayResult, print_summary, replay
 from simulator.traffic import TrafficMix, generate_traffic
 
@@ -46,7 +54,10 @@ if TYPE_CHECKING:
     from simulator.recording import StreamItem
 
 EXIT_INVARIANT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BROKER = 3
 DEFAULT_WORKDIR = Path("var/demo")
+DATABASE = "mp169.sqlite3"
 # Short, so the simulated devices that never answer are timed out (E21) within the run.
 TARGET_RESPONSE_SECONDS = 2.0
 ALERTS_FROM_FLAGGED = 200
@@ -70,6 +81,21 @@ class DemoOptions:
     """Replay this recording instead of generating traffic (made over the same seed and premises)."""
     save_traffic: Path | None = None
     """Write the generated stream here as a recording (for `mp169 replay` or `--recording`)."""
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    """With `broker`: give up when it cannot be reached for this long."""
+
+
+class DemoError(Exception):
+    """An argument of the demo is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Everything the run needs, read and checked before anything is touched."""
+
+    estate: Estate
+    items: Sequence[StreamItem]
+    devices: DeviceConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,29 +122,108 @@ def demo_settings(database: Path, rules: Path | None = None, broker: str | None 
     )
 
 
-async def run_demo(
-    options: DemoOptions, *, progress: bool = False, console: Console | None = None
-) -> DemoResult:
-    database = options.workdir / "mp169.sqlite3"
-    options.workdir.mkdir(parents=True, exist_ok=True)
-    for leftover in options.workdir.glob("mp169*.sqlite3*"):
-        leftover.unlink()  # every run starts from an empty store
+def prepare(options: DemoOptions) -> Prepared:
+    """Check every option and read every input; DemoError (one line) if one is unusable."""
+    if options.premises < 1 or options.requests < 1:
+        raise DemoError("--premises and --requests must be at least 1")
+    try:
+        devices = DeviceConfig(
+            failure_rate=options.failure_rate, timeout_rate=options.timeout_rate, seed=options.seed
+        )
+    except ValueError as exc:
+        raise DemoError(
+            f"--failure-rate {options.failure_rate}, --timeout-rate {options.timeout_rate}: {exc}"
+        ) from exc
+    _check_inputs(options)
     estate = generate_estate(options.seed, options.premises)
+    if options.recording is None:
+        items = generate_traffic(estate, options.seed, options.requests, TrafficMix()).items
+    else:
+        try:
+            items = read_recording(options.recording).items
+        except (OSError, RecordingError) as exc:
+            raise DemoError(f"--recording: {exc}") from exc
+    return Prepared(estate, items, devices)
+
+
+def _check_inputs(options: DemoOptions) -> None:
+    """The broker URL, the rules table and the folders (DemoError on the first that is unusable)."""
+    if options.broker is not None:
+        try:
+            BrokerSettings(url=options.broker)
+        except ValidationError as exc:
+            raise DemoError(f"--broker {options.broker}: {validation_problems(exc)}") from exc
+    if options.rules is not None:
+        try:
+            load_table(options.rules)
+        except TableError as exc:
+            raise DemoError(f"--rules: {exc}") from exc
+    if options.workdir.exists() and not options.workdir.is_dir():
+        raise DemoError(f"--workdir {options.workdir}: not a directory")
+    if options.save_traffic is not None and not options.save_traffic.parent.is_dir():
+        raise DemoError(
+            f"--save-traffic {options.save_traffic}: no such directory {options.save_traffic.parent}"
+        )
+
+
+async def run_demo(
+    options: DemoOptions,
+    *,
+    prepared: Prepared | None = None,
+    progress: bool = False,
+    console: Console | None = None,
+) -> DemoResult:
+    """Run the demo into a fresh sibling of `options.workdir`, which replaces it once the run has
+    completed (whatever the invariants say); on any failure or cancellation the sibling goes and
+    the previous results stay. DemoError before anything is touched if an option is unusable."""
+    prepared = prepared or prepare(options)
+    staging = _staging_folder(options.workdir)
+    try:
+        result = await _run(options, prepared, staging / DATABASE, progress=progress, console=console)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, options.workdir)
+    return replace(result, database=options.workdir / DATABASE)
+
+
+def _staging_folder(workdir: Path) -> Path:
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = workdir.with_name(f".{workdir.name}.new-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    return staging
+
+
+def _swap_in(staging: Path, workdir: Path) -> None:
+    """`staging` becomes `workdir`; the previous `workdir` is removed only after it was moved aside."""
+    previous = workdir.with_name(f".{workdir.name}.old-{uuid.uuid4().hex[:8]}")
+    if workdir.exists():
+        workdir.rename(previous)
+    staging.rename(workdir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+async def _run(
+    options: DemoOptions,
+    prepared: Prepared,
+    database: Path,
+    *,
+    progress: bool,
+    console: Console | None,
+) -> DemoResult:
+    estate, items = prepared.estate, prepared.items
     async with SqliteStore(database) as store:
         await store.upsert_devices(estate.devices)
         await store.upsert_users(estate.users)
+    if options.save_traffic is not None and options.recording is None:
+        meta = {"seed": options.seed, "premises": options.premises, "requests": options.requests}
+        write_stream(items, options.save_traffic, meta=meta)
 
     settings = demo_settings(database, options.rules, options.broker)
-    connect = _connector(settings, in_memory=options.broker is None)
+    connect = _connector(settings, in_memory=options.broker is None, give_up_seconds=options.connect_timeout)
     started = datetime.now(UTC)
     service = await GatewayService.start(settings, connect(settings.gateway.client_id))
-    devices = DeviceSimulator(
-        connect("mp169-devices"),
-        DeviceConfig(failure_rate=options.failure_rate, timeout_rate=options.timeout_rate, seed=options.seed),
-        devices=estate.devices,
-    )
-    await devices.start()
-    items = _traffic(options, estate)
+    devices = DeviceSimulator(connect("mp169-devices"), prepared.devices, devices=estate.devices)
     flag_targets = set(_flagged_by(items))
     flagged = [device for device in estate.devices if device.device_id in flag_targets]
 
@@ -133,6 +238,7 @@ async def run_demo(
         await devices.emit_alerts(ALERTS_FROM_ANY)
 
     try:
+        await devices.start()
         result = await replay(
             items,
             connect("mp169-replay"),
@@ -161,23 +267,17 @@ async def run_demo(
     return DemoResult(result, report, database)
 
 
-def _connector(settings: Settings, *, in_memory: bool) -> Callable[[str], Transport]:
+def _connector(
+    settings: Settings, *, in_memory: bool, give_up_seconds: float | None = None
+) -> Callable[[str], Transport]:
     """Transports for the demo's clients: in memory, or MQTT with run-unique client ids."""
     if in_memory:
         broker = MemoryBroker()
         return lambda client_id: MemoryTransport(broker, client_id)
     run = uuid.uuid4().hex[:8]
-    return lambda client_id: MqttTransport.from_settings(settings, f"{client_id}-{run}")
-
-
-def _traffic(options: DemoOptions, estate: Estate) -> Sequence[StreamItem]:
-    if options.recording is not None:
-        return read_recording(options.recording).items
-    items = generate_traffic(estate, options.seed, options.requests, TrafficMix()).items
-    if options.save_traffic is not None:
-        meta = {"seed": options.seed, "premises": options.premises, "requests": options.requests}
-        write_stream(items, options.save_traffic, meta=meta)
-    return items
+    return lambda client_id: MqttTransport.from_settings(
+        settings, f"{client_id}-{run}", give_up_seconds=give_up_seconds
+    )
 
 
 def _flagged_by(items: Sequence[StreamItem]) -> Iterator[Eui]:
@@ -195,9 +295,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the gateway, simulated devices and a generated request stream in memory; check MP169",
     )
     defaults = DemoOptions()
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--premises", type=int, default=defaults.premises)
-    parser.add_argument("--requests", type=int, default=defaults.requests)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="one seed, one estate and stream")
+    parser.add_argument("--premises", type=int, default=defaults.premises, help="premises in the estate")
+    parser.add_argument("--requests", type=int, default=defaults.requests, help="Service Requests replayed")
     parser.add_argument(
         "--failure-rate", type=float, default=defaults.failure_rate, help="share of commands answered E20"
     )
@@ -209,7 +309,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         default=defaults.workdir,
         metavar="DIR",
-        help="where the demo's SQLite store is written (emptied first)",
+        help="where the demo's SQLite store is left; replaced only once a new run has completed",
     )
     parser.add_argument(
         "--rules",
@@ -222,6 +322,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--broker", default=None, metavar="URL", help="run over this MQTT broker instead of in memory"
     )
     parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=defaults.connect_timeout,
+        metavar="SECONDS",
+        help="with --broker: give up when it cannot be reached for this long",
+    )
+    parser.add_argument(
         "--save-traffic", type=Path, default=None, metavar="FILE", help="write the generated stream here"
     )
     parser.add_argument(
@@ -231,14 +338,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="FILE",
         help="replay this stream instead of generating one (made with the same --seed and --premises)",
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.premises < 1 or args.requests < 1:
-        sys.stderr.write("mp169 demo: --premises and --requests must be at least 1\n")
-        return 2
     configure_logging("warning")
     options = DemoOptions(
         seed=args.seed,
@@ -251,13 +355,35 @@ def _demo(args: argparse.Namespace) -> int:
         broker=args.broker,
         recording=args.recording,
         save_traffic=args.save_traffic,
+        connect_timeout=args.connect_timeout,
     )
+    try:
+        prepared = prepare(options)
+    except DemoError as exc:
+        sys.stderr.write(f"mp169 demo: {exc}\n")
+        return EXIT_USAGE
     console = Console()
     console.print(
         f"mp169 demo: {options.premises:,} premises, {options.requests:,} Service Requests, "
         f"seed {options.seed}, {options.broker or 'in-memory broker'}"
     )
-    result = asyncio.run(run_demo(options, progress=not args.no_progress, console=Console(stderr=True)))
+
+    async def until_signal() -> DemoResult | None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        return await unless_stopped(
+            run_demo(options, prepared=prepared, progress=not args.no_progress, console=Console(stderr=True)),
+            stop,
+        )
+
+    try:
+        result = asyncio.run(until_signal())
+    except TransportFailedError as exc:
+        sys.stderr.write(f"mp169 demo: {exc}; is the broker running? (--connect-timeout waits longer)\n")
+        return EXIT_BROKER
+    if result is None:
+        sys.stderr.write(f"mp169 demo: interrupted; {options.workdir} keeps the previous results\n")
+        return EXIT_INTERRUPTED
     print_summary(result.replay, console)
     console.print(short_report(result.report))
     console.print(

@@ -24,10 +24,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
+from gateway.interrupt import unless_stopped
 from gateway.transport import Message, Transport, validate_topic
 
 if TYPE_CHECKING:
@@ -190,28 +191,48 @@ async def record(  # noqa: PLR0913 - what to capture, where, until when, on whic
     topics: Sequence[str] = ("dsp/#",),
     *,
     stop: asyncio.Event,
+    echo: Callable[[Message], object] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     wall: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> int:
+) -> int | None:
     """Capture every message on `topics` into `path` until `stop` is set; returns how many.
 
-    The header holds the wall-clock start; each line's `t` is the monotonic offset from it.
+    `path` is written only once the transport has started, so a broker that is never reached (or a
+    `stop` before it is) leaves no file: None is returned then. `echo` sees each message as it is
+    captured. The header holds the wall-clock start; each line's `t` is the monotonic offset from it.
     """
+    created, start = wall(), monotonic()
+    lines: list[str] = []
+    """Captured before the file is open (the first messages can arrive while `start` returns)."""
+    sink: list[TextIO] = []
     count = 0
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write(_header_line("recorded", topics, {}, wall()))
-        start = monotonic()
 
-        async def capture(message: Message) -> None:
-            nonlocal count
-            handle.write(item_line(PublishItem(monotonic() - start, message.topic, message.payload)))
-            count += 1
+    async def capture(message: Message) -> None:
+        nonlocal count
+        line = item_line(PublishItem(monotonic() - start, message.topic, message.payload))
+        if sink:
+            sink[0].write(line)
+        else:
+            lines.append(line)
+        count += 1
+        if echo is not None:
+            echo(message)
 
+    async def started() -> bool:
         await transport.start(list(topics), capture)
-        try:
+        return True
+
+    if not await unless_stopped(started(), stop):
+        return None
+    try:
+        with path.open("w", encoding="utf-8") as handle:
+            handle.write(_header_line("recorded", topics, {}, created))
+            handle.writelines(lines)
+            sink.append(handle)
             await stop.wait()
-        finally:
             await transport.stop()
+    finally:
+        await transport.stop()
     return count
 
 

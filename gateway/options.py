@@ -1,0 +1,82 @@
+"""Command-line options shared by the commands, and the settings they yield.
+
+Every command that reads the configuration takes `--config`; every command that talks to a broker
+takes `--broker URL` (overriding broker.url, as MP169_BROKER__URL does); the interactive ones also
+take `--connect-timeout` (they give up with a message where the daemon keeps retrying).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from gateway.logging import configure_logging
+
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+EXIT_USAGE = 2
+
+
+def config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"configuration file (default: ./{DEFAULT_CONFIG_PATH} if present, else built-in defaults)",
+    )
+
+
+def broker_options(parser: argparse.ArgumentParser, *, interactive: bool = True) -> None:
+    """--config, --broker and, for a command that gives up, --connect-timeout."""
+    config_option(parser)
+    parser.add_argument(
+        "--broker",
+        default=None,
+        metavar="URL",
+        help="MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (default: broker.url of the configuration)",
+    )
+    if interactive:
+        parser.add_argument(
+            "--connect-timeout",
+            type=_positive_seconds,
+            default=DEFAULT_CONNECT_TIMEOUT_SECONDS,
+            metavar="SECONDS",
+            help="give up when the broker cannot be reached for this long",
+        )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def error(command: str, message: str) -> None:
+    sys.stderr.write(f"mp169 {command}: {message}\n")
+
+
+def settings_of(args: argparse.Namespace, **overrides: dict[str, Any]) -> Settings:
+    """The configuration of `--config`, with `--broker` applied. ConfigError names the bad key."""
+    broker = getattr(args, "broker", None)
+    if broker is not None:
+        overrides = {**overrides, "broker": {**overrides.get("broker", {}), "url": broker}}
+    return load_settings(args.config, **overrides)
+
+
+def interactive_settings(args: argparse.Namespace, command: str) -> Settings | None:
+    """The settings, with logging set up from them (human-readable on a terminal, JSON otherwise);
+    None after printing the problem."""
+    try:
+        settings = settings_of(args)
+    except ConfigError as exc:
+        error(command, str(exc))
+        return None
+    configure_logging(settings.gateway.log_level)
+    return settings
