@@ -102,10 +102,23 @@ class InvariantResult:
     name: str
     description: str
     passed: bool
+    """No violation. A run counts as checked only if every invariant also `checked` something."""
     checked: int
     violations: int
     counterexamples: tuple[str, ...] = ()
     counts: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def vacuous(self) -> bool:
+        """Nothing was checked: no violation, and no evidence either (a replay answered E11
+        throughout checks nothing), so a run with a vacuous invariant does not pass."""
+        return self.checked == 0
+
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "FAIL"
+        return "NOTHING CHECKED" if self.vacuous else "PASS"
 
 
 # -- the analysis ---------------------------------------------------------------------------------

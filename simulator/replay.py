@@ -106,7 +106,8 @@ class ReplayResult:
 
     @property
     def passed(self) -> bool:
-        return all(result.passed for result in self.invariants)
+        """Every invariant held and checked something: a check that saw nothing proves nothing."""
+        return all(result.passed and not result.vacuous for result in self.invariants)
 
 
 # -- waiting for answers -------------------------------------------------------------------------
@@ -505,12 +506,22 @@ def print_summary(result: ReplayResult, console: Console | None = None) -> None:
     verdicts.add_column("result")
     verdicts.add_column("checked", justify="right")
     verdicts.add_column("violations", justify="right")
+    styles = {"PASS": "green", "FAIL": "bold red", "NOTHING CHECKED": "bold yellow"}
     for check in result.invariants:
-        verdict = "[green]PASS[/green]" if check.passed else "[bold red]FAIL[/bold red]"
+        verdict = f"[{styles[check.verdict]}]{check.verdict}[/{styles[check.verdict]}]"
         verdicts.add_row(check.name, verdict, str(check.checked), str(check.violations))
     console.print(verdicts)
     for check in result.invariants:
         for example in check.counterexamples:
             console.print(f"[red]{check.name}[/red]: {example}", highlight=False, soft_wrap=True)
+    vacuous = [check.name for check in result.invariants if check.vacuous]
+    if vacuous:
+        console.print(
+            f"[bold yellow]{len(vacuous)} invariant(s) checked nothing ({', '.join(vacuous)}): the run "
+            "proves nothing about them, so it fails. The stream held none of what they look at, or the "
+            "gateway refused it all (E11 throughout: replayed into a store that had seen it? "
+            "mp169 replay --renumber).[/bold yellow]",
+            soft_wrap=True,
+        )
     if not summary.completed:
         console.print(f"[yellow]{summary.missing} request(s) still unanswered at the timeout[/yellow]")

@@ -48,7 +48,10 @@ def terminals() -> Iterator[list[Terminal]]:
         terminal.close()
 
 
-def commands(stream: Path, nowhere: str, out: Path) -> dict[str, list[str]]:
+@pytest.fixture
+def commands(stream: Path, nowhere: str, tmp_path: Path) -> dict[str, list[str]]:
+    """Each broker command, pointed at a broker nobody listens on."""
+    out = tmp_path
     interactive = ["--broker", nowhere, "--connect-timeout", FOREVER]
     return {
         "record": ["record", str(out / "capture.jsonl"), *interactive],
@@ -68,9 +71,9 @@ def assert_clean(text: str) -> None:
 @pytest.mark.parametrize("name", ["record", "simulate devices", "replay", "demo --broker", "run"])
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_signal_stops_a_command_waiting_for_an_unreachable_broker(
-    name: str, how: str, stream: Path, nowhere: str, tmp_path: Path, terminals: list[Terminal]
+    name: str, how: str, commands: dict[str, list[str]], tmp_path: Path, terminals: list[Terminal]
 ) -> None:
-    argv = commands(stream, nowhere, tmp_path)[name]
+    argv = commands[name]
     terminal = Terminal.mp169(*argv, cwd=tmp_path)
     terminals.append(terminal)
     # It is retrying: the second attempt failed, so the first wait between attempts was survived.
@@ -89,9 +92,9 @@ def test_a_signal_stops_a_command_waiting_for_an_unreachable_broker(
 
 @pytest.mark.parametrize("name", ["record", "simulate devices", "replay", "demo --broker"])
 def test_an_interactive_command_gives_up_on_an_unreachable_broker(
-    name: str, stream: Path, nowhere: str, tmp_path: Path
+    name: str, commands: dict[str, list[str]], nowhere: str, tmp_path: Path
 ) -> None:
-    argv = [a if a != FOREVER else "1" for a in commands(stream, nowhere, tmp_path)[name]]
+    argv = [a if a != FOREVER else "1" for a in commands[name]]
     done = subprocess.run(
         [sys.executable, "-m", "gateway.cli", *argv],
         cwd=tmp_path,

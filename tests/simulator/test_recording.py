@@ -144,7 +144,8 @@ async def test_record_captures_live_traffic_with_offsets(tmp_path):
             wall=lambda: wall,
         )
     )
-    await asyncio.sleep(0)
+    while not path.exists():  # written once the recorder is subscribed
+        await asyncio.sleep(0)
     await publisher.publish("dsp/in/90-B3-D5-1F-30-01-00-01", b"one")
     await publisher.publish("elsewhere/topic", b"not recorded")
     await publisher.publish("dsp/device/00-DB-12-00-00-00-01-A0/up", b"two")
@@ -159,6 +160,20 @@ async def test_record_captures_live_traffic_with_offsets(tmp_path):
         (0.5, "dsp/in/90-B3-D5-1F-30-01-00-01", b"one"),
         (1.0, "dsp/device/00-DB-12-00-00-00-01-A0/up", b"two"),
     ]
+
+
+async def test_record_stopped_before_it_is_connected_writes_no_file(tmp_path):
+    class NeverConnects(MemoryTransport):
+        async def start(self, subscriptions, handler):
+            await asyncio.Event().wait()
+
+    stop = asyncio.Event()
+    path = tmp_path / "live.jsonl"
+    task = asyncio.create_task(record(NeverConnects(MemoryBroker(), "recorder"), path, stop=stop))
+    await asyncio.sleep(0)
+    stop.set()
+    assert await task is None
+    assert not path.exists()
 
 
 async def _ignore(message):
