@@ -51,6 +51,10 @@ SESSION_TAKEN_OVER = 0x8E
 _GMQTT_NO_RECONNECT = -2
 _QOS_1 = 1
 _STOP_TIMEOUT_SECONDS = 30.0
+# Brokers that close a taken-over connection without DISCONNECT 0x8E (Mosquitto 2.0.11 does): this
+# many connections in a row, each made at the first attempt and closed by the broker within the
+# keepalive interval, are two clients with one id taking the session from each other.
+_TAKEOVER_PATTERN = 3
 
 Outbound = tuple[str, bytes]
 T = TypeVar("T")
@@ -331,6 +335,11 @@ class MqttTransport:
         self._idle.set()
         self._taking = False
         self._closed = False
+        self._connected_at = 0.0
+        self._attempts = 0
+        """Attempts the last connection took (1: at once)."""
+        self._brief_connections = 0
+        """Connections in a row that the broker closed soon after they were made at the first attempt."""
 
     @classmethod
     def from_settings(
@@ -493,6 +502,7 @@ class MqttTransport:
                 report("broker-connect-failed", attempt=attempt, retry_in=round(delay, 3), error=str(exc))
                 await asyncio.sleep(delay)
             else:
+                self._attempts = attempt + 1
                 if not first and not link.session_present:
                     # The broker lost the session: what was queued for the gateway while it was
                     # away is gone with it; subscriptions were made again above.
@@ -504,14 +514,9 @@ class MqttTransport:
             await link.lost.wait()
             self._deactivate(link)
             self._emit(ConnectionEvent.LOST)
-            if link.taken_over:
-                self._fail(
-                    SessionTakenOverError(
-                        f"another client connected to {self.settings.url} with client id "
-                        f"{self.client_id!r} and took this one's session over (MQTT reason 0x8E); "
-                        "two clients must never share a client id"
-                    )
-                )
+            taken_over = self._taken_over(link)
+            if taken_over is not None:
+                self._fail(taken_over)
                 return
             log.warning("broker-connection-lost", unacknowledged=len(self._carryover))
             try:
@@ -558,8 +563,27 @@ class MqttTransport:
             alone = False
         return not link.lost.is_set()
 
+    def _taken_over(self, link: _Link) -> SessionTakenOverError | None:
+        """Whether the loss of `link` means another client has our client id."""
+        brief = asyncio.get_running_loop().time() - self._connected_at < self.settings.keepalive_seconds
+        self._brief_connections = self._brief_connections + 1 if brief and self._attempts == 1 else 0
+        if link.taken_over:
+            how = "took this one's session over (MQTT reason 0x8E)"
+        elif self._brief_connections >= _TAKEOVER_PATTERN:
+            how = (
+                f"is most likely connected: the broker closed each of the last {self._brief_connections} "
+                "connections right after it was made"
+            )
+        else:
+            return None
+        return SessionTakenOverError(
+            f"another client with client id {self.client_id!r} on {self.settings.url} {how}; "
+            "two clients must never share a client id"
+        )
+
     def _activate(self, link: _Link) -> None:
         self._link = link
+        self._connected_at = asyncio.get_running_loop().time()
         self._ready.set()
 
     def _deactivate(self, link: _Link) -> None:
