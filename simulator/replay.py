@@ -514,6 +514,12 @@ def print_summary(result: ReplayResult, console: Console | None = None) -> None:
     for check in result.invariants:
         for example in check.counterexamples:
             console.print(f"[red]{check.name}[/red]: {example}", highlight=False, soft_wrap=True)
+    _explain_vacuous(result, console)
+    if not summary.completed:
+        console.print(f"[yellow]{summary.missing} request(s) still unanswered at the timeout[/yellow]")
+
+
+def _explain_vacuous(result: ReplayResult, console: Console) -> None:
     vacuous = [check.name for check in result.invariants if check.vacuous]
     if vacuous:
         console.print(
@@ -523,5 +529,3 @@ def print_summary(result: ReplayResult, console: Console | None = None) -> None:
             "mp169 replay --renumber).[/bold yellow]",
             soft_wrap=True,
         )
-    if not summary.completed:
-        console.print(f"[yellow]{summary.missing} request(s) still unanswered at the timeout[/yellow]")

@@ -144,7 +144,7 @@ async def test_record_captures_live_traffic_with_offsets(tmp_path):
             wall=lambda: wall,
         )
     )
-    while not path.exists():  # written once the recorder is subscribed
+    while not path.exists():  # noqa: ASYNC110 - the file is written once the recorder is subscribed
         await asyncio.sleep(0)
     await publisher.publish("dsp/in/90-B3-D5-1F-30-01-00-01", b"one")
     await publisher.publish("elsewhere/topic", b"not recorded")
