@@ -51,14 +51,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     command = inventory_actions.add_parser(
         "import", help="validate an inventory CSV and upsert it (all or nothing)"
     )
-    command.add_argument("file", type=Path, metavar="FILE.csv")
+    command.add_argument("file", type=Path, metavar="FILE.csv", help="the Smart Metering Inventory, CSV")
     config_option(command)
     command.set_defaults(handler=import_inventory)
 
     users = subparsers.add_parser("users", help="user registry administration")
     users_actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
     command = users_actions.add_parser("import", help="validate a users CSV and upsert it (all or nothing)")
-    command.add_argument("file", type=Path, metavar="FILE.csv")
+    command.add_argument("file", type=Path, metavar="FILE.csv", help="the user registry, CSV")
     config_option(command)
     command.set_defaults(handler=import_users)
 
@@ -123,16 +123,35 @@ def _import(
             sys.stderr.write(f"... and {len(problems) - _SHOWN_PROBLEMS} more bad line(s)\n")
         return EXIT_BAD_FILE
 
-    async def run() -> UpsertCounts:
+    async def run() -> tuple[UpsertCounts, list[tuple[Eui, str, Eui]], int]:
         async with SqliteStore(path) as store:
-            return await upsert(store, records)
+            counts = await upsert(store, records)
+            dangling, total = await store.dangling_references(_SHOWN_PROBLEMS)
+            return counts, dangling, total
 
-    counts = asyncio.run(run())
+    counts, dangling, total = asyncio.run(run())
     sys.stdout.write(
         f"imported {counts.received:,} {noun} from {source} into {path}: {counts.inserted:,} new, "
         f"{counts.updated:,} updated, {counts.unchanged:,} unchanged\n"
     )
+    _warn_dangling(dangling, total)
     return 0
+
+
+def _warn_dangling(dangling: list[tuple[Eui, str, Eui]], total: int) -> None:
+    """Imported all the same (the other file may follow), but such a device cannot have its flag
+    set (E081503: no commissioned comms hub) or its alerts delivered (no known supplier)."""
+    if not total:
+        return
+    sys.stderr.write(
+        f"mp169: warning: {total:,} reference(s) in the inventory name nothing known "
+        "(import the users file and every comms hub, or correct the inventory):\n"
+    )
+    for device, column, value in dangling:
+        what = "not in the inventory" if column == "comms_hub_id" else "not a known user"
+        sys.stderr.write(f"  {device}: {column} {value} is {what}\n")
+    if total > len(dangling):
+        sys.stderr.write(f"  ... and {total - len(dangling):,} more\n")
 
 
 # -- flags show -------------------------------------------------------------------------------------
@@ -159,6 +178,9 @@ def show_flags(args: argparse.Namespace) -> int:
             _print_all(flags, history)
         return 0
     record, flag, history = asyncio.run(_device_flag(path, device))
+    if record is None and flag is None and not history:
+        _error(f"{device}: not in the inventory of {path}, and no flag request ever named it")
+        return EXIT_BAD_FILE
     if args.json:
         _write_json(
             {

@@ -3,7 +3,7 @@
 Every device a request concerns is taken as known, SMETS2 and Commissioned, and flagged iff `--flagged`;
 the requester's roles are checked only when `--roles` is given.
 A file that cannot be read or parsed is a `reject` with the reason; the exit status is 1 if any file
-was rejected, else 0.
+was rejected, else 0. `-` reads one document from standard input (reported as file "-").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import GatewaySettings
-from gateway.duis import ParseError, parse_request
+from gateway.duis import DEFAULT_MAX_BYTES, ParseError, parse_request
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
 from rules.domain import DeviceStatus, DeviceType, Eui, Role, parse_eui
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="DUIS request files; - reads one from stdin"
+    )
     parser.add_argument(
         "--flagged", action="store_true", help="decide as if every device concerned has the MP169 flag"
     )
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     rejected = False
     for path in args.files:
         try:
-            data = path.read_bytes()
+            data = _read(path)
         except OSError as exc:
             outcome = _rejected(str(path), ParseError("unreadable", f"{type(exc).__name__}: {exc.strerror}"))
         else:
@@ -90,6 +92,16 @@ def run(args: argparse.Namespace) -> int:
         rejected = rejected or outcome["decision"] == Action.REJECT.value
         sys.stdout.write(json.dumps(outcome) + "\n")
     return EXIT_REJECTED if rejected else 0
+
+
+STDIN = Path("-")
+
+
+def _read(path: Path) -> bytes:
+    if path == STDIN:
+        # One byte over the limit is enough for the parser to reject an oversized document.
+        return sys.stdin.buffer.read(DEFAULT_MAX_BYTES + 1)
+    return path.read_bytes()
 
 
 def check(  # noqa: PLR0913 - keyword-only: the assumptions the offline decision is made under

@@ -575,6 +575,25 @@ class SqliteStore:
             rows,
         )
 
+    async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]:
+        """Up to `limit` (device, column, value) where a device names a comms hub that is not in the
+        inventory or a supplier that is not in the user registry, and how many there are in all."""
+        parts = [
+            (
+                "SELECT device_id, 'comms_hub_id', comms_hub_id FROM devices WHERE comms_hub_id IS NOT NULL"
+                " AND comms_hub_id NOT IN (SELECT device_id FROM devices)"
+            ),
+            *(
+                f"SELECT device_id, '{column}', {column} FROM devices WHERE {column} IS NOT NULL"  # noqa: S608 - fixed column names
+                f" AND {column} NOT IN (SELECT user_id FROM users)"
+                for column in ("import_supplier", "export_supplier", "gas_supplier")
+            ),
+        ]
+        query = " UNION ALL ".join(parts)
+        rows = await self._fetchall(f"{query} ORDER BY 1, 2 LIMIT ?", (limit,))
+        [(total,)] = await self._fetchall(f"SELECT count(*) FROM ({query})")  # noqa: S608 - no input in it
+        return [(Eui(row[0]), str(row[1]), Eui(row[2])) for row in rows], int(total)
+
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._fetchall("SELECT originator, counter FROM request_counters")
         return {row[0]: int(row[1]) for row in rows}

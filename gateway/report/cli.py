@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--until", type=parse_time, default=None, help="end (exclusive), ISO-8601 (default: now)"
     )
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output on stdout"
+    )
     parser.add_argument(
         "--html", type=Path, default=None, metavar="FILE", help="also write a self-contained HTML page"
     )

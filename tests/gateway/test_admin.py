@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from gateway import admin
 from gateway.cli import main
 from gateway.store import CommitBatch, SqliteStore
 from rules.domain import DeviceStatus, Eui, FlagEvent, Tariff
+from simulator.estate import generate_estate, write_estate
 from tests.gateway.test_inventory import (
     GAS_METER,
     IMPORT_SUPPLIER,
@@ -217,3 +219,39 @@ def test_through_the_mp169_console_script(
     assert main(["flags", "show", METER, "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["device"]["device_id"] == METER
+
+
+def test_an_import_warns_about_unknown_comms_hubs_and_suppliers(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory, users = write_estate(generate_estate(5, 2), tmp_path / "estate")
+    assert main(["inventory", "import", str(inventory), "--config", str(config)]) == 0
+    warned = capsys.readouterr().err
+    assert "reference(s) in the inventory name nothing known" in warned
+    assert "import_supplier" in warned
+    assert "is not a known user" in warned
+    assert main(["users", "import", str(users), "--config", str(config)]) == 0
+    assert "warning" not in capsys.readouterr().err, "every reference is known once both are imported"
+
+    with inventory.open(encoding="utf-8", newline="") as lines:
+        rows = list(csv.DictReader(lines))
+    meter = next(row for row in rows if row["comms_hub_id"])
+    meter["comms_hub_id"] = "00-DB-12-00-00-00-99-A2"
+    moved = tmp_path / "moved.csv"
+    with moved.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow(meter)
+    assert main(["inventory", "import", str(moved), "--config", str(config)]) == 0
+    warned = capsys.readouterr().err
+    assert f"{meter['device_id']}: comms_hub_id 00-DB-12-00-00-00-99-A2 is not in the inventory" in warned
+
+
+def test_flags_show_of_a_device_nobody_knows_exits_non_zero(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory, _ = write_estate(generate_estate(5, 1), tmp_path / "estate")
+    assert main(["inventory", "import", str(inventory), "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["flags", "show", "00-DB-12-00-00-00-99-A0", "--config", str(config)]) == 1
+    assert "not in the inventory" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -161,3 +162,15 @@ def test_bad_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFix
         cli.main(["check", *argv, *([str(PROFILE)] if argv else [])])
     assert exit_info.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_a_dash_reads_the_request_from_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(PROFILE.read_bytes())))
+    status, rows = run(capsys, "--flagged", "-", PROFILE)
+    assert status == 0
+    assert [(row["file"], row["srv"], row["response_code"]) for row in rows] == [
+        ("-", "4.8.1", "E169"),
+        (str(PROFILE), "4.8.1", "E169"),
+    ]
