@@ -18,8 +18,8 @@ from rich.table import Table
 
 from gateway.config import ConfigError, load_settings
 from gateway.inventory import InventoryFileError, parse_inventory, parse_users
-from gateway.store import FlagState, SqliteStore, UpsertCounts
 from gateway.options import config_option
+from gateway.store import FlagState, SqliteStore, UpsertCounts
 from rules.codes import ResponseCode
 from rules.domain import (
     OUTCOME_ACCEPTED,

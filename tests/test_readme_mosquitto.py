@@ -1,5 +1,5 @@
 """The README's "Running against Mosquitto" block, run as it stands in bash, against a private
-Mosquitto from tests/broker.py: only its ports are replaced by free ones, and the line that starts
+Mosquitto from simulator/mosquitto.py: only its ports are replaced by free ones, and the line that starts
 the broker is played by the fixture."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.broker import free_port
+from simulator.mosquitto import free_port
 
 if TYPE_CHECKING:
-    from tests.broker import Mosquitto
+    from simulator.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.broker import free_port
+from simulator.mosquitto import free_port
 from tests.gateway.test_mqtt import GUARD_SECONDS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.broker import Mosquitto
+    from simulator.mosquitto import Mosquitto
 
 
 def mp169(*args: str) -> list[str]:

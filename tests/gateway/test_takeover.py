@@ -17,7 +17,7 @@ from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.broker import Mosquitto
+    from simulator.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.broker
 

@@ -18,7 +18,7 @@ from simulator.recording import InventoryChange, PublishItem
 from simulator.renumber import renumber, stale_requests
 from simulator.replay import ReplayResult, print_summary, replay
 from simulator.traffic import Traffic, generate_traffic
-from tests.gateway.test_pipeline import header
+from tests.gateway.messages import header
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -79,7 +79,7 @@ async def replay_into(database: Path, traffic: Traffic, items: Sequence[StreamIt
             items,
             MemoryTransport(broker, "replay"),
             window=50,
-            topics=service.pipeline.topics,
+            topics=service.router.topics,
             before_wait=alerts,
             settle_seconds=0.3,
         )
