@@ -52,8 +52,9 @@ _GMQTT_NO_RECONNECT = -2
 _QOS_1 = 1
 _STOP_TIMEOUT_SECONDS = 30.0
 # Brokers that close a taken-over connection without DISCONNECT 0x8E (Mosquitto 2.0.11 does): this
-# many connections in a row, each made at the first attempt and closed by the broker within the
-# keepalive interval, are two clients with one id taking the session from each other.
+# many connections in a row, each made at the first attempt, closed by the broker within the
+# keepalive interval without having published anything (a publish the ACL refuses also makes
+# Mosquitto close the connection), are two clients with one id taking the session from each other.
 _TAKEOVER_PATTERN = 3
 
 Outbound = tuple[str, bytes]
@@ -137,6 +138,7 @@ class _Link:
         self.session_present = False
         self.taken_over = False
         """The broker closed this connection with reason 0x8E (session taken over)."""
+        self.published = 0
         self._deliver = deliver
         self._sending: Outbound | None = None
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
@@ -218,6 +220,7 @@ class _Link:
         self._sending = (topic, payload)
         try:
             self.client.publish(topic, payload, qos=_QOS_1)
+            self.published += 1
         finally:
             self._sending = None
 
@@ -566,7 +569,8 @@ class MqttTransport:
     def _taken_over(self, link: _Link) -> SessionTakenOverError | None:
         """Whether the loss of `link` means another client has our client id."""
         brief = asyncio.get_running_loop().time() - self._connected_at < self.settings.keepalive_seconds
-        self._brief_connections = self._brief_connections + 1 if brief and self._attempts == 1 else 0
+        closed_unprovoked = brief and self._attempts == 1 and not link.published
+        self._brief_connections = self._brief_connections + 1 if closed_unprovoked else 0
         if link.taken_over:
             how = "took this one's session over (MQTT reason 0x8E)"
         elif self._brief_connections >= _TAKEOVER_PATTERN:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ from rules.domain import Eui, parse_eui, utc_now
 from rules.table import RulesTable, TableError, default_table, load_table
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gateway.config import Settings
     from gateway.transport import Transport
 
@@ -63,6 +66,7 @@ class GatewayService:
         *,
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> GatewayService:
         table = load_rules(settings)
         path = Path(settings.store.path)
@@ -100,6 +104,7 @@ class GatewayService:
             observers=(MetricsObserver(metrics), LogObserver(), OutcomeObserver(recorder)),
             metrics=metrics,
             clock=clock,
+            monotonic=monotonic,
         )
         shell.start()
         service = cls(settings, store, view, recorder, router, shell, transport, clock)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport
 from rules.table import TableError, default_table, load_table
+from simulator.clock import TICK_SECONDS, SimulatedClock
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, records_from_rows
 from simulator.recording import PublishItem, RecordingError, read_recording, write_stream
@@ -220,9 +222,11 @@ async def _run(
         write_stream(items, options.save_traffic, meta=meta)
 
     settings = demo_settings(database, options.rules, options.broker)
-    connect = _connector(settings, in_memory=options.broker is None, give_up_seconds=options.connect_timeout)
-    started = datetime.now(UTC)
-    service = await GatewayService.start(settings, connect(settings.gateway.client_id))
+    connect, clock = _connector(settings, options)
+    started = clock.wall()
+    service = await GatewayService.start(
+        settings, connect(settings.gateway.client_id), clock=clock.wall, monotonic=clock.monotonic
+    )
     devices = DeviceSimulator(connect("mp169-devices"), prepared.devices, devices=estate.devices)
     flag_targets = set(_flagged_by(items))
     flagged = [device for device in estate.devices if device.device_id in flag_targets]
@@ -236,12 +240,16 @@ async def _run(
         await devices.execute_schedules()
         await devices.emit_alerts(ALERTS_FROM_FLAGGED, flagged)
         await devices.emit_alerts(ALERTS_FROM_ANY)
+        # Past the deadline of every command still unanswered: those the devices never answer.
+        await clock.sleep(TARGET_RESPONSE_SECONDS + TICK_SECONDS)
 
     try:
         await devices.start()
         result = await replay(
             items,
             connect("mp169-replay"),
+            # On the simulated clock the stream keeps its timeline; over a broker, flat out.
+            speed=1.0 if options.broker is None else None,
             window=options.window,
             apply_inventory=apply_inventory,
             answer_timeout=TARGET_RESPONSE_SECONDS * 5,
@@ -252,11 +260,13 @@ async def _run(
             table=default_table(),
             before_wait=alerts_and_schedules,
             console=console,
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
         )
     finally:
         await devices.stop()
         await service.stop()
-    now = datetime.now(UTC)
+    now = clock.wall()
     report = await load_report(
         settings.outcomes_path,
         Period(started - timedelta(minutes=1), now + timedelta(minutes=1)),
@@ -267,17 +277,33 @@ async def _run(
     return DemoResult(result, report, database)
 
 
+class _RealClock:
+    """The clocks of a demo over a real broker, where nothing can be made to wait for it."""
+
+    def __init__(self) -> None:
+        self.monotonic = time.monotonic
+        self.sleep = asyncio.sleep
+
+    @staticmethod
+    def wall() -> datetime:
+        return datetime.now(UTC)
+
+
 def _connector(
-    settings: Settings, *, in_memory: bool, give_up_seconds: float | None = None
-) -> Callable[[str], Transport]:
-    """Transports for the demo's clients: in memory, or MQTT with run-unique client ids."""
-    if in_memory:
+    settings: Settings, options: DemoOptions
+) -> tuple[Callable[[str], Transport], SimulatedClock | _RealClock]:
+    """Transports for the demo's clients and the clock they run on: in memory on a simulated clock,
+    or MQTT with run-unique client ids on the real one."""
+    if options.broker is None:
         broker = MemoryBroker()
-        return lambda client_id: MemoryTransport(broker, client_id)
+        return (lambda client_id: MemoryTransport(broker, client_id)), SimulatedClock(
+            broker, datetime.now(UTC)
+        )
     run = uuid.uuid4().hex[:8]
-    return lambda client_id: MqttTransport.from_settings(
-        settings, f"{client_id}-{run}", give_up_seconds=give_up_seconds
-    )
+    give_up = options.connect_timeout
+    return (
+        lambda client_id: MqttTransport.from_settings(settings, f"{client_id}-{run}", give_up_seconds=give_up)
+    ), _RealClock()
 
 
 def _flagged_by(items: Sequence[StreamItem]) -> Iterator[Eui]:
