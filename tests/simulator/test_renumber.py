@@ -11,6 +11,7 @@ from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport
 from rules.domain import Eui
+from simulator import cli
 from simulator.demo import demo_settings
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate
@@ -23,6 +24,8 @@ from tests.gateway.messages import header
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
+
+    import pytest
 
     from simulator.recording import StreamItem
 
@@ -124,3 +127,22 @@ async def test_a_second_replay_into_the_same_store_fails_and_a_renumbered_one_pa
     renumbered = await replay_into(database, traffic, fresh)
     assert renumbered.passed, [r for r in renumbered.invariants if not r.passed or r.vacuous]
     assert "E11" not in renumbered.summary.first_codes
+
+
+def test_mp169_replay_warns_about_a_stream_the_store_has_seen_or_renumbers_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items: list[StreamItem] = [item(1), item(2), item(3)]
+    store = tmp_path / "store.sqlite3"
+    assert cli._fresh_items(items, {}, store, "dsp/in", renumbering=False) is items
+    assert capsys.readouterr().err == ""
+    assert cli._fresh_items(items, {USER: 2}, store, "dsp/in", renumbering=False) is items
+    warning = capsys.readouterr().err
+    assert (
+        f"warning: 2 requests of this stream carry RequestID counters that {store} has already accepted"
+        in warning
+    )
+    assert "--renumber gives them fresh counters" in warning
+    fresh = cli._fresh_items(items, {USER: 2}, store, "dsp/in", renumbering=True)
+    assert stale_requests(fresh, {USER: 2}) == 0
+    assert f"renumbered 3 requests above the counters of {store}" in capsys.readouterr().err
