@@ -27,7 +27,7 @@ from gateway.interrupt import stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics, MetricsServer
 from gateway.mqtt import MqttTransport
-from gateway.options import EXIT_USAGE, broker_options, config_option, error, settings_of
+from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, config_option, error, settings_of
 from gateway.service import GatewayService
 from gateway.systemd import notify
 
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mp169.daemon")
 
 EXIT_NOT_READY = 1
-EXIT_TRANSPORT_FAILED = 3
-"""Another client took the gateway's session over: restarting would take it back (the unit's
-RestartPreventExitStatus)."""
 _READY_POLL_SECONDS = 0.25
 
 
@@ -141,11 +138,13 @@ async def serve(
         health.store_open = False
     finally:
         heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
         if server is not None:
             server.close()
     if transport.failure is not None:
         error("run", f"stopped: {transport.failure}")
-        return EXIT_TRANSPORT_FAILED
+        return EXIT_BROKER
     return 0
 
 

@@ -12,11 +12,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from pydantic import ValidationError
+
+from gateway.config import (
+    DEFAULT_CONFIG_PATH,
+    BrokerSettings,
+    ConfigError,
+    Settings,
+    load_settings,
+    validation_problems,
+)
 from gateway.logging import configure_logging
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 EXIT_USAGE = 2
+EXIT_BROKER = 3
+"""The broker stayed unreachable past --connect-timeout, or another client took the session over
+(for `mp169 run`, whose unit does not restart it on this status: it would take the session back)."""
 
 
 def config_option(parser: argparse.ArgumentParser) -> None:
@@ -62,10 +74,22 @@ def error(command: str, message: str) -> None:
     sys.stderr.write(f"mp169 {command}: {message}\n")
 
 
+def broker_url_problem(url: str) -> str | None:
+    """What is wrong with a --broker URL, in one line (None: nothing)."""
+    try:
+        BrokerSettings(url=url)
+    except ValidationError as exc:
+        return f"--broker {url}: {validation_problems(exc)}"
+    return None
+
+
 def settings_of(args: argparse.Namespace, **overrides: dict[str, Any]) -> Settings:
     """The configuration of `--config`, with `--broker` applied. ConfigError names the bad key."""
     broker = getattr(args, "broker", None)
     if broker is not None:
+        problem = broker_url_problem(broker)
+        if problem is not None:
+            raise ConfigError(problem)
         overrides = {**overrides, "broker": {**overrides.get("broker", {}), "url": broker}}
     return load_settings(args.config, **overrides)
 

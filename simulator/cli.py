@@ -17,7 +17,7 @@ from rich.console import Console
 from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.inventory import InventoryFileError
 from gateway.mqtt import MqttTransport, TransportFailedError
-from gateway.options import EXIT_USAGE, broker_options, error, interactive_settings
+from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, error, interactive_settings
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from rules.domain import DeviceRecord, parse_eui
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from simulator.recording import Recording, StreamItem
 
 EXIT_INVARIANT_FAILED = 1
-EXIT_BROKER = 3
-"""The broker could not be reached within --connect-timeout, or another client took the session."""
 RECORDER_CLIENT_ID = "mp169-recorder"
 REPLAY_CLIENT_ID = "mp169-replay"
 DEVICES_CLIENT_ID = "mp169-devices"

@@ -23,15 +23,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
 from rich.console import Console
 
-from gateway.config import BrokerSettings, Settings, validation_problems
+from gateway.config import BrokerSettings, Settings
 from gateway.duis import ParseError, parse_request
 from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.mqtt import MqttTransport, TransportFailedError
-from gateway.options import DEFAULT_CONNECT_TIMEOUT_SECONDS
+from gateway.options import DEFAULT_CONNECT_TIMEOUT_SECONDS, EXIT_BROKER, EXIT_USAGE, broker_url_problem
 from gateway.report.compute import Period, Report
 from gateway.report.load import load_report
 from gateway.report.render_text import short_report
@@ -56,8 +55,6 @@ if TYPE_CHECKING:
     from simulator.recording import StreamItem
 
 EXIT_INVARIANT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BROKER = 3
 DEFAULT_WORKDIR = Path("var/demo")
 DATABASE = "mp169.sqlite3"
 # Short, so the simulated devices that never answer are timed out (E21) within the run.
@@ -150,11 +147,9 @@ def prepare(options: DemoOptions) -> Prepared:
 
 def _check_inputs(options: DemoOptions) -> None:
     """The broker URL, the rules table and the folders (DemoError on the first that is unusable)."""
-    if options.broker is not None:
-        try:
-            BrokerSettings(url=options.broker)
-        except ValidationError as exc:
-            raise DemoError(f"--broker {options.broker}: {validation_problems(exc)}") from exc
+    problem = None if options.broker is None else broker_url_problem(options.broker)
+    if problem is not None:
+        raise DemoError(problem)
     if options.rules is not None:
         try:
             load_table(options.rules)
