@@ -94,7 +94,8 @@ class BrokerUnreachableError(TransportFailedError):
 
 
 class SessionTakenOverError(TransportFailedError):
-    """The broker disconnected us with reason 0x8E: another client connected with our client id."""
+    """Another client connected with our client id: the broker said so (DISCONNECT 0x8E), or closed
+    our idle connections one after the other right after they were made (`_TAKEOVER_PATTERN`)."""
 
 
 def backoff_delay(
@@ -289,9 +290,9 @@ class MqttTransport:
     `handler_errors` counts handlers that raised (their messages were acknowledged).
 
     `give_up_seconds` (None: never) bounds how long the broker may stay unreachable, at start and
-    after a loss; interactive commands set it, the daemon does not. Whatever it is, a connection
-    closed with reason 0x8E (another client took the session over) is never re-established: two
-    clients with one id would take it from each other forever. Either failure ends the transport:
+    after a loss; interactive commands set it, the daemon does not. Whatever it is, a session that
+    another client took over (SessionTakenOverError) is never taken back: two clients with one id
+    would take it from each other forever. Either failure ends the transport:
     `start` raises it, or later `failure` holds it, `failed` is set, `on_failure` is called, and
     `publish` raises it.
     """
