@@ -3,6 +3,9 @@
 Imports upsert: a row for a device already known updates it, which is how a Change of Supplier or
 a tariff change reaches the gateway (a running gateway picks it up within a second). A file is
 validated whole first; one bad line and nothing is imported (exit status 1, every bad line named).
+Every command names the store it uses, and where its path came from. Only the imports create a
+store, and say so: `flags show` (like `run`, `replay` and `report`) refuses a missing one, so a
+command run from the wrong directory fails instead of reading a new, empty store.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
-from rich.table import Table
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, load_configuration
 from gateway.inventory import InventoryFileError, parse_inventory, parse_users
 from gateway.options import config_option
 from gateway.store import FlagState, SqliteStore, UpsertCounts
+from gateway.terminal import Column, FittedTable, print_fitted
 from rules.codes import ResponseCode
 from rules.domain import (
     OUTCOME_ACCEPTED,
@@ -78,8 +81,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     command.set_defaults(handler=show_flags)
 
 
-def _store_path(args: argparse.Namespace) -> Path:
-    return Path(load_settings(args.config).store.path)
+def _store_path(args: argparse.Namespace, *, create: bool = False) -> Path:
+    """The configured store, named on stderr; a ConfigError if it does not exist and not `create`."""
+    configuration = load_configuration(args.config)
+    path = configuration.existing_store(create=create)
+    sys.stderr.write(f"mp169: store {configuration.describe_store()}\n")
+    return path
 
 
 def _error(message: str) -> None:
@@ -105,8 +112,9 @@ def _import(
 ) -> int:
     source: Path = args.file
     try:
-        path = _store_path(args)
         with source.open(encoding="utf-8-sig", newline="") as lines:
+            # The store is checked before a long file is parsed, after the file is known to be there.
+            path = _store_path(args, create=True)
             records = parse(lines)
     except ConfigError as exc:
         _error(str(exc))
@@ -129,7 +137,10 @@ def _import(
             dangling, total = await store.dangling_references(_SHOWN_PROBLEMS)
             return counts, dangling, total
 
+    created = not path.exists()
     counts, dangling, total = asyncio.run(run())
+    if created:
+        sys.stderr.write(f"mp169: created a new store at {path} (there was none)\n")
     sys.stdout.write(
         f"imported {counts.received:,} {noun} from {source} into {path}: {counts.inserted:,} new, "
         f"{counts.updated:,} updated, {counts.unchanged:,} unchanged\n"
@@ -159,17 +170,14 @@ def _warn_dangling(dangling: list[tuple[Eui, str, Eui]], total: int) -> None:
 
 def show_flags(args: argparse.Namespace) -> int:
     try:
-        path = _store_path(args)
         device = None if args.device is None else parse_eui(args.device)
+        path = _store_path(args)
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    if not path.exists():
-        _error(f"no database at {path} (import an inventory first)")
-        return EXIT_BAD_FILE
     if device is None:
         flags, history = asyncio.run(_all_flags(path, args.limit))
         if args.json:
@@ -270,20 +278,20 @@ def _counter(request_id: str) -> str:
     return request_id.rsplit(":", 1)[-1]
 
 
-def _history_table(title: str, history: list[FlagEvent], *, with_device: bool) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("at (UTC)", no_wrap=True)
-    if with_device:
-        table.add_column("device", no_wrap=True)
-    table.add_column("action")
-    table.add_column("requester", no_wrap=True)
-    table.add_column("counter", justify="right")
-    table.add_column("declared")
-    table.add_column("reference")
-    table.add_column("outcome")
-    for event in history:
-        row = [
+def _history_table(title: str, history: list[FlagEvent], *, with_device: bool) -> FittedTable:
+    keys = [Column("at (UTC)"), *([Column("device")] if with_device else [])]
+    values = [
+        Column("action"),
+        Column("requester"),
+        Column("counter", numeric=True),
+        Column("declared"),
+        Column("reference"),
+        Column("outcome", numeric=True),
+    ]
+    rows = [
+        [
             event.at.strftime("%Y-%m-%d %H:%M:%S"),
+            *([event.device_id] if with_device else []),
             "set" if event.set else "clear",
             event.requester,
             _counter(event.request_id),
@@ -291,30 +299,27 @@ def _history_table(title: str, history: list[FlagEvent], *, with_device: bool) -
             event.consumer_reference or "",
             event.outcome,
         ]
-        if with_device:
-            row.insert(1, event.device_id)
-        table.add_row(*row)
-    return table
+        for event in history
+    ]
+    return FittedTable(title, keys, values, rows)
 
 
 def _print_all(flags: list[FlagState], history: list[FlagEvent]) -> None:
     console = Console()
-    table = Table(title=f"Devices with reduced communications: {len(flags)}", title_justify="left")
-    table.add_column("device", no_wrap=True)
-    table.add_column("set by", no_wrap=True)
-    table.add_column("set at (UTC)", no_wrap=True)
-    table.add_column("counter", justify="right")
-    table.add_column("reference")
-    for flag in flags:
-        table.add_row(
+    rows = [
+        [
             flag.device_id,
             flag.set_by,
             flag.set_at.strftime("%Y-%m-%d %H:%M:%S"),
             _counter(flag.request_id),
             flag.consumer_reference or "",
-        )
-    console.print(table)
-    console.print(_history_table(f"Latest flag requests: {len(history)}", history, with_device=True))
+        ]
+        for flag in flags
+    ]
+    values = [Column("set by"), Column("set at (UTC)"), Column("counter", numeric=True), Column("reference")]
+    title = f"Devices with reduced communications: {len(flags)}"
+    print_fitted(console, FittedTable(title, [Column("device")], values, rows))
+    print_fitted(console, _history_table(f"Latest flag requests: {len(history)}", history, with_device=True))
     _print_legend(console, history)
 
 
@@ -338,7 +343,7 @@ def _print_device(
             f"Reduced communications: SET since {flag.set_at:%Y-%m-%d %H:%M:%S} UTC by {flag.set_by} "
             f"(request {flag.request_id}{reference})"
         )
-    console.print(_history_table(f"Flag history: {len(history)}", history, with_device=False))
+    print_fitted(console, _history_table(f"Flag history: {len(history)}", history, with_device=False))
     _print_legend(console, history)
 
 

@@ -17,6 +17,7 @@ from gateway.logging import configure_logging
 
 COMMAND_MODULES = (
     "gateway.check",  # mp169 check
+    "gateway.config_check",  # mp169 config check
     "gateway.admin",  # mp169 inventory import, users import, flags show
     "gateway.daemon",  # mp169 run
     "gateway.report.cli",  # mp169 report

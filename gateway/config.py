@@ -1,24 +1,41 @@
 """Settings: config.toml validated into one typed model, every key overridable from the environment.
 
-Environment overrides use the prefix MP169_ and "__" between levels (MP169_BROKER__URL,
-MP169_STORE__PATH) and win over the file. An unknown key or a bad value in the file is an error
-naming the key, raised before anything starts.
+Layers, each overriding the one before: the defaults, the file (./config.toml or `--config`), the
+environment (`MP169_<SECTION>__<KEY>`: MP169_BROKER__URL, MP169_STORE__PATH), the command line. Every
+value remembers which layer it came from (`mp169 config check` prints them). An unknown key, in the
+file or as an MP169_ variable, is an error naming the closest valid one; a bad value is an error naming
+the key and where it was set. Both are raised before anything starts.
+
+The environment is read here rather than through pydantic-settings, which ignores an MP169_ variable
+that names no section and cannot say where a value came from.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import ssl
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rules.domain import DCC_EUI, parse_eui
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
 DEFAULT_CONFIG_PATH = Path("config.toml")
+DEMO_STORE_PATH = Path("var/demo/mp169.sqlite3")
+"""Where `mp169 demo` leaves its store (and its outcomes beside it) for `mp169 report`."""
+ENV_PREFIX = "MP169_"
+_ENV_DELIMITER = "__"
+DEFAULT = "default"
+COMMAND_LINE = "command line"
+SECRET_KEYS = frozenset({"broker.password"})
 
 
 class _Section(BaseModel):
@@ -113,10 +130,8 @@ class OutcomeSettings(_Section):
     retention_days: Annotated[int, Field(ge=1)] = 400
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="MP169_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker: BrokerSettings = BrokerSettings()
     topics: TopicSettings = TopicSettings()
@@ -131,40 +146,202 @@ class Settings(BaseSettings):
         store = Path(self.store.path)
         return store.with_name(f"{store.stem}-outcomes{store.suffix}")
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],  # noqa: ARG003
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
-        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file's values, which arrive as init arguments.
-        return (env_settings, init_settings)
+
+def _sections() -> dict[str, type[BaseModel]]:
+    sections: dict[str, type[BaseModel]] = {}
+    for name, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
+        sections[name] = model
+    return sections
+
+
+SECTIONS = _sections()
+KEYS = tuple(f"{section}.{key}" for section, model in SECTIONS.items() for key in model.model_fields)
+"""Every setting, as `section.key`, in the order of the model (and of config.toml)."""
+
+
+def env_name(key: str) -> str:
+    """`broker.url` -> `MP169_BROKER__URL`."""
+    section, name = key.split(".")
+    return f"{ENV_PREFIX}{section.upper()}{_ENV_DELIMITER}{name.upper()}"
+
+
+_ENV_KEYS = {env_name(key): key for key in KEYS}
 
 
 class ConfigError(Exception):
-    """The configuration file or an override is invalid; the message names the key."""
+    """The configuration file or an override is invalid; each problem names the key and its origin."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = problems
+        super().__init__("; ".join(self.problems))
 
 
-def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Read `path` (default ./config.toml, if present), apply MP169_ overrides, validate."""
+def _closest(name: str, candidates: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """The validated settings, and where each value came from."""
+
+    settings: Settings
+    origins: Mapping[str, str]
+    """`section.key` -> DEFAULT, the configuration file's path, an MP169_ variable, or COMMAND_LINE."""
+    file: Path | None
+    """The configuration file read, if any."""
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, DEFAULT)
+
+    def value(self, key: str) -> object:
+        section, name = key.split(".")
+        return getattr(getattr(self.settings, section), name)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.settings.store.path).absolute()
+
+    @property
+    def outcomes_path(self) -> Path:
+        return self.settings.outcomes_path.absolute()
+
+    def _where(self, key: str) -> str:
+        origin = self.origin(key)
+        if origin == DEFAULT:
+            return f"{key} default, relative to the working directory {Path.cwd()}"
+        return f"{key} from {origin}"
+
+    def describe_store(self) -> str:
+        """Which store a command uses, and why: `/abs/var/mp169.sqlite3 (store.path from config.toml)`."""
+        return f"{self.store_path} ({self._where('store.path')})"
+
+    def describe_outcomes(self) -> str:
+        if self.settings.outcomes.path:
+            return f"{self.outcomes_path} ({self._where('outcomes.path')})"
+        return f"{self.outcomes_path} (beside the store, {self._where('store.path')})"
+
+    def existing_store(self, *, create: bool = False) -> Path:
+        """The store's path; unless `create`, a ConfigError if there is no store there, so that a command
+        run from the wrong directory never works on (or makes) a new empty store."""
+        path = self.store_path
+        if not create and not path.exists():
+            raise ConfigError(
+                f"no store at {self.describe_store()}: run from the directory that holds it, or set "
+                f"store.path (--config FILE, {env_name('store.path')}); `mp169 inventory import` "
+                "creates a new one"
+            )
+        return path
+
+
+def _read_file(path: Path | None) -> tuple[Path | None, dict[str, Any]]:
     source = path if path is not None else DEFAULT_CONFIG_PATH
-    data: dict[str, Any] = {}
-    if source.exists():
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    elif path is not None:
-        raise ConfigError(f"{source}: no such configuration file")
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
+    if not source.exists():
+        if path is not None:
+            raise ConfigError(f"{source}: no such configuration file")
+        return None, {}
     try:
-        return Settings(**data)
+        return source, tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+
+
+def _file_layer(source: Path, data: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The file's `section.key` values; unknown sections and keys are problems naming the closest."""
+    values: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in SECTIONS:
+            problems.append(f"{source}: [{section}]: no such section{_closest(section, SECTIONS)}")
+        elif not isinstance(table, dict):
+            problems.append(f"{source}: {section}: must be a table ([{section}])")
+        else:
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                if key in KEYS:
+                    values[key] = value
+                else:
+                    problems.append(f"{source}: {key}: no such setting{_closest(key, KEYS)}")
+    return values
+
+
+def _environment_layer(environ: Mapping[str, str], problems: list[str]) -> dict[str, tuple[str, str]]:
+    """`section.key` -> (variable, value) for every MP169_ variable; any other MP169_ name is a problem,
+    so a misspelt override never goes unnoticed."""
+    values: dict[str, tuple[str, str]] = {}
+    for variable, value in sorted(environ.items()):
+        if not variable.upper().startswith(ENV_PREFIX):
+            continue
+        key = _ENV_KEYS.get(variable.upper())
+        if key is None:
+            problems.append(f"{variable}: no such setting{_closest(variable.upper(), _ENV_KEYS)}")
+        else:
+            values[key] = (variable, value)
+    return values
+
+
+def _problem(error: Mapping[str, Any], origins: Mapping[str, str]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if key in KEYS:
+        return f"{key} (from {origins.get(key, DEFAULT)}): {message}"
+    # A check across a section's keys (reconnect bounds): name where each of them was set.
+    set_here = sorted({origin for name, origin in origins.items() if name.startswith(f"{key}.")})
+    return f"{key} (from {', '.join(set_here) or DEFAULT}): {message}"
+
+
+def load_configuration(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Configuration:
+    """Read `path` (default ./config.toml, if present), apply the MP169_ variables of `environ` (default
+    os.environ) and the `section.key` command-line `overrides`, validate. Every problem is collected
+    into one ConfigError."""
+    problems: list[str] = []
+    source, data = _read_file(path)
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if source is not None:
+        for key, value in _file_layer(source, data, problems).items():
+            values[key], origins[key] = value, str(source)
+    for key, (variable, value) in _environment_layer(
+        os.environ if environ is None else environ, problems
+    ).items():
+        values[key], origins[key] = value, variable
+    for key, value in (overrides or {}).items():
+        if key not in KEYS:
+            raise ValueError(f"no such setting {key!r}")  # a programming error, not the user's
+        values[key], origins[key] = value, COMMAND_LINE
+    if problems:
+        raise ConfigError(*problems)
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    try:
+        settings = Settings.model_validate(nested)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {validation_problems(exc)}") from exc
+        raise ConfigError(*(_problem(error, origins) for error in exc.errors())) from exc
+    return Configuration(settings, origins, source)
+
+
+def load_settings(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None, **overrides: Mapping[str, Any]
+) -> Settings:
+    """The settings of `load_configuration`, without their origins; `overrides` by section
+    (`broker={"url": ...}`), from the command line."""
+    return load_configuration(path, environ=environ, overrides=flat_overrides(overrides)).settings
+
+
+def flat_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`{"broker": {"url": u}}` -> `{"broker.url": u}`."""
+    return {
+        f"{section}.{key}": value for section, values in overrides.items() for key, value in values.items()
+    }
 
 
 def validation_problems(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:

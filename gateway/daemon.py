@@ -27,7 +27,7 @@ from gateway.interrupt import stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics, MetricsServer
 from gateway.mqtt import MqttTransport
-from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, config_option, error, settings_of
+from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, config_option, configuration_of, error
 from gateway.service import GatewayService
 from gateway.systemd import notify
 
@@ -86,10 +86,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run(args: argparse.Namespace) -> int:
     gateway = {} if args.metrics_port is None else {"gateway": {"metrics_port": args.metrics_port}}
     try:
-        settings = settings_of(args, **gateway)
+        configuration = configuration_of(args, **gateway)
+        # A daemon on a new, empty store would answer every request E19: the store must exist.
+        configuration.existing_store()
     except ConfigError as exc:
         error("run", str(exc))
         return EXIT_USAGE
+    settings = configuration.settings
     with contextlib.ExitStack() as files:
         stream: TextIO | None = None
         if args.log_file is not None:
@@ -100,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
                 error("run", f"--log-file {args.log_file}: {exc.strerror or exc}")
                 return EXIT_USAGE
         configure_logging(settings.gateway.log_level, stream=stream, json=True)
+        log.info(
+            "daemon-store", store=str(configuration.store_path), origin=configuration.origin("store.path")
+        )
         return asyncio.run(serve(settings))
 
 

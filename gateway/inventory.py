@@ -3,7 +3,7 @@
 Pure: parsing takes the CSV text as lines and returns frozen records, or raises one
 `InventoryFileError` naming every bad line, so a caller imports a file whole or not at all.
 
-Formats (design.md section 6):
+Formats (the stable interface: docs/architecture.md; every column: docs/flags.md):
 - inventory: `device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier,
   export_supplier, gas_supplier, tariff, wan` and an optional `network_operator` (the electricity
   distributor's User ID that receives power-outage alerts), in any order, with a header line;

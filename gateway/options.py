@@ -18,8 +18,10 @@ from gateway.config import (
     DEFAULT_CONFIG_PATH,
     BrokerSettings,
     ConfigError,
+    Configuration,
     Settings,
-    load_settings,
+    flat_overrides,
+    load_configuration,
     validation_problems,
 )
 from gateway.logging import configure_logging
@@ -83,24 +85,31 @@ def broker_url_problem(url: str) -> str | None:
     return None
 
 
-def settings_of(args: argparse.Namespace, **overrides: dict[str, Any]) -> Settings:
-    """The configuration of `--config`, with `--broker` applied. ConfigError names the bad key."""
+def configuration_of(args: argparse.Namespace, **overrides: dict[str, Any]) -> Configuration:
+    """The configuration of `--config`, with `--broker` and `overrides` applied as command-line values
+    (each value with its origin). ConfigError names the bad key."""
     broker = getattr(args, "broker", None)
     if broker is not None:
         problem = broker_url_problem(broker)
         if problem is not None:
             raise ConfigError(problem)
         overrides = {**overrides, "broker": {**overrides.get("broker", {}), "url": broker}}
-    return load_settings(args.config, **overrides)
+    return load_configuration(args.config, overrides=flat_overrides(overrides))
 
 
-def interactive_settings(args: argparse.Namespace, command: str) -> Settings | None:
-    """The settings, with logging set up from them (human-readable on a terminal, JSON otherwise);
+def interactive_configuration(args: argparse.Namespace, command: str) -> Configuration | None:
+    """The configuration, with logging set up from it (human-readable on a terminal, JSON otherwise);
     None after printing the problem."""
     try:
-        settings = settings_of(args)
+        configuration = configuration_of(args)
     except ConfigError as exc:
         error(command, str(exc))
         return None
-    configure_logging(settings.gateway.log_level)
-    return settings
+    configure_logging(configuration.settings.gateway.log_level)
+    return configuration
+
+
+def interactive_settings(args: argparse.Namespace, command: str) -> Settings | None:
+    """The settings of `interactive_configuration`."""
+    configuration = interactive_configuration(args, command)
+    return None if configuration is None else configuration.settings

@@ -3,7 +3,7 @@
 `FlagStore` is the small async interface the gateway uses; `SqliteStore` implements it over one
 SQLite file through aiosqlite (WAL, so the outcome recorder's connection and `mp169 inventory
 import` from another process work beside the daemon). A PostgreSQL implementation of the same
-interface is the scale-out path (design.md section 3).
+interface is the scale-out path (docs/architecture.md, Scale-out).
 
 Writes are explicit transactions (`BEGIN IMMEDIATE`): an inventory upsert is all or nothing, and
 `commit` applies one batch of flag events and RequestID counters in one transaction. Every inventory

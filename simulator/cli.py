@@ -14,10 +14,18 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from gateway.config import ConfigError
 from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.inventory import InventoryFileError
 from gateway.mqtt import MqttTransport, TransportFailedError
-from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, error, interactive_settings
+from gateway.options import (
+    EXIT_BROKER,
+    EXIT_USAGE,
+    broker_options,
+    error,
+    interactive_configuration,
+    interactive_settings,
+)
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from rules.domain import DeviceRecord, parse_eui
@@ -276,16 +284,23 @@ async def _record_until_signal(
 
 
 def _replay(args: argparse.Namespace) -> int:
-    settings = interactive_settings(args, "replay")
-    if settings is None:
+    configuration = interactive_configuration(args, "replay")
+    if configuration is None:
         return EXIT_USAGE
+    settings = configuration.settings
     recording = _replay_stream(args)
     if isinstance(recording, str):
         error("replay", recording)
         return EXIT_USAGE
-    store_path = Path(settings.store.path)
+    try:
+        # The stream's Change of Supplier rows go to the running gateway's store: never to a new one.
+        store_path = configuration.existing_store()
+    except ConfigError as exc:
+        error("replay", str(exc))
+        return EXIT_USAGE
+    sys.stderr.write(f"mp169 replay: store {configuration.describe_store()}\n")
     topics = Topics.from_settings(settings.topics)
-    counters = asyncio.run(_store_counters(store_path)) if store_path.exists() else {}
+    counters = asyncio.run(_store_counters(store_path))
     items = _fresh_items(recording.items, counters, store_path, topics.inbound, renumbering=args.renumber)
     inventory_wait = args.inventory_wait
 

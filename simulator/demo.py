@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gateway.config import BrokerSettings, Settings
+from gateway.config import DEMO_STORE_PATH, BrokerSettings, Settings
 from gateway.duis import ParseError, parse_request
 from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
@@ -55,8 +55,8 @@ if TYPE_CHECKING:
     from simulator.recording import StreamItem
 
 EXIT_INVARIANT_FAILED = 1
-DEFAULT_WORKDIR = Path("var/demo")
-DATABASE = "mp169.sqlite3"
+DEFAULT_WORKDIR = DEMO_STORE_PATH.parent
+DATABASE = DEMO_STORE_PATH.name
 # Short, so the simulated devices that never answer are timed out (E21) within the run.
 TARGET_RESPONSE_SECONDS = 2.0
 ALERTS_FROM_FLAGGED = 200
@@ -407,8 +407,7 @@ def _demo(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print_summary(result.replay, console)
     console.print(short_report(result.report))
-    console.print(
-        f"Store and outcomes: {result.database} "
-        f"(MP169_STORE__PATH={result.database} mp169 report --since ... for the full report)"
-    )
+    # Plain `mp169 report` finds the default workdir's store by itself.
+    hint = "mp169 report" if options.workdir == DEFAULT_WORKDIR else f"mp169 report --store {result.database}"
+    console.print(f"Store and outcomes: {result.database} (`{hint}` for the full report)")
     return 0 if result.replay.passed else EXIT_INVARIANT_FAILED

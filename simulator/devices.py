@@ -86,7 +86,7 @@ ALERT_CODES: Mapping[AlertClass, tuple[str, ...]] = MappingProxyType(
         AlertClass.BILLING: ("8F0A",),
     }
 )
-"""The GBCS alert codes each class emits (design.md section 2.4)."""
+"""The GBCS alert codes each class emits (docs/mp169.md section 4, and the rules table)."""
 
 POWER_OUTAGE_DCC_ALERT = "AD1"
 """DCC alert for a comms hub that lost power: sent to the network operator."""

@@ -1,4 +1,4 @@
-"""The 129 real DUIS sample requests, table-driven: each parses and gets the decision design.md section 2
+"""The 129 real DUIS sample requests, table-driven: each parses and gets the decision docs/mp169.md section 4
 states for its SRV, for an unflagged and for a flagged device. The refused list is written out here, on
 purpose, rather than read from the rules table it checks."""
 
@@ -20,7 +20,7 @@ SAMPLES = sorted((RULES / "duis" / "requests").glob("*.XML"))
 FLAG_SAMPLES = sorted((RULES / "mp169-requests").glob("*.XML"))
 DCC = Eui("90-B3-D5-1F-30-00-00-02")
 
-# design.md section 2, rule 4: refused while the device is flagged. 5.1 Create Schedule is refused when
+# docs/mp169.md section 4: refused while the device is flagged. 5.1 Create Schedule is refused when
 # the SRV it schedules is: the sample schedules 4.6.1.
 REFUSED_WHEN_FLAGGED = frozenset(
     {

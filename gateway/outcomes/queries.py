@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gateway.outcomes.schema import OutcomeRecord, Rollup, from_ms, to_ms, unsigned_counter
+from gateway.outcomes.schema import (
+    COMPONENT,
+    MIGRATIONS,
+    OutcomeRecord,
+    Rollup,
+    from_ms,
+    to_ms,
+    unsigned_counter,
+)
 from gateway.outcomes.tally import TALLY_COLUMNS, CellKey, Tally
 
 if TYPE_CHECKING:
@@ -14,11 +22,42 @@ if TYPE_CHECKING:
     import aiosqlite
 
 
+class OutcomeSchemaError(Exception):
+    """The outcome database's schema is older than this reader's (it is read-only: it cannot migrate)."""
+
+
 async def has_outcome_tables(db: aiosqlite.Connection) -> bool:
+    """Whether `db` holds outcomes; OutcomeSchemaError if it holds them in an older schema."""
     async with db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcome_hourly'"
     ) as cur:
-        return await cur.fetchone() is not None
+        if await cur.fetchone() is None:
+            return False
+    async with db.execute(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations WHERE component = ?", (COMPONENT,)
+    ) as cur:
+        row = await cur.fetchone()
+    version = 0 if row is None else int(row[0])
+    if version < len(MIGRATIONS):
+        raise OutcomeSchemaError(
+            f"the outcome database is at schema version {version}, this report needs {len(MIGRATIONS)}: "
+            "start the gateway (`mp169 run`) once to migrate it"
+        )
+    return True
+
+
+async def recorded_extent(
+    db: aiosqlite.Connection, since: datetime, until: datetime
+) -> tuple[datetime, datetime] | None:
+    """The first and last arrival of the requests received in [since, until), if any."""
+    async with db.execute(
+        "SELECT min(received_at), max(received_at) FROM outcomes WHERE received_at >= ? AND received_at < ?",
+        (to_ms(since), to_ms(until)),
+    ) as cursor:
+        row = await cursor.fetchone()
+    if row is None or row[0] is None:
+        return None
+    return from_ms(int(row[0])), from_ms(int(row[1]))
 
 
 async def read_records(db: aiosqlite.Connection, since: datetime, until: datetime) -> list[OutcomeRecord]:

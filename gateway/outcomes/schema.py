@@ -97,6 +97,31 @@ MIGRATIONS: tuple[str, ...] = (
     JOIN outcome_parties AS op ON op.party_id = o.originator_id
     JOIN outcome_parties AS tp ON tp.party_id = o.target_id;
     """,
+    # 2: refused flag requests get their own count; they were counted as handled locally. Rows and
+    # count tables are purged together, so the rows still present correct every count left.
+    """
+    ALTER TABLE outcome_hourly ADD COLUMN refused_flag_request INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outcome_daily ADD COLUMN refused_flag_request INTEGER NOT NULL DEFAULT 0;
+    CREATE TEMP TABLE refused_flag_cells AS
+    SELECT strftime('%Y-%m-%dT%H:00', o.received_at / 1000, 'unixepoch') AS start, p.eui AS originator,
+           coalesce(o.role, '') AS role, coalesce(o.srv, '') AS srv, coalesce(o.category, '') AS category,
+           count(*) AS refused
+    FROM outcomes AS o JOIN outcome_parties AS p ON p.party_id = o.originator_id
+    WHERE o.decision = 'handle-locally' AND o.response_code <> 'I0'
+    GROUP BY 1, 2, 3, 4, 5;
+    UPDATE outcome_hourly SET refused_flag_request = r.refused, handled_locally = handled_locally - r.refused
+    FROM refused_flag_cells AS r
+    WHERE outcome_hourly.start = r.start AND outcome_hourly.originator = r.originator
+      AND outcome_hourly.role = r.role AND outcome_hourly.srv = r.srv
+      AND outcome_hourly.category = r.category;
+    UPDATE outcome_daily SET refused_flag_request = r.refused, handled_locally = handled_locally - r.refused
+    FROM (SELECT substr(start, 1, 10) AS day, originator, role, srv, category, sum(refused) AS refused
+          FROM refused_flag_cells GROUP BY 1, 2, 3, 4, 5) AS r
+    WHERE outcome_daily.start = r.day AND outcome_daily.originator = r.originator
+      AND outcome_daily.role = r.role AND outcome_daily.srv = r.srv
+      AND outcome_daily.category = r.category;
+    DROP TABLE refused_flag_cells;
+    """,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -38,6 +38,8 @@ class Tally:
     handled_locally: int = 0
     within_target: int = 0
     """Final outcomes answered by the device (success or failure) within the target response time."""
+    refused_flag_request: int = 0
+    """Flag requests (8.15.x) the gateway refused (E3, E19, E0815nn): handled locally, but not done."""
 
     @classmethod
     def of_decision(cls, decision: str, response_code: str) -> Tally:
@@ -46,7 +48,10 @@ class Tally:
         if decision == Action.FORWARD:
             return cls(requests=1, forwarded=1)
         if decision == Action.LOCAL:
-            return cls(requests=1, handled_locally=1)
+            # Only a flag request is refused locally: 8.2 Read Inventory always answers.
+            if response_code == ResponseCode.SUCCESS:
+                return cls(requests=1, handled_locally=1)
+            return cls(requests=1, refused_flag_request=1)
         return cls(requests=1, rejected=1)
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from gateway.outcomes.schema import Rollup, signed_counter
 from gateway.outcomes.tally import (
+    TALLY_COLUMNS,
     CellKey,
     Increments,
     Tally,
@@ -255,21 +256,13 @@ def _update_returning(db: sqlite3.Connection, sql: str, params: tuple[object, ..
 
 def _upsert_sql(rollup: Rollup) -> str:
     # The count columns are TALLY_COLUMNS, in order.
-    return f"""
-INSERT INTO {rollup} (start, originator, role, srv, category, requests, forwarded, succeeded, failed,
-    timed_out, refused_consumer_choice, rejected, handled_locally, within_target)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (start, originator, role, srv, category) DO UPDATE SET
-    requests = requests + excluded.requests,
-    forwarded = forwarded + excluded.forwarded,
-    succeeded = succeeded + excluded.succeeded,
-    failed = failed + excluded.failed,
-    timed_out = timed_out + excluded.timed_out,
-    refused_consumer_choice = refused_consumer_choice + excluded.refused_consumer_choice,
-    rejected = rejected + excluded.rejected,
-    handled_locally = handled_locally + excluded.handled_locally,
-    within_target = within_target + excluded.within_target
-"""  # noqa: S608 - fixed table names
+    keys = "start, originator, role, srv, category"
+    updates = ",\n    ".join(f"{column} = {column} + excluded.{column}" for column in TALLY_COLUMNS)
+    return (
+        f"INSERT INTO {rollup} ({keys}, {', '.join(TALLY_COLUMNS)})\n"
+        f"VALUES ({', '.join('?' * (5 + len(TALLY_COLUMNS)))})\n"
+        f"ON CONFLICT ({keys}) DO UPDATE SET\n    {updates}\n"
+    )
 
 
 def _upsert_rollups(db: sqlite3.Connection, hourly: Mapping[tuple[str, CellKey], Tally]) -> None:

@@ -1,4 +1,11 @@
-"""`mp169 report`: Service Request outcomes and supplier installation figures, MP169-aware."""
+"""`mp169 report`: Service Request outcomes and supplier installation figures, MP169-aware.
+
+Which databases: `--store` / `--outcomes`, else the configuration's; with neither configured and
+nothing recorded at the default path, the last `mp169 demo`'s (var/demo/), said on stderr. Which
+period: `--since` to `--until` (default now); without `--since`, the requests recorded in the day
+before `--until`, from the first to the last (so a two-minute demo is charted per minute, not as two
+dots on a day's axis).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +14,27 @@ import asyncio
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gateway.config import ConfigError, load_settings
-from gateway.report.compute import Period
+from gateway.config import DEFAULT, DEMO_STORE_PATH, ConfigError, Configuration, load_configuration
+from gateway.outcomes.queries import OutcomeSchemaError, has_outcome_tables, recorded_extent
+from gateway.report.compute import Granularity, Period, bucket_start
 from gateway.report.load import load_report
-from gateway.report.render_csv import render_csv
+from gateway.report.render_csv import TABLES, csv_tables
 from gateway.report.render_html import render_html
 from gateway.report.render_json import render_json
 from gateway.report.render_text import render_table
+from gateway.store import connect
 from rules.domain import utc_now
 
+if TYPE_CHECKING:
+    from gateway.report.compute import Report
+
 _DEFAULT_PERIOD = timedelta(days=1)
+EXIT_NOTHING = 1
+EXIT_USAGE = 2
 
 
 def parse_time(text: str) -> datetime:
@@ -37,60 +52,190 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="Service Request outcomes and installation figures (MP169-aware)",
         description="Report Service Request outcomes, with requests refused for consumer choice counted as "
         "exceptions (not failures), and installed meters per supplier, counting those with reduced "
-        "communications as installed. Default period: the last day.",
+        "communications as installed. Default period: the requests recorded in the last day.",
     )
     parser.add_argument(
         "--config", type=Path, default=None, help="configuration file (default ./config.toml)"
     )
     parser.add_argument(
-        "--since", type=parse_time, default=None, help="start, ISO-8601 (default: until - 1 day)"
+        "--since",
+        type=parse_time,
+        default=None,
+        help="start, ISO-8601 (default: the first request recorded in the day before --until)",
     )
     parser.add_argument(
         "--until", type=parse_time, default=None, help="end (exclusive), ISO-8601 (default: now)"
     )
     parser.add_argument(
-        "--format", choices=("table", "csv", "json"), default="table", help="output on stdout"
+        "--store",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the store (inventory and flags) to report on; outcomes beside it unless --outcomes",
     )
     parser.add_argument(
-        "--html", type=Path, default=None, metavar="FILE", help="also write a self-contained HTML page"
+        "--outcomes", type=Path, default=None, metavar="PATH", help="the outcome database to report on"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table (default), json, or csv: one file per table into --out DIR, or --table NAME to stdout",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="--format csv: write NAME.csv per table here"
+    )
+    parser.add_argument(
+        "--table",
+        choices=TABLES,
+        default=None,
+        metavar="NAME",
+        help=f"--format csv: write this table to stdout ({', '.join(TABLES)})",
+    )
+    parser.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write a self-contained HTML page (its directory is created if missing)",
     )
     parser.set_defaults(handler=run_report)
 
 
-def run_report(args: argparse.Namespace) -> int:
+def _error(message: str) -> None:
+    sys.stderr.write(f"mp169 report: {message}\n")
+
+
+def _configuration(args: argparse.Namespace) -> Configuration:
+    overrides: dict[str, str] = {}
+    if args.store is not None:
+        overrides["store.path"] = str(args.store)
+        overrides["outcomes.path"] = ""  # beside the store given, unless --outcomes
+    if args.outcomes is not None:
+        overrides["outcomes.path"] = str(args.outcomes)
+    configuration = load_configuration(args.config, overrides=overrides)
+    untouched = all(configuration.origin(key) == DEFAULT for key in ("store.path", "outcomes.path"))
+    if untouched and not configuration.outcomes_path.exists():
+        demo = load_configuration(args.config, overrides={"store.path": str(DEMO_STORE_PATH)})
+        if demo.outcomes_path.exists():
+            _error(f"nothing recorded at {configuration.outcomes_path}: reporting the last `mp169 demo`")
+            return demo
+    return configuration
+
+
+async def _recorded_period(path: Path, until: datetime) -> Period | None:
+    """The requests recorded in the day before `until`, from the first to the last in whole minutes and
+    a minute either side (as the demo's own report), so the chart's axis starts and ends empty."""
+    db = await connect(path, read_only=True)
     try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        sys.stderr.write(f"mp169 report: {exc}\n")
-        return 2
-    now = utc_now()
-    until: datetime = args.until or now
-    since: datetime = args.since or until - _DEFAULT_PERIOD
-    if since >= until:
-        sys.stderr.write("mp169 report: --since must be before --until\n")
-        return 2
-    path = settings.outcomes_path
-    if not path.exists():
-        sys.stderr.write(
-            f"mp169 report: no outcome database at {path} (outcomes.path): nothing recorded yet\n"
-        )
-        return 1
-    report = asyncio.run(
-        load_report(
-            path,
-            Period(since, until),
-            target_response_seconds=settings.gateway.target_response_seconds,
-            generated_at=now,
-            store=store if (store := Path(settings.store.path)).exists() else None,
-        )
+        if not await has_outcome_tables(db):
+            return None
+        extent = await recorded_extent(db, until - _DEFAULT_PERIOD, until)
+    finally:
+        await db.close()
+    if extent is None:
+        return None
+    first, last = extent
+    minute = Granularity.MINUTE.step
+    return Period(
+        bucket_start(first, Granularity.MINUTE) - minute, bucket_start(last, Granularity.MINUTE) + 2 * minute
     )
+
+
+def _period(args: argparse.Namespace, outcomes: Path, now: datetime) -> Period:
+    until: datetime = args.until or now
+    if args.since is not None:
+        return Period(args.since, until)
+    recorded = asyncio.run(_recorded_period(outcomes, until))
+    return recorded or Period(until - _DEFAULT_PERIOD, until)
+
+
+def _write_csv(report: Report, args: argparse.Namespace) -> int:
+    tables = csv_tables(report)
+    if args.table is not None:
+        sys.stdout.write(tables[args.table])
+        return 0
+    if args.out is None:
+        _error(
+            f"--format csv writes one CSV per table: give --out DIR, or --table NAME ({', '.join(TABLES)})"
+        )
+        return EXIT_USAGE
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, text in tables.items():
+            (args.out / f"{name}.csv").write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _error(f"cannot write the CSV files into {args.out}: {exc}")
+        return EXIT_NOTHING
+    _error(f"wrote {len(tables)} CSV files into {args.out}: {', '.join(f'{name}.csv' for name in tables)}")
+    return 0
+
+
+def _write_html(report: Report, path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_html(report), encoding="utf-8")
+    except OSError as exc:
+        _error(f"cannot write {path}: {exc}")
+        return EXIT_NOTHING
+    _error(f"wrote {path}")
+    return 0
+
+
+class _NoReportError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _load(args: argparse.Namespace, configuration: Configuration) -> Report:
+    path = configuration.outcomes_path
+    if not path.exists():
+        message = f"no outcome database at {configuration.describe_outcomes()}: nothing recorded yet"
+        raise _NoReportError(message, EXIT_NOTHING)
+    store = configuration.store_path
+    _error(f"outcomes {configuration.describe_outcomes()}")
+    absent = "" if store.exists() else ": absent, so no installation figures"
+    _error(f"store {configuration.describe_store()}{absent}")
+    now = utc_now()
+    try:
+        period = _period(args, path, now)
+        if period.since >= period.until:
+            raise _NoReportError("--since must be before --until", EXIT_USAGE)
+        return asyncio.run(
+            load_report(
+                path,
+                period,
+                target_response_seconds=configuration.settings.gateway.target_response_seconds,
+                generated_at=now,
+                store=store if store.exists() else None,
+            )
+        )
+    except OutcomeSchemaError as exc:
+        raise _NoReportError(f"{path}: {exc}", EXIT_NOTHING) from exc
+
+
+def run_report(args: argparse.Namespace) -> int:
+    if args.format != "csv" and (args.out is not None or args.table is not None):
+        _error("--out and --table are for --format csv")
+        return EXIT_USAGE
+    try:
+        configuration = _configuration(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        report = _load(args, configuration)
+    except _NoReportError as exc:
+        _error(str(exc))
+        return exc.status
+    status = 0
     if args.format == "json":
         sys.stdout.write(render_json(report))
     elif args.format == "csv":
-        sys.stdout.write(render_csv(report))
+        status = _write_csv(report, args)
     else:
         render_table(report, Console())
     if args.html is not None:
-        args.html.write_text(render_html(report), encoding="utf-8")
-        sys.stderr.write(f"mp169 report: wrote {args.html}\n")
-    return 0
+        status = status or _write_html(report, args.html)
+    return status

@@ -19,15 +19,27 @@ from gateway.outcomes.tally import CellKey, Tally
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-# Periods up to this long are charted per hour, longer ones per day.
+# Periods up to MINUTELY_UP_TO are charted per minute (read from the rows: the count tables are
+# hourly), up to HOURLY_UP_TO per hour, longer ones per day: never more than about 120 points.
+MINUTELY_UP_TO = timedelta(hours=2)
 HOURLY_UP_TO = timedelta(days=2)
-_DAY = timedelta(days=1)
-_HOUR = timedelta(hours=1)
 
 
 class Granularity(StrEnum):
+    MINUTE = "minute"
     HOUR = "hour"
     DAY = "day"
+
+    @property
+    def step(self) -> timedelta:
+        return _STEPS[self]
+
+
+_STEPS = {
+    Granularity.MINUTE: timedelta(minutes=1),
+    Granularity.HOUR: timedelta(hours=1),
+    Granularity.DAY: timedelta(days=1),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +51,10 @@ class Period:
 
     @property
     def granularity(self) -> Granularity:
-        return Granularity.HOUR if self.until - self.since <= HOURLY_UP_TO else Granularity.DAY
+        length = self.until - self.since
+        if length <= MINUTELY_UP_TO:
+            return Granularity.MINUTE
+        return Granularity.HOUR if length <= HOURLY_UP_TO else Granularity.DAY
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,14 +217,17 @@ def installation_rows(meters: Iterable[InstalledMeters]) -> tuple[InstallationRo
 
 def bucket_start(at: datetime, granularity: Granularity) -> datetime:
     at = at.astimezone(UTC)
+    if granularity is Granularity.MINUTE:
+        return at.replace(second=0, microsecond=0)
     if granularity is Granularity.HOUR:
         return at.replace(minute=0, second=0, microsecond=0)
     return datetime.combine(at.date(), time(), UTC)
 
 
-def _ceil(at: datetime, granularity: Granularity) -> datetime:
+def bucket_end(at: datetime, granularity: Granularity) -> datetime:
+    """The end of the bucket holding `at`: `at` itself when a bucket starts there."""
     start = bucket_start(at, granularity)
-    return start if start == at else start + (_HOUR if granularity is Granularity.HOUR else _DAY)
+    return start if start == at else start + granularity.step
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,12 +241,13 @@ class Read:
 
 def plan_reads(period: Period) -> tuple[Read, ...]:
     """Whole hours from outcome_hourly, whole days of a daily-charted period from outcome_daily, rows
-    only for the partial hours at either end: a year's report reads about as much as a day's."""
+    only for the partial hours at either end: a year's report reads about as much as a day's. A
+    period charted per minute (two hours at most) is read from the rows."""
     since, until = period.since.astimezone(UTC), period.until.astimezone(UTC)
-    first_hour, end_hour = _ceil(since, Granularity.HOUR), bucket_start(until, Granularity.HOUR)
-    if first_hour >= end_hour:
+    first_hour, end_hour = bucket_end(since, Granularity.HOUR), bucket_start(until, Granularity.HOUR)
+    if first_hour >= end_hour or period.granularity is Granularity.MINUTE:
         return (Read(None, since, until),)
-    first_day, end_day = _ceil(first_hour, Granularity.DAY), bucket_start(end_hour, Granularity.DAY)
+    first_day, end_day = bucket_end(first_hour, Granularity.DAY), bucket_start(end_hour, Granularity.DAY)
     if period.granularity is Granularity.DAY and first_day < end_day:
         middle = [
             Read(Rollup.HOURLY, first_hour, first_day),
@@ -242,9 +261,9 @@ def plan_reads(period: Period) -> tuple[Read, ...]:
 
 
 def timeline(period: Period, dated: Iterable[tuple[datetime, Tally]]) -> tuple[TimelinePoint, ...]:
-    """One point per hour or day of the period (empty ones included, so the chart's x axis is time)."""
+    """One point per minute, hour or day of the period (empty ones included: the x axis is time)."""
     granularity = period.granularity
-    step = _HOUR if granularity is Granularity.HOUR else _DAY
+    step = granularity.step
     buckets: dict[datetime, Tally] = {}
     start = bucket_start(period.since, granularity)
     while start < period.until:

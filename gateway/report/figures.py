@@ -20,6 +20,7 @@ GROUP_COLUMNS: tuple[str, ...] = (
     "pending",
     "rejected",
     "handled_locally",
+    "refused_flag_request",
     "success_rate",
     "refused_consumer_choice",
     "within_target_share",
@@ -48,6 +49,7 @@ HEADINGS = {
     "pending": "Pending",
     "rejected": "Rejected",
     "handled_locally": "Local",
+    "refused_flag_request": "Flag refused",
     "success_rate": "Success",
     "refused_consumer_choice": "Excluded",
     "within_target_share": "In time",
@@ -59,7 +61,12 @@ HEADINGS = {
 LEGEND = (
     "Success = OK / (OK + Failed + Timeout), over forwarded requests with a device outcome. Excluded = "
     "refused for consumer choice (MP169 exceptions, E169): not failures, left out of Success and In time. "
-    "In time = the device answered within {target:g} s. Rejected = invalid or unauthorised."
+    "In time = the device answered within {target:g} s. Rejected = invalid or unauthorised. Local = "
+    "answered by the gateway itself (flag set or clear, 8.2 Read Inventory); Flag refused = a flag "
+    "request the gateway refused (E3, E19, E0815nn). Not counted here, having no trustworthy originator: "
+    "spoofed requests (E1, RequestID originator not the topic's user; answered to the topic's user) and "
+    "unparseable input (dead letters on the dead-letter topic); the gateway's metrics count both "
+    "(mp169_requests_total, mp169_deadletters_total)."
 )
 
 
@@ -77,6 +84,7 @@ def tally_figures(tally: Tally) -> dict[str, int | float | None]:
         "pending": tally.pending,
         "rejected": tally.rejected,
         "handled_locally": tally.handled_locally,
+        "refused_flag_request": tally.refused_flag_request,
         "success_rate": _rate(tally.success_rate),
         "refused_consumer_choice": tally.refused_consumer_choice,
         "within_target_share": _rate(tally.within_target_share),

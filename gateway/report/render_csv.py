@@ -1,4 +1,4 @@
-"""The report as CSV, for spreadsheets: the JSON document's sections one after another."""
+"""The report as CSV, for spreadsheets: one CSV per table (the JSON document's sections)."""
 
 from __future__ import annotations
 
@@ -12,30 +12,36 @@ from gateway.report.render_json import report_json
 if TYPE_CHECKING:
     from gateway.report.compute import Report
 
+TABLES: tuple[str, ...] = (
+    "period",
+    "totals",
+    "by_category",
+    "by_srv",
+    "by_role",
+    "by_user",
+    "installation",
+    "timeline",
+)
+"""Every table's name, in the report's order: `mp169 report --format csv --table NAME`."""
 
-def render_csv(report: Report) -> str:
-    """Sections one after another: a `# name` line, a header row, the rows, a blank line."""
+
+def csv_tables(report: Report) -> dict[str, str]:
+    """Each table's CSV text (a header row, then the rows), by name, in the order of TABLES."""
     document = report_json(report)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    sections: list[tuple[str, list[dict[str, Any]]]] = [
-        ("period", [document["period"]]),
-        ("totals", [document["totals"]]),
-        *((section.name, document[section.name]) for section in report.groups),
-        ("installation", document["installation"]),
-        ("timeline", document["timeline"]),
-    ]
-    columns = {
+    columns: dict[str, list[str]] = {
         "period": list(document["period"]),
         "totals": list(GROUP_COLUMNS),
         "installation": list(INSTALLATION_COLUMNS),
         "timeline": list(TIMELINE_COLUMNS),
     } | {section.name: [*section.key_columns, *GROUP_COLUMNS] for section in report.groups}
-    for index, (name, rows) in enumerate(sections):
-        if index:
-            writer.writerow([])
-        writer.writerow([f"# {name}"])
+    tables: dict[str, str] = {}
+    for name in TABLES:
+        section = document[name]
+        rows: list[dict[str, Any]] = section if isinstance(section, list) else [section]
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns[name])
         for row in rows:
             writer.writerow(["" if row[column] is None else row[column] for column in columns[name]])
-    return out.getvalue()
+        tables[name] = out.getvalue()
+    return tables

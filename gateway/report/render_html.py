@@ -105,7 +105,7 @@ def success_rate_svg(report: Report) -> str:
     parts.append('<g class="axis x-axis">')
     for index, point in enumerate(points):
         if index % label_every == 0:
-            label = point.start.strftime("%H:%M" if report.granularity is Granularity.HOUR else "%d %b")
+            label = point.start.strftime("%d %b" if report.granularity is Granularity.DAY else "%H:%M")
             parts.append(
                 f'<text x="{_fmt(x(index))}" y="{_LINE_HEIGHT - _MARGIN_BOTTOM + 16}" '
                 f'text-anchor="middle">{escape(label)}</text>'

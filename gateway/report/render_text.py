@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich.table import Table
-
 from gateway.report.figures import GROUP_COLUMNS, HEADINGS, LEGEND, cell_text, iso, percent, tally_figures
+from gateway.terminal import Column, FittedTable, print_fitted
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -15,53 +14,61 @@ if TYPE_CHECKING:
 
 
 def render_table(report: Report, console: Console) -> None:
-    """Rich terminal tables, one per section."""
+    """Terminal tables, one per section, each fitted to the terminal's width (no figure is ever cut)."""
     since, until = iso(report.period.since), iso(report.period.until)
     console.print(f"[bold]MP169 Service Request outcomes[/bold]  {since} to {until}")
-    headings = [HEADINGS[c] for c in GROUP_COLUMNS]
-    totals = Table(title="All Service Requests", title_justify="left")
-    for heading in headings:
-        totals.add_column(heading, justify="right")
+    values = [Column(HEADINGS[c], numeric=True) for c in GROUP_COLUMNS]
     figures = tally_figures(report.totals)
-    totals.add_row(*(cell_text(c, figures[c]) for c in GROUP_COLUMNS))
-    console.print(totals)
+    totals = [cell_text(c, figures[c]) for c in GROUP_COLUMNS]
+    print_fitted(console, FittedTable("All Service Requests", (), values, [totals]))
     for section in report.groups:
-        table = Table(title=section.title, title_justify="left")
-        for column in section.key_columns:
-            table.add_column(HEADINGS[column])
-        for heading in headings:
-            table.add_column(heading, justify="right")
+        rows = []
         for row in section.rows:
             figures = tally_figures(row.tally)
-            table.add_row(
-                *(cell_text(c, k) for c, k in zip(section.key_columns, row.keys, strict=True)),
-                *(cell_text(c, figures[c]) for c in GROUP_COLUMNS),
+            rows.append(
+                [
+                    *(cell_text(c, k) for c, k in zip(section.key_columns, row.keys, strict=True)),
+                    *(cell_text(c, figures[c]) for c in GROUP_COLUMNS),
+                ]
             )
-        console.print(table)
+        keys = [Column(HEADINGS[column]) for column in section.key_columns]
+        print_fitted(console, FittedTable(section.title, keys, values, rows))
     console.print(LEGEND.format(target=report.target_response_seconds), style="dim")
-    installation = Table(
-        title="Installed SMETS2 meters (Commissioned) per responsible supplier", title_justify="left"
-    )
-    for heading in ("Supplier", "Type", "Installed", "Communicating", "Reduced comms (consumer choice)"):
-        installation.add_column(heading, justify="left" if heading in {"Supplier", "Type"} else "right")
-    for meters in report.installation:
-        installation.add_row(
+    installation = [
+        [
             meters.supplier or "-",
             meters.device_type,
             f"{meters.installed:,}",
             f"{meters.communicating_normally:,}",
             f"{meters.reduced_communications:,}",
-        )
+        ]
+        for meters in report.installation
+    ]
     total = report.installed
-    installation.add_row(
-        "Total",
-        "",
-        f"{total.installed:,}",
-        f"{total.communicating_normally:,}",
-        f"{total.reduced_communications:,}",
-        style="bold",
+    installation.append(
+        [
+            "Total",
+            "",
+            f"{total.installed:,}",
+            f"{total.communicating_normally:,}",
+            f"{total.reduced_communications:,}",
+        ]
     )
-    console.print(installation)
+    print_fitted(
+        console,
+        FittedTable(
+            "Installed SMETS2 meters (Commissioned) per responsible supplier",
+            (Column("Supplier"), Column("Type")),
+            [Column(heading, numeric=True) for heading in ("Installed", "Communicating", "Reduced comms")],
+            installation,
+            bold_last_row=True,
+        ),
+    )
+    console.print(
+        "Installed = Communicating + Reduced comms (communications reduced by consumer choice, MP169: "
+        "installed all the same).",
+        style="dim",
+    )
 
 
 def short_report(report: Report) -> str:
@@ -72,7 +79,7 @@ def short_report(report: Report) -> str:
         f"Service Requests: {t.requests:,} ({t.forwarded:,} forwarded: {t.succeeded:,} succeeded, "
         f"{t.failed:,} failed, {t.timed_out:,} timed out, {t.pending:,} pending; "
         f"{t.refused_consumer_choice:,} refused for consumer choice; {t.rejected:,} rejected; "
-        f"{t.handled_locally:,} handled locally)"
+        f"{t.handled_locally:,} handled locally; {t.refused_flag_request:,} flag requests refused)"
     )
     rates = (
         f"Success rate {percent(t.success_rate)} of {t.final:,} device outcomes, "

@@ -13,6 +13,7 @@ import pytest
 
 from simulator.mosquitto import free_port
 from tests.gateway.test_mqtt import GUARD_SECONDS
+from tests.stores import empty_store
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,6 +27,7 @@ def mp169(*args: str) -> list[str]:
 
 @pytest.mark.broker
 def test_run_tells_systemd_when_it_is_ready_and_when_it_stops(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    empty_store(tmp_path)
     address = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(address)
@@ -50,6 +52,7 @@ def test_run_tells_systemd_when_it_is_ready_and_when_it_stops(mosquitto: Mosquit
 
 
 def test_a_metrics_port_in_use_names_the_setting(tmp_path: Path) -> None:
+    empty_store(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

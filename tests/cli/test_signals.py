@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from simulator.mosquitto import free_port
+from tests.stores import empty_store
 from tests.terminal import Terminal
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ def terminals() -> Iterator[list[Terminal]]:
 
 @pytest.fixture
 def commands(stream: Path, nowhere: str, tmp_path: Path) -> dict[str, list[str]]:
-    """Each broker command, pointed at a broker nobody listens on."""
+    """Each broker command, pointed at a broker nobody listens on, run where a store is."""
+    empty_store(tmp_path)
     out = tmp_path
     interactive = ["--broker", nowhere, "--connect-timeout", FOREVER]
     return {

@@ -69,8 +69,26 @@ def test_inventory_import_creates_the_database_and_reports_counts(
 ) -> None:
     source = write(tmp_path, "inventory.csv", inventory_csv(premise()))
     assert run("inventory", "import", str(source), "--config", str(config)) == 0
-    assert "imported 3 devices" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "imported 3 devices" in out
+    assert f"store {database} (store.path from {config})" in err
+    assert f"created a new store at {database}" in err
+    assert run("inventory", "import", str(source), "--config", str(config)) == 0
+    assert "created" not in capsys.readouterr().err
     assert asyncio.run(_devices(database)) == {record.device_id: record for record in premise()}
+
+
+def test_an_import_says_which_store_it_made_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no config.toml here: the default, relative store path
+    assert main(["users", "import", str(write(tmp_path, "u.csv", users_csv(USERS)))]) == 0
+    err = capsys.readouterr().err
+    store = elsewhere / "var" / "mp169.sqlite3"
+    assert f"store {store} (store.path default, relative to the working directory {elsewhere})" in err
+    assert f"created a new store at {store}" in err
 
 
 def test_reimport_upserts_change_of_supplier_and_tariff(
@@ -130,9 +148,8 @@ def test_a_bad_config_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFix
 def test_users_import(
     tmp_path: Path, config: Path, database: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        run("users", "import", str(write(tmp_path, "u.csv", users_csv(USERS))), "--config", str(config)) == 0
-    )
+    users = write(tmp_path, "u.csv", users_csv(USERS))
+    assert run("users", "import", str(users), "--config", str(config)) == 0
     assert f"imported {len(USERS)} users" in capsys.readouterr().out
     bad = write(tmp_path, "bad.csv", "user_id,roles\n90-B3-D5-1F-30-01-00-01,SUPPLIER\n")
     assert run("users", "import", str(bad), "--config", str(config)) == 1
@@ -203,8 +220,8 @@ def test_flags_show_everything_as_json(
 def test_flags_show_refuses_a_bad_device_id_and_a_missing_database(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run("flags", "show", "--config", str(config)) == 1
-    assert "no database" in capsys.readouterr().err
+    assert run("flags", "show", "--config", str(config)) == admin.EXIT_USAGE
+    assert "no store at" in capsys.readouterr().err
     assert run("flags", "show", "meter-1", "--config", str(config)) == 2
     assert "not an EUI-64" in capsys.readouterr().err
 
@@ -255,3 +272,24 @@ def test_flags_show_of_a_device_nobody_knows_exits_non_zero(
     capsys.readouterr()
     assert main(["flags", "show", "00-DB-12-00-00-00-99-A0", "--config", str(config)]) == 1
     assert "not in the inventory" in capsys.readouterr().err
+
+
+def test_flags_show_cuts_nothing_in_an_80_column_terminal(
+    config: Path, database: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def commit() -> None:
+        async with SqliteStore(database) as store:
+            await store.upsert_devices(premise())
+            refused = FlagEvent(METER, True, IMPORT_SUPPLIER, "r:9", True, "CASE-2024-000123", "E081505", AT)
+            await store.commit(CommitBatch(flag_events=[refused]))
+
+    asyncio.run(commit())
+    for columns in ("80", "50"):
+        monkeypatch.setenv("COLUMNS", columns)
+        for argv in (["flags", "show"], ["flags", "show", METER]):
+            assert run(*argv, "--config", str(config)) == 0
+            out = capsys.readouterr().out
+            assert "…" not in out
+            assert all(len(line) <= int(columns) for line in out.splitlines())
+            for cell in ("E081505", "CASE-2024-000123", IMPORT_SUPPLIER):
+                assert cell in out, (columns, argv, cell)

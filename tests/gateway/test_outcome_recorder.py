@@ -16,10 +16,10 @@ from gateway.metrics import Metrics
 from gateway.outcomes import recorder as recorder_module
 from gateway.outcomes.queries import read_records, read_rollup_cells, read_rollup_totals
 from gateway.outcomes.recorder import OutcomeRecorder
-from gateway.outcomes.schema import Rollup
+from gateway.outcomes.schema import COMPONENT, MIGRATIONS, Rollup, to_ms
 from gateway.outcomes.tally import Tally
 from gateway.report.compute import cells_from_records
-from gateway.store import connect, open_connection
+from gateway.store import connect, migrate, open_connection
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -129,7 +129,7 @@ async def test_a_later_answer_after_restart_finds_its_request(tmp_path):
     assert record.device_outcome == "failure"
     assert await rows(
         path, "SELECT component, version FROM schema_migrations WHERE component = 'outcomes'"
-    ) == [("outcomes", 1)]
+    ) == [("outcomes", version) for version in range(1, len(MIGRATIONS) + 1)]
 
 
 async def test_expire_pending_times_out_only_old_unanswered_forwards(tmp_path):
@@ -413,3 +413,40 @@ async def read_rollup_totals_from(path, rollup: Rollup) -> dict[datetime, Tally]
 
 async def daily_totals(path) -> dict[datetime, Tally]:
     return await read_rollup_totals_from(path, Rollup.DAILY)
+
+
+async def test_migration_2_moves_refused_flag_requests_out_of_handled_locally(tmp_path) -> None:
+    path = tmp_path / "outcomes.sqlite3"
+    db = await connect(path)
+    await migrate(db, COMPONENT, MIGRATIONS[:1])
+    await db.execute("INSERT INTO outcome_parties VALUES (1, ?), (2, ?)", (USER, DEVICE))
+    for counter, code in ((1, "I0"), (2, "E081505"), (3, "E3")):
+        await db.execute(
+            "INSERT INTO outcomes (originator_id, target_id, counter, srv, category, received_at, decision,"
+            " response_code, reason, flagged) VALUES (1, 2, ?, '8.15.1', 'consumer-choice-flag', ?,"
+            " 'handle-locally', ?, 'r', 0)",
+            (counter, to_ms(T0), code),
+        )
+    for table, start in (("outcome_hourly", "2024-05-01T10:00"), ("outcome_daily", "2024-05-01")):
+        await db.execute(
+            f"INSERT INTO {table} (start, originator, role, srv, category, requests, handled_locally)"
+            " VALUES (?, ?, '', '8.15.1', 'consumer-choice-flag', 3, 3)",
+            (start, USER),
+        )
+    await db.close()
+    async with OutcomeRecorder(path):
+        pass
+    expected = Tally(requests=3, handled_locally=1, refused_flag_request=2)
+    assert await read_rollup_totals_from(path, Rollup.HOURLY) == {T0: expected}
+    assert await read_rollup_totals_from(path, Rollup.DAILY) == {T0.replace(hour=0): expected}
+
+
+async def test_a_refused_flag_request_is_not_handled_locally(tmp_path) -> None:
+    path = tmp_path / "outcomes.sqlite3"
+    async with OutcomeRecorder(path) as recorder:
+        decide(recorder, 1, T0, decision="handle-locally", code="I0", srv="8.15.1")
+        decide(recorder, 2, T0, decision="handle-locally", code="E081501", srv="8.15.1")
+    expected = Tally(requests=2, handled_locally=1, refused_flag_request=1)
+    assert await read_rollup_totals_from(path, Rollup.HOURLY) == {T0: expected}
+    records = await read_records_from(path)
+    assert sum(cells_from_records(records, 30).values(), Tally()) == expected

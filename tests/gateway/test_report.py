@@ -19,22 +19,24 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from gateway.outcomes.recorder import OutcomeRecorder
-from gateway.outcomes.schema import OutcomeRecord, Rollup
+from gateway.outcomes.schema import COMPONENT, MIGRATIONS, OutcomeRecord, Rollup
 from gateway.outcomes.tally import Tally
 from gateway.report.cli import register
 from gateway.report.compute import (
     Granularity,
     InstalledMeters,
     Period,
+    Read,
     installation_rows,
     plan_reads,
     report_from_records,
 )
 from gateway.report.figures import GROUP_COLUMNS
 from gateway.report.load import load_report
-from gateway.report.render_csv import render_csv
+from gateway.report.render_csv import TABLES, csv_tables
 from gateway.report.render_json import render_json
 from gateway.report.render_text import render_table, short_report
+from gateway.store import connect, migrate
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -111,6 +113,9 @@ FIXTURE = (
     Req(11, ED, None, E2, "99.9", None, "reject", "E4", "unknown-srv"),
     Req(12, S1, "IS", E2, "6.15.1", "security", "forward", "I99", "forwarded", False, "success", 2),
     Req(13, S2, "GS", G3, "11.2", "firmware", "forward", "I99", "forwarded"),  # expired below
+    Req(
+        14, S2, None, DCC, "8.15.1", "consumer-choice-flag", "handle-locally", "E081505", "multi-rate-tariff"
+    ),
 )
 EXPIRE_AT = T0 + timedelta(minutes=20)  # cutoff 10:19:30: request 13 times out, the pending one does not
 
@@ -177,32 +182,32 @@ async def fixture_report(tmp_path: Path, period: Period = DAY):
 
 
 # -- hand-computed expectations (see the FIXTURE comments) ---------------------------------------------
-#          requests fwd ok fail t/o pend rej local  success  excluded within
-TOTALS = (13, 8, 4, 1, 2, 1, 2, 1, 0.5714, 2, 0.5714)
+#          requests fwd ok fail t/o pend rej local flag-refused success excluded within
+TOTALS = (14, 8, 4, 1, 2, 1, 2, 1, 1, 0.5714, 2, 0.5714)
 BY_CATEGORY = {
-    "consumer-choice-flag": (1, 0, 0, 0, 0, 0, 0, 1, None, 0, None),
-    "consumption": (8, 5, 2, 1, 1, 1, 1, 0, 0.5, 2, 0.75),
-    "firmware": (2, 2, 1, 0, 1, 0, 0, 0, 0.5, 0, 0.0),
-    "security": (1, 1, 1, 0, 0, 0, 0, 0, 1.0, 0, 1.0),
-    None: (1, 0, 0, 0, 0, 0, 1, 0, None, 0, None),
+    "consumer-choice-flag": (2, 0, 0, 0, 0, 0, 0, 1, 1, None, 0, None),
+    "consumption": (8, 5, 2, 1, 1, 1, 1, 0, 0, 0.5, 2, 0.75),
+    "firmware": (2, 2, 1, 0, 1, 0, 0, 0, 0, 0.5, 0, 0.0),
+    "security": (1, 1, 1, 0, 0, 0, 0, 0, 0, 1.0, 0, 1.0),
+    None: (1, 0, 0, 0, 0, 0, 1, 0, 0, None, 0, None),
 }
 BY_SRV = {
-    ("4.1.1", "consumption"): (3, 2, 1, 1, 0, 0, 0, 0, 0.5, 1, 1.0),
-    ("4.8.1", "consumption"): (5, 3, 1, 0, 1, 1, 1, 0, 0.5, 1, 0.5),
-    ("6.15.1", "security"): (1, 1, 1, 0, 0, 0, 0, 0, 1.0, 0, 1.0),
-    ("8.15.1", "consumer-choice-flag"): (1, 0, 0, 0, 0, 0, 0, 1, None, 0, None),
-    ("11.2", "firmware"): (2, 2, 1, 0, 1, 0, 0, 0, 0.5, 0, 0.0),
-    ("99.9", None): (1, 0, 0, 0, 0, 0, 1, 0, None, 0, None),
+    ("4.1.1", "consumption"): (3, 2, 1, 1, 0, 0, 0, 0, 0, 0.5, 1, 1.0),
+    ("4.8.1", "consumption"): (5, 3, 1, 0, 1, 1, 1, 0, 0, 0.5, 1, 0.5),
+    ("6.15.1", "security"): (1, 1, 1, 0, 0, 0, 0, 0, 0, 1.0, 0, 1.0),
+    ("8.15.1", "consumer-choice-flag"): (2, 0, 0, 0, 0, 0, 0, 1, 1, None, 0, None),
+    ("11.2", "firmware"): (2, 2, 1, 0, 1, 0, 0, 0, 0, 0.5, 0, 0.0),
+    ("99.9", None): (1, 0, 0, 0, 0, 0, 1, 0, 0, None, 0, None),
 }
 BY_ROLE = {
-    "GS": (3, 3, 1, 0, 1, 1, 0, 0, 0.5, 0, 0.5),
-    "IS": (7, 5, 3, 1, 1, 0, 0, 0, 0.6, 2, 0.6),
-    None: (3, 0, 0, 0, 0, 0, 2, 1, None, 0, None),
+    "GS": (3, 3, 1, 0, 1, 1, 0, 0, 0, 0.5, 0, 0.5),
+    "IS": (7, 5, 3, 1, 1, 0, 0, 0, 0, 0.6, 2, 0.6),
+    None: (4, 0, 0, 0, 0, 0, 2, 1, 1, None, 0, None),
 }
 BY_USER = {
-    S1: (8, 5, 3, 1, 1, 0, 0, 1, 0.6, 2, 0.6),
-    S2: (3, 3, 1, 0, 1, 1, 0, 0, 0.5, 0, 0.5),
-    ED: (2, 0, 0, 0, 0, 0, 2, 0, None, 0, None),
+    S1: (8, 5, 3, 1, 1, 0, 0, 1, 0, 0.6, 2, 0.6),
+    S2: (4, 3, 1, 0, 1, 1, 0, 0, 1, 0.5, 0, 0.5),
+    ED: (2, 0, 0, 0, 0, 0, 2, 0, 0, None, 0, None),
 }
 INSTALLATION = [
     {
@@ -336,37 +341,37 @@ since,until,granularity,target_response_seconds,generated_at
 2024-05-01T09:00:00Z,2024-05-01T12:00:00Z,hour,30.0,2024-05-01T13:00:00Z
 
 # totals
-requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,success_rate,refused_consumer_choice,within_target_share
-13,8,4,1,2,1,2,1,0.5714,2,0.5714
+requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,refused_flag_request,success_rate,refused_consumer_choice,within_target_share
+14,8,4,1,2,1,2,1,1,0.5714,2,0.5714
 
 # by_category
-category,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,success_rate,refused_consumer_choice,within_target_share
-consumer-choice-flag,1,0,0,0,0,0,0,1,,0,
-consumption,8,5,2,1,1,1,1,0,0.5,2,0.75
-firmware,2,2,1,0,1,0,0,0,0.5,0,0.0
-security,1,1,1,0,0,0,0,0,1.0,0,1.0
-,1,0,0,0,0,0,1,0,,0,
+category,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,refused_flag_request,success_rate,refused_consumer_choice,within_target_share
+consumer-choice-flag,2,0,0,0,0,0,0,1,1,,0,
+consumption,8,5,2,1,1,1,1,0,0,0.5,2,0.75
+firmware,2,2,1,0,1,0,0,0,0,0.5,0,0.0
+security,1,1,1,0,0,0,0,0,0,1.0,0,1.0
+,1,0,0,0,0,0,1,0,0,,0,
 
 # by_srv
-srv,category,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,success_rate,refused_consumer_choice,within_target_share
-4.1.1,consumption,3,2,1,1,0,0,0,0,0.5,1,1.0
-4.8.1,consumption,5,3,1,0,1,1,1,0,0.5,1,0.5
-6.15.1,security,1,1,1,0,0,0,0,0,1.0,0,1.0
-8.15.1,consumer-choice-flag,1,0,0,0,0,0,0,1,,0,
-11.2,firmware,2,2,1,0,1,0,0,0,0.5,0,0.0
-99.9,,1,0,0,0,0,0,1,0,,0,
+srv,category,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,refused_flag_request,success_rate,refused_consumer_choice,within_target_share
+4.1.1,consumption,3,2,1,1,0,0,0,0,0,0.5,1,1.0
+4.8.1,consumption,5,3,1,0,1,1,1,0,0,0.5,1,0.5
+6.15.1,security,1,1,1,0,0,0,0,0,0,1.0,0,1.0
+8.15.1,consumer-choice-flag,2,0,0,0,0,0,0,1,1,,0,
+11.2,firmware,2,2,1,0,1,0,0,0,0,0.5,0,0.0
+99.9,,1,0,0,0,0,0,1,0,0,,0,
 
 # by_role
-role,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,success_rate,refused_consumer_choice,within_target_share
-GS,3,3,1,0,1,1,0,0,0.5,0,0.5
-IS,7,5,3,1,1,0,0,0,0.6,2,0.6
-,3,0,0,0,0,0,2,1,,0,
+role,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,refused_flag_request,success_rate,refused_consumer_choice,within_target_share
+GS,3,3,1,0,1,1,0,0,0,0.5,0,0.5
+IS,7,5,3,1,1,0,0,0,0,0.6,2,0.6
+,4,0,0,0,0,0,2,1,1,,0,
 
 # by_user
-user,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,success_rate,refused_consumer_choice,within_target_share
-90-B3-D5-1F-30-01-00-00,8,5,3,1,1,0,0,1,0.6,2,0.6
-90-B3-D5-1F-30-01-00-01,3,3,1,0,1,1,0,0,0.5,0,0.5
-90-B3-D5-1F-30-02-00-00,2,0,0,0,0,0,2,0,,0,
+user,requests,forwarded,succeeded,failed,timed_out,pending,rejected,handled_locally,refused_flag_request,success_rate,refused_consumer_choice,within_target_share
+90-B3-D5-1F-30-01-00-00,8,5,3,1,1,0,0,1,0,0.6,2,0.6
+90-B3-D5-1F-30-01-00-01,4,3,1,0,1,1,0,0,1,0.5,0,0.5
+90-B3-D5-1F-30-02-00-00,2,0,0,0,0,0,2,0,0,,0,
 
 # installation
 supplier,device_type,installed,communicating_normally,reduced_communications
@@ -383,80 +388,84 @@ start,final,succeeded,refused_consumer_choice,success_rate,success_rate_counting
 
 
 async def test_csv_matches_hand_computed_figures(tmp_path):
-    text = render_csv(await fixture_report(tmp_path))
-    assert text == CSV
+    tables = csv_tables(await fixture_report(tmp_path))
+    assert tuple(tables) == TABLES
+    assert "\n".join(f"# {name}\n{text}" for name, text in tables.items()) == CSV
 
 
 TABLE = """\
 MP169 Service Request outcomes  2024-05-01T09:00:00Z to 2024-05-01T12:00:00Z
 All Service Requests
-┏━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
-┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Success ┃ Excluded ┃ In time ┃
-┡━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
-│       13 │   8 │  4 │      1 │       2 │       1 │        2 │     1 │   57.1% │        2 │   57.1% │
-└──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴─────────┴──────────┴─────────┘
+┏━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
+┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Flag refused ┃ Success ┃ Excluded ┃ In time ┃
+┡━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
+│       14 │   8 │  4 │      1 │       2 │       1 │        2 │     1 │            1 │   57.1% │        2 │   57.1% │
+└──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴──────────────┴─────────┴──────────┴─────────┘
 By SRV category
-┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
-┃ Category             ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Success ┃ Excluded ┃ In time ┃
-┡━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
-│ consumer-choice-flag │        1 │   0 │  0 │      0 │       0 │       0 │        0 │     1 │       - │        0 │       - │
-│ consumption          │        8 │   5 │  2 │      1 │       1 │       1 │        1 │     0 │   50.0% │        2 │   75.0% │
-│ firmware             │        2 │   2 │  1 │      0 │       1 │       0 │        0 │     0 │   50.0% │        0 │    0.0% │
-│ security             │        1 │   1 │  1 │      0 │       0 │       0 │        0 │     0 │  100.0% │        0 │  100.0% │
-│ -                    │        1 │   0 │  0 │      0 │       0 │       0 │        1 │     0 │       - │        0 │       - │
-└──────────────────────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴─────────┴──────────┴─────────┘
+┏━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
+┃ Category             ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Flag refused ┃ Success ┃ Excluded ┃ In time ┃
+┡━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
+│ consumer-choice-flag │        2 │   0 │  0 │      0 │       0 │       0 │        0 │     1 │            1 │       - │        0 │       - │
+│ consumption          │        8 │   5 │  2 │      1 │       1 │       1 │        1 │     0 │            0 │   50.0% │        2 │   75.0% │
+│ firmware             │        2 │   2 │  1 │      0 │       1 │       0 │        0 │     0 │            0 │   50.0% │        0 │    0.0% │
+│ security             │        1 │   1 │  1 │      0 │       0 │       0 │        0 │     0 │            0 │  100.0% │        0 │  100.0% │
+│ -                    │        1 │   0 │  0 │      0 │       0 │       0 │        1 │     0 │            0 │       - │        0 │       - │
+└──────────────────────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴──────────────┴─────────┴──────────┴─────────┘
 By SRV
-┏━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
-┃ SRV    ┃ Category             ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Success ┃ Excluded ┃ In time ┃
-┡━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
-│ 4.1.1  │ consumption          │        3 │   2 │  1 │      1 │       0 │       0 │        0 │     0 │   50.0% │        1 │  100.0% │
-│ 4.8.1  │ consumption          │        5 │   3 │  1 │      0 │       1 │       1 │        1 │     0 │   50.0% │        1 │   50.0% │
-│ 6.15.1 │ security             │        1 │   1 │  1 │      0 │       0 │       0 │        0 │     0 │  100.0% │        0 │  100.0% │
-│ 8.15.1 │ consumer-choice-flag │        1 │   0 │  0 │      0 │       0 │       0 │        0 │     1 │       - │        0 │       - │
-│ 11.2   │ firmware             │        2 │   2 │  1 │      0 │       1 │       0 │        0 │     0 │   50.0% │        0 │    0.0% │
-│ 99.9   │ -                    │        1 │   0 │  0 │      0 │       0 │       0 │        1 │     0 │       - │        0 │       - │
-└────────┴──────────────────────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴─────────┴──────────┴─────────┘
+┏━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
+┃ SRV    ┃ Category             ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Flag refused ┃ Success ┃ Excluded ┃ In time ┃
+┡━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
+│ 4.1.1  │ consumption          │        3 │   2 │  1 │      1 │       0 │       0 │        0 │     0 │            0 │   50.0% │        1 │  100.0% │
+│ 4.8.1  │ consumption          │        5 │   3 │  1 │      0 │       1 │       1 │        1 │     0 │            0 │   50.0% │        1 │   50.0% │
+│ 6.15.1 │ security             │        1 │   1 │  1 │      0 │       0 │       0 │        0 │     0 │            0 │  100.0% │        0 │  100.0% │
+│ 8.15.1 │ consumer-choice-flag │        2 │   0 │  0 │      0 │       0 │       0 │        0 │     1 │            1 │       - │        0 │       - │
+│ 11.2   │ firmware             │        2 │   2 │  1 │      0 │       1 │       0 │        0 │     0 │            0 │   50.0% │        0 │    0.0% │
+│ 99.9   │ -                    │        1 │   0 │  0 │      0 │       0 │       0 │        1 │     0 │            0 │       - │        0 │       - │
+└────────┴──────────────────────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴──────────────┴─────────┴──────────┴─────────┘
 By user role
-┏━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
-┃ Role ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Success ┃ Excluded ┃ In time ┃
-┡━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
-│ GS   │        3 │   3 │  1 │      0 │       1 │       1 │        0 │     0 │   50.0% │        0 │   50.0% │
-│ IS   │        7 │   5 │  3 │      1 │       1 │       0 │        0 │     0 │   60.0% │        2 │   60.0% │
-│ -    │        3 │   0 │  0 │      0 │       0 │       0 │        2 │     1 │       - │        0 │       - │
-└──────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴─────────┴──────────┴─────────┘
+┏━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
+┃ Role ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Flag refused ┃ Success ┃ Excluded ┃ In time ┃
+┡━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
+│ GS   │        3 │   3 │  1 │      0 │       1 │       1 │        0 │     0 │            0 │   50.0% │        0 │   50.0% │
+│ IS   │        7 │   5 │  3 │      1 │       1 │       0 │        0 │     0 │            0 │   60.0% │        2 │   60.0% │
+│ -    │        4 │   0 │  0 │      0 │       0 │       0 │        2 │     1 │            1 │       - │        0 │       - │
+└──────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴──────────────┴─────────┴──────────┴─────────┘
 By user
-┏━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
-┃ User                    ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Success ┃ Excluded ┃ In time ┃
-┡━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
-│ 90-B3-D5-1F-30-01-00-00 │        8 │   5 │  3 │      1 │       1 │       0 │        0 │     1 │   60.0% │        2 │   60.0% │
-│ 90-B3-D5-1F-30-01-00-01 │        3 │   3 │  1 │      0 │       1 │       1 │        0 │     0 │   50.0% │        0 │   50.0% │
-│ 90-B3-D5-1F-30-02-00-00 │        2 │   0 │  0 │      0 │       0 │       0 │        2 │     0 │       - │        0 │       - │
-└─────────────────────────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴─────────┴──────────┴─────────┘
-Success = OK / (OK + Failed + Timeout), over forwarded requests with a device outcome. Excluded = refused for consumer choice (MP169
-exceptions, E169): not failures, left out of Success and In time. In time = the device answered within 30 s. Rejected = invalid or
-unauthorised.
+┏━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━┳━━━━┳━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━┓
+┃ User                    ┃ Requests ┃ Fwd ┃ OK ┃ Failed ┃ Timeout ┃ Pending ┃ Rejected ┃ Local ┃ Flag refused ┃ Success ┃ Excluded ┃ In time ┃
+┡━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━╇━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━┩
+│ 90-B3-D5-1F-30-01-00-00 │        8 │   5 │  3 │      1 │       1 │       0 │        0 │     1 │            0 │   60.0% │        2 │   60.0% │
+│ 90-B3-D5-1F-30-01-00-01 │        4 │   3 │  1 │      0 │       1 │       1 │        0 │     0 │            1 │   50.0% │        0 │   50.0% │
+│ 90-B3-D5-1F-30-02-00-00 │        2 │   0 │  0 │      0 │       0 │       0 │        2 │     0 │            0 │       - │        0 │       - │
+└─────────────────────────┴──────────┴─────┴────┴────────┴─────────┴─────────┴──────────┴───────┴──────────────┴─────────┴──────────┴─────────┘
+Success = OK / (OK + Failed + Timeout), over forwarded requests with a device outcome. Excluded = refused for consumer choice (MP169 exceptions, E169): not
+failures, left out of Success and In time. In time = the device answered within 30 s. Rejected = invalid or unauthorised. Local = answered by the gateway itself
+(flag set or clear, 8.2 Read Inventory); Flag refused = a flag request the gateway refused (E3, E19, E0815nn). Not counted here, having no trustworthy
+originator: spoofed requests (E1, RequestID originator not the topic's user; answered to the topic's user) and unparseable input (dead letters on the
+dead-letter topic); the gateway's metrics count both (mp169_requests_total, mp169_deadletters_total).
 Installed SMETS2 meters (Commissioned) per responsible supplier
-┏━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┓
-┃ Supplier                ┃ Type ┃ Installed ┃ Communicating ┃ Reduced comms (consumer choice) ┃
-┡━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┩
-│ 90-B3-D5-1F-30-01-00-00 │ ESME │         2 │             1 │                               1 │
-│ 90-B3-D5-1F-30-01-00-01 │ ESME │         1 │             1 │                               0 │
-│ 90-B3-D5-1F-30-01-00-01 │ GSME │         3 │             2 │                               1 │
-│ Total                   │      │         6 │             4 │                               2 │
-└─────────────────────────┴──────┴───────────┴───────────────┴─────────────────────────────────┘
+┏━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━┓
+┃ Supplier                ┃ Type ┃ Installed ┃ Communicating ┃ Reduced comms ┃
+┡━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━┩
+│ 90-B3-D5-1F-30-01-00-00 │ ESME │         2 │             1 │             1 │
+│ 90-B3-D5-1F-30-01-00-01 │ ESME │         1 │             1 │             0 │
+│ 90-B3-D5-1F-30-01-00-01 │ GSME │         3 │             2 │             1 │
+│ Total                   │      │         6 │             4 │             2 │
+└─────────────────────────┴──────┴───────────┴───────────────┴───────────────┘
+Installed = Communicating + Reduced comms (communications reduced by consumer choice, MP169: installed all the same).
 """
 
 
 async def test_table_matches_hand_computed_figures(tmp_path):
-    console = Console(record=True, width=140, color_system=None)
+    console = Console(record=True, width=160, color_system=None)
     render_table(await fixture_report(tmp_path), console)
     assert "".join(f"{line.rstrip()}\n" for line in console.export_text().splitlines()) == TABLE
 
 
 async def test_short_report(tmp_path):
     assert short_report(await fixture_report(tmp_path)) == (
-        "Service Requests: 13 (8 forwarded: 4 succeeded, 1 failed, 2 timed out, 1 pending; "
-        "2 refused for consumer choice; 2 rejected; 1 handled locally)\n"
+        "Service Requests: 14 (8 forwarded: 4 succeeded, 1 failed, 2 timed out, 1 pending; "
+        "2 refused for consumer choice; 2 rejected; 1 handled locally; 1 flag requests refused)\n"
         "Success rate 57.1% of 7 device outcomes, 2 consumer-choice exceptions excluded; within 30 s: 57.1%\n"
         "Installed SMETS2 meters: 6 (4 communicating normally, 2 with reduced communications by consumer choice)"
     )
@@ -652,3 +661,142 @@ def test_command_refuses_a_missing_database(tmp_path, capsys):
     args = parser.parse_args(["report", "--config", str(config)])
     assert args.handler(args) == 1
     assert "no outcome database" in capsys.readouterr().err
+
+
+def report_command(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["report", *argv])
+    status: int = args.handler(args)
+    return status
+
+
+def fixture_database(tmp_path) -> Path:
+    """The fixture's file: outcomes, inventory and flags in one SQLite file."""
+    asyncio.run(fixture_report(tmp_path))
+    return tmp_path / "mp169.sqlite3"
+
+
+UNTIL = "2024-05-01T12:00:00Z"
+
+
+def on(database: Path) -> tuple[str, ...]:
+    """The report's options for the fixture's file, up to the end of its period."""
+    return ("--store", str(database), "--outcomes", str(database), "--until", UNTIL)
+
+
+def test_no_figure_is_cut_in_an_80_column_terminal(tmp_path, capsys, monkeypatch):
+    database = fixture_database(tmp_path)
+    capsys.readouterr()
+    for columns in ("80", "60", "40"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert report_command(*on(database)) == 0
+        out = capsys.readouterr().out
+        assert "…" not in out
+        assert all(len(line) <= int(columns) for line in out.splitlines())
+        for expected in ("14", "57.1%", "Flag refused", "90-B3-D5-1F-30-01-00-01"):
+            assert expected in out, (columns, expected)
+
+
+def test_store_and_outcomes_options_name_the_databases(tmp_path, capsys):
+    database = fixture_database(tmp_path)
+    capsys.readouterr()
+    assert report_command(*on(database), "--format", "json") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["totals"] == figures(TOTALS)
+    assert f"outcomes {database} (outcomes.path from command line)" in err
+    assert f"store {database} (store.path from command line)" in err
+
+
+def test_plain_report_after_a_demo_reports_the_demo(tmp_path, capsys, monkeypatch):
+    database = fixture_database(tmp_path)
+    capsys.readouterr()
+    demo = tmp_path / "work" / "var" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "mp169-outcomes.sqlite3").write_bytes(database.read_bytes())
+    (demo / "mp169.sqlite3").write_bytes(database.read_bytes())
+    monkeypatch.chdir(tmp_path / "work")  # no config.toml, nothing at var/mp169-outcomes.sqlite3
+    assert report_command("--until", UNTIL, "--format", "json") == 0
+    out, err = capsys.readouterr()
+    assert "reporting the last `mp169 demo`" in err
+    document = json.loads(out)
+    assert document["totals"] == figures(TOTALS)
+    assert document["installation"] == INSTALLATION
+
+
+def test_without_since_the_period_is_the_recorded_requests_charted_per_minute(tmp_path, capsys):
+    database = fixture_database(tmp_path)
+    capsys.readouterr()
+    assert report_command(*on(database), "--format", "json") == 0
+    document = json.loads(capsys.readouterr().out)
+    # First request 10:01, last 10:19:50: whole minutes, one either side.
+    assert (document["period"]["since"], document["period"]["until"]) == (
+        "2024-05-01T10:00:00Z",
+        "2024-05-01T10:21:00Z",
+    )
+    assert document["period"]["granularity"] == "minute"
+    timeline = document["timeline"]
+    assert len(timeline) == 21
+    assert timeline[0]["start"] == "2024-05-01T10:00:00Z"
+    assert sum(point["final"] for point in timeline) == 7
+    assert [p["refused_consumer_choice"] for p in timeline if p["refused_consumer_choice"]] == [1, 1]
+
+
+def test_granularity_follows_the_period():
+    def granularity(length: timedelta) -> Granularity:
+        return Period(T0, T0 + length).granularity
+
+    assert granularity(timedelta(minutes=3)) is Granularity.MINUTE
+    assert granularity(timedelta(hours=2)) is Granularity.MINUTE
+    assert granularity(timedelta(days=1)) is Granularity.HOUR
+    assert granularity(timedelta(days=3)) is Granularity.DAY
+    assert plan_reads(Period(T0, T0 + timedelta(hours=2))) == (Read(None, T0, T0 + timedelta(hours=2)),)
+
+
+def test_csv_writes_one_file_per_table_or_the_table_named(tmp_path, capsys):
+    database = fixture_database(tmp_path)
+    capsys.readouterr()
+    common = (*on(database), "--since", "2024-05-01T09:00")
+    out_dir = tmp_path / "csv" / "new"
+    assert report_command(*common, "--format", "csv", "--out", str(out_dir)) == 0
+    written = {path.stem: path.read_text() for path in out_dir.glob("*.csv")}
+    assert set(written) == set(TABLES)
+    # The same tables as the fixture's CSV, but for the period's generated_at (now).
+    assert "\n".join(f"# {name}\n{written[name]}" for name in TABLES[1:]) == CSV[CSV.index("# totals") :]
+    assert written["period"].startswith("since,until,granularity,target_response_seconds,generated_at\n")
+    capsys.readouterr()
+    assert report_command(*common, "--format", "csv", "--table", "by_user") == 0
+    assert capsys.readouterr().out == written["by_user"]
+    assert report_command(*common, "--format", "csv") == 2
+    assert "--out DIR, or --table NAME" in capsys.readouterr().err
+    assert report_command(*common, "--table", "by_user") == 2
+
+
+def test_html_into_a_missing_directory_creates_it(tmp_path, capsys):
+    on_fixture = on(fixture_database(tmp_path))
+    capsys.readouterr()
+    html = tmp_path / "reports" / "2024" / "report.html"
+    assert report_command(*on_fixture, "--html", str(html), "--format", "json") == 0
+    assert 'id="chart-success-rate"' in html.read_text()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert report_command(*on_fixture, "--html", str(blocked / "r.html"), "--format", "json") == 1
+    assert f"cannot write {blocked / 'r.html'}" in capsys.readouterr().err
+
+
+def test_an_outcome_database_of_an_older_schema_is_named_not_a_traceback(tmp_path, capsys):
+    path = tmp_path / "old.sqlite3"
+
+    async def old() -> None:
+        db = await connect(path)
+        await migrate(db, COMPONENT, MIGRATIONS[:1])
+        await db.close()
+
+    asyncio.run(old())
+    assert (
+        report_command(
+            "--store", str(path), "--outcomes", str(path), "--since", "2024-05-01", "--until", UNTIL
+        )
+        == 1
+    )
+    assert "schema version 1, this report needs 2" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.mqtt import MqttTransport, SessionTakenOverError, TransportFailedError
 from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
+from tests.stores import empty_store
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -59,6 +60,8 @@ def test_mp169_run_stops_with_exit_3_when_another_gateway_takes_its_client_id(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     command = [sys.executable, "-m", "gateway.cli", "run", "--broker", mosquitto.url, "--metrics-port", "0"]
+    empty_store(tmp_path)
+    empty_store(tmp_path / "second")
     first = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         assert first.stderr is not None
@@ -67,7 +70,6 @@ def test_mp169_run_stops_with_exit_3_when_another_gateway_takes_its_client_id(
                 break
         else:
             pytest.fail("the first gateway never became ready")
-        (tmp_path / "second").mkdir()
         second = subprocess.Popen(command, cwd=tmp_path / "second", stderr=subprocess.PIPE, text=True)
         try:
             _, errors = first.communicate(timeout=3 * GUARD_SECONDS)

@@ -24,7 +24,7 @@ from rules.table import (
 SCHEMA = Path(__file__).parents[2] / "rules" / "duis" / "schema" / "DUIS Schema V5.4.xsd"
 XS = "{http://www.w3.org/2001/XMLSchema}"
 
-# design.md section 2 item 4, written out: the SRVs refused for a flagged device.
+# docs/mp169.md section 4, written out: the SRVs refused for a flagged device.
 DESIGN_REFUSED = {
     "4.1.1", "4.1.2", "4.1.3", "4.1.4", "4.2",
     "4.3", "4.18",
@@ -42,7 +42,7 @@ def _codes(*spans: tuple[int, int]) -> set[str]:
     return {f"{code:04X}" for first, last in spans for code in range(first, last + 1)}
 
 
-# design.md section 2 item 4, alert lists.
+# docs/mp169.md section 4, alert lists.
 DESIGN_SECURITY = _codes(
     (0x8F1E, 0x8F1E), (0x8F30, 0x8F30), (0x8F3D, 0x8F3F), (0x8F53, 0x8F53), (0x8F60, 0x8F60),
     (0x8F70, 0x8F70), (0x8F73, 0x8F78), (0x8F47, 0x8F4F),
