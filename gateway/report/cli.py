@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,7 +120,7 @@ def _configuration(args: argparse.Namespace) -> Configuration:
         demo = load_configuration(args.config, overrides={"store.path": str(DEMO_STORE_PATH)})
         if demo.outcomes_path.exists():
             _error(f"nothing recorded at {configuration.outcomes_path}: reporting the last `mp169 demo`")
-            return demo
+            return replace(demo, origins={**demo.origins, "store.path": "the last `mp169 demo`"})
     return configuration
 
 

@@ -719,6 +719,7 @@ def test_plain_report_after_a_demo_reports_the_demo(tmp_path, capsys, monkeypatc
     assert report_command("--until", UNTIL, "--format", "json") == 0
     out, err = capsys.readouterr()
     assert "reporting the last `mp169 demo`" in err
+    assert f"store {demo / 'mp169.sqlite3'} (store.path from the last `mp169 demo`)" in err
     document = json.loads(out)
     assert document["totals"] == figures(TOTALS)
     assert document["installation"] == INSTALLATION
