@@ -4,8 +4,9 @@ Both parsers are pure and total: any input gives a model value or a `ParseError`
 Hardening, in the order it is applied:
 
 1. size: anything over `max_bytes` is refused before parsing (`too-large`);
-2. element count: more start tags than `max_elements` (counted on the bytes, an upper bound) is refused
-   before parsing (`too-many-elements`), so parse cost is bounded by elements as well as bytes;
+2. markup: more than `max_markup` tags, comments, PIs and CDATA sections (each opens with "<", so one
+   count over the bytes; an element is one or two) is refused before parsing (`too-much-markup`), so
+   parse cost is bounded by elements as well as bytes;
 3. DTDs: DUIS never carries a DOCTYPE, so one in the prolog (the only place one can stand) is refused
    on the bytes, before parsing, and a parsed tree is checked again (`doctype-forbidden`): no entity
    declaration, internal or external, reaches the parser's entity handling;
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from lxml import etree
 
@@ -46,11 +47,15 @@ from rules.domain import (
     parse_eui,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 NAMESPACE: Final = "http://www.dccinterface.co.uk/ServiceUserGateway"
 DEFAULT_MAX_BYTES: Final = 1_048_576
-MAX_ELEMENTS: Final = 20_000
-"""Start tags a document may hold. The largest DUIS requests (tariff matrices, 6.14 key updates) hold a
-few hundred; 20,000 empty elements fit in 1 MiB and would take a tree-building parse 40 ms."""
+MAX_MARKUP: Final = 50_000
+"""Markup items ("<": start and end tags, comments, PIs, CDATA sections) a document may hold, so at most
+50,000 elements, 25,000 with content. The largest DUIS requests (tariff matrices, 6.14 key updates)
+hold under a thousand; 200,000 empty elements fit in 1 MiB and take a tree parse 45 ms."""
 MAX_DEPTH: Final = 256
 """Nesting a document may have: libxml2's own limit without huge_tree, which lxml does not let a caller
 lower; the scan is held to the same limit (see `_scan`). DUIS documents nest about 8 deep."""
@@ -93,7 +98,8 @@ allows one level more than a tree (257): `_scan` reads the log and adds the leve
 
 PARSE_ERROR_REASONS: Final[dict[str, str]] = {
     "too-large": "The document is larger than the configured limit (checked before parsing).",
-    "too-many-elements": "More start tags than the configured limit (counted on the bytes before parsing).",
+    "too-much-markup": "More tags, comments, PIs and CDATA sections than the configured limit (counted "
+    "on the bytes before parsing).",
     "doctype-forbidden": "The document has a DOCTYPE (DTD, entity declarations): DUIS never does.",
     "invalid-encoding": "The bytes are not valid UTF-8.",
     "not-well-formed": "Not well-formed XML (includes truncated input, undeclared namespace prefixes "
@@ -169,6 +175,8 @@ REQUEST_HEADER: Final = (
 schema makes FirstInSequence and PrecedingServiceRequestID optional, the rest required)."""
 RESPONSE_HEADER: Final = (_REQUEST_ID, _RESPONSE_ID, _RESPONSE_CODE, _RESPONSE_DATE_TIME)
 """The sr:Response Header's sequence (RequestID and ResponseID optional)."""
+_REQUEST_FIELDS: Final = {tag: index for index, tag in enumerate(REQUEST_HEADER)}
+_RESPONSE_FIELDS: Final = {tag: index for index, tag in enumerate(RESPONSE_HEADER)}
 
 _FLAG_BODIES: Final = {
     FLAG_SET_SRV: "SetReducedCommunications",
@@ -240,7 +248,7 @@ PLAIN_REQUEST: Final = re.compile(
     + rb"<(?P=p)(?P<body>" + _NAME + rb")(?P<body_attributes>" + _ATTRIBUTES + rb")" + _BLANKS + rb"/?>"
 )  # fmt: skip
 """A Service Request in the plain form (see above), matched at the start of the bytes."""
-_SMALLEST_ELEMENT: Final = len(b"<a/>")
+_SHORTEST_MARKUP: Final = len(b"<a>")
 
 
 def parse_request_id(text: str) -> RequestId | None:
@@ -273,11 +281,11 @@ def needs_body(command_variant: str, srv: str) -> bool:
 
 
 def parse_request(
-    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_elements: int = MAX_ELEMENTS
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_markup: int = MAX_MARKUP
 ) -> ServiceRequest | ParseError:
     """Parse a DUIS Service Request: the Header, and what routing needs from the Body."""
     try:
-        refused = _refused(data, max_bytes, max_elements)
+        refused = _refused(data, max_bytes, max_markup)
         if refused is not None:
             return refused
         plain = PLAIN_REQUEST.match(data)
@@ -289,7 +297,7 @@ def parse_request(
 
 
 def parse_request_tree(
-    root: etree._Element, data: bytes, *, max_elements: int = MAX_ELEMENTS
+    root: etree._Element, data: bytes, *, max_markup: int = MAX_MARKUP
 ) -> ServiceRequest | ParseError:
     """The same as `parse_request` for a document already parsed, e.g. to verify its XML signature.
 
@@ -298,7 +306,7 @@ def parse_request_tree(
     checks apply here, so a verified request is parsed once.
     """
     try:
-        refused = _refused(data, len(data), max_elements)
+        refused = _refused(data, len(data), max_markup)
         if refused is None and has_doctype(root):
             refused = ParseError("doctype-forbidden", "the parsed document declares a DOCTYPE")
         return refused or _request(root, data)
@@ -307,11 +315,11 @@ def parse_request_tree(
 
 
 def parse_device_message(
-    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_elements: int = MAX_ELEMENTS
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_markup: int = MAX_MARKUP
 ) -> DeviceMessage | ParseError:
     """Parse a DUIS sr:Response from a device or the DCC: a response, a device alert or a DCC alert."""
     try:
-        root = _refused(data, max_bytes, max_elements) or _parse_document(data)
+        root = _refused(data, max_bytes, max_markup) or _parse_document(data)
         return root if isinstance(root, ParseError) else _device_message(root, data)
     except Exception as exc:  # noqa: BLE001 - untrusted input: the contract is to never raise
         return _internal_failure(exc)
@@ -325,31 +333,21 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
 
-def _refused(data: bytes, max_bytes: int, max_elements: int) -> ParseError | None:
-    """The checks on the bytes, before any parsing: size, element count, DOCTYPE.
+def _refused(data: bytes, max_bytes: int, max_markup: int) -> ParseError | None:
+    """The checks on the bytes, before any parsing: size, markup, DOCTYPE.
 
-    No element is shorter than `<a/>`, so only a document of more than four bytes per allowed element
-    is counted.
+    "<" cannot stand in text or attribute values, so every one opens markup, and none is shorter
+    than `<a>`: only a document of more than three bytes per allowed item needs counting.
     """
     if len(data) > max_bytes:
         return ParseError("too-large", f"{len(data)} bytes, over the limit of {max_bytes}")
-    if len(data) > _SMALLEST_ELEMENT * max_elements and (elements := start_tags(data)) > max_elements:
-        detail = f"up to {elements} start tags, over the limit of {max_elements}"
-        return ParseError("too-many-elements", detail)
+    if len(data) > _SHORTEST_MARKUP * max_markup and (markup := data.count(b"<")) > max_markup:
+        return ParseError(
+            "too-much-markup", f"{markup} tags and other markup, over the limit of {max_markup}"
+        )
     if declares_doctype(data):
         return ParseError("doctype-forbidden", "DUIS documents have no DOCTYPE (DTDs and entities refused)")
     return None
-
-
-def start_tags(data: bytes) -> int:
-    """An upper bound on the elements of a document, in four C-speed counts over its bytes.
-
-    Every element has a start tag, "<" followed by a name. "<" cannot stand in text or attribute
-    values, so the only other "<" open end tags ("</"), comments, CDATA and DOCTYPE ("<!") and PIs
-    ("<?"), except inside comments, CDATA sections and PIs, where each counts once too many: exact for
-    a DUIS document, never an undercount.
-    """
-    return data.count(b"<") - data.count(b"</") - data.count(b"<!") - data.count(b"<?")
 
 
 def _parse_document(data: bytes) -> etree._Element | ParseError:
@@ -464,8 +462,8 @@ def _local(tag: str) -> str:
     return tag[_NS_LENGTH:] if tag.startswith(_NS) else tag
 
 
-def header_fields(header: etree._Element, sequence: tuple[str, ...]) -> list[str | None] | ParseError:
-    """The text of each field of `sequence` as written (None: absent), or why the Header breaks it.
+def header_fields(header: etree._Element, sequence: Mapping[str, int]) -> list[str | None] | ParseError:
+    """The text of each field of `sequence` (tag: position) as written (None: absent), or why not.
 
     The schema's Header is an element-only sequence of simple-typed fields: no attribute, no text
     between fields, nothing inside a field, each field at most once and in order, nothing else. A
@@ -483,12 +481,12 @@ def header_fields(header: etree._Element, sequence: tuple[str, ...]) -> list[str
         tag = child.tag
         if not isinstance(tag, str):
             continue
-        if tag not in sequence[position:]:
-            where = "repeated or out of schema order" if tag in sequence else "not a Header field"
+        index = sequence.get(tag, -1)
+        if index < position:
+            where = "not a Header field" if index == -1 else "repeated or out of schema order"
             return _bad_header(f"Header element {_local(tag)!r} is {where}")
         if child.attrib or len(child):
             return _bad_header(f"Header field {_local(tag)} has attributes or content other than text")
-        index = sequence.index(tag, position)
         values[index] = child.text or ""
         position = index + 1
     return values
@@ -512,28 +510,21 @@ def _plain_request(plain: re.Match[bytes], data: bytes) -> ServiceRequest | Pars
     Only for a Body element that declares no namespace, a document that ends with the root's end tag,
     and never for a request that `needs_body`.
     """
-    if b"xmlns" in plain["body_attributes"]:
+    prefix, _, _, *fields, body, body_attributes = plain.groups()
+    if b"xmlns" in body_attributes:
         return None
-    fields = [plain[group] for group in _PLAIN_GROUPS]
-    command_variant, srv = (
-        (fields[3] or b"").strip(_XML_BLANK_BYTES),
-        (fields[5] or b"").strip(_XML_BLANK_BYTES),
-    )
+    command_variant, srv = fields[3].strip(_XML_BLANK_BYTES), fields[5].strip(_XML_BLANK_BYTES)
     if needs_body(command_variant.decode("latin-1"), srv.decode("latin-1")):
         return None
-    end_tag = b"</" + plain["p"] + b"Request>"
+    end_tag = b"</" + prefix + b"Request>"
     end = data.rfind(end_tag)
     if end == -1 or data[end + len(end_tag) :].strip(_XML_BLANK_BYTES):
         return None
     refused = _scan(data, plain.start("content"), end)
     if refused is not None:
         return refused
-    # The scan proved the document UTF-8.
-    texts = [None if field is None else field.decode() for field in fields]
-    return _service_request(texts, plain["body"].decode(), None, data)
-
-
-_PLAIN_GROUPS: Final = ("request_id", "first", "preceding", "command_variant", "service_reference", "srv")
+    texts = [None if field is None else field.decode() for field in fields]  # the scan proved UTF-8
+    return _service_request(texts, body.decode(), None, data)
 
 
 def _tree_request(data: bytes) -> ServiceRequest | ParseError:
@@ -548,7 +539,7 @@ def _request(root: etree._Element, data: bytes) -> ServiceRequest | ParseError:
     if isinstance(parts, ParseError):
         return parts
     header, body = parts
-    fields = header_fields(header, REQUEST_HEADER)
+    fields = header_fields(header, _REQUEST_FIELDS)
     if isinstance(fields, ParseError):
         return fields
     content = _elements(body)
@@ -712,7 +703,7 @@ def _device_message(root: etree._Element, data: bytes) -> DeviceMessage | ParseE
 
 def _response_header(header: etree._Element) -> tuple[RequestId | None, str] | ParseError:
     """The RequestID answered (optional: alerts have none) and the ResponseCode."""
-    fields = header_fields(header, RESPONSE_HEADER)
+    fields = header_fields(header, _RESPONSE_FIELDS)
     if isinstance(fields, ParseError):
         return fields
     request_id_text, _, response_code, _ = fields

@@ -438,9 +438,9 @@ REQUEST_FAILURES: list[tuple[str, bytes, str, bool]] = [
         False,
     ),
     (
-        "too many elements",
-        VALID.replace(b"<sr:Body>", b"<sr:Body>" + b"<a/>" * (duis.MAX_ELEMENTS + 1)),
-        "too-many-elements",
+        "too much markup",
+        VALID.replace(b"<sr:Body>", b"<sr:Body>" + b"<a/>" * duis.MAX_MARKUP),
+        "too-much-markup",
         False,
     ),
 ]
@@ -534,15 +534,18 @@ def test_a_declared_encoding_is_not_honoured_but_utf8_bom_is_fine() -> None:
     assert isinstance(parse_request(latin), ServiceRequest)
 
 
-def test_the_element_limit_counts_start_tags_not_bytes() -> None:
-    elements = sum(1 for _ in etree.fromstring(VALID, duis.PARSER).iter())
-    assert duis.start_tags(VALID) == elements  # exact for a document with no markup in its comments
-    assert isinstance(parse_request(VALID, max_elements=elements), ServiceRequest)
-    assert parse_request(VALID, max_elements=elements - 1) == ParseError(
-        "too-many-elements", f"up to {elements} start tags, over the limit of {elements - 1}"
+def test_the_markup_limit_counts_tags_not_bytes() -> None:
+    raw = request(header(), "<sr:ReadX/>")
+    # The XML declaration, Request, Header, four fields of two tags, Header's end, Body, ReadX,
+    # Body's end, Request's end.
+    markup = 16
+    assert isinstance(parse_request(raw, max_markup=markup), ServiceRequest)
+    assert parse_request(raw, max_markup=markup - 1) == ParseError(
+        "too-much-markup", f"{markup} tags and other markup, over the limit of {markup - 1}"
     )
-    # Markup inside comments and CDATA can only make the count larger, never smaller.
-    assert duis.start_tags(b"<r><!-- <a> <b/> --><![CDATA[<c>]]></r>") >= 1
+    # Text is not markup, however long.
+    long_text = raw.replace(b"<sr:ReadX/>", b"<sr:ReadX>" + b"x" * 100 * markup + b"</sr:ReadX>")
+    assert isinstance(parse_request(long_text, max_markup=markup + 1), ServiceRequest)
 
 
 def nested(depth: int) -> bytes:
