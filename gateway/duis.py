@@ -249,6 +249,8 @@ PLAIN_REQUEST: Final = re.compile(
 )  # fmt: skip
 """A Service Request in the plain form (see above), matched at the start of the bytes."""
 _SHORTEST_MARKUP: Final = len(b"<a>")
+_TOO_DEEP_BYTES: Final = len(b"<a></a>") * (MAX_DEPTH + 1)
+_COUNT_BELOW_BYTES: Final = 16_384
 
 
 def parse_request_id(text: str) -> RequestId | None:
@@ -364,13 +366,17 @@ def _scan(data: bytes, content: int, end: int) -> ParseError | None:
     """Is the whole document well-formed, as a tree parse would find it? Builds nothing.
 
     `content` is where the root's content starts, `end` where the root's end tag (the document's last
-    markup) starts. The scanner sees one element wrapped around that content. It cannot close anything
-    but itself, so the wrapped document is well-formed exactly when the document is, and it nests one
+    markup) starts. A document that could nest deeper than a tree allows (it takes two "<" a level)
+    is scanned with one element wrapped around that content. That element cannot close anything but
+    itself, so the wrapped document is well-formed exactly when the document is, and it nests one
     level deeper: the scanner's limit of 257 levels then stops every document a tree would.
     """
-    view = memoryview(data)
+    scanned = data
+    if _may_nest_too_deep(data):
+        view = memoryview(data)
+        scanned = b"".join((view[:content], b"<x>", view[content:end], b"</x>", view[end:]))
     try:
-        etree.fromstring(b"".join((view[:content], b"<x>", view[content:end], b"</x>", view[end:])), SCANNER)
+        etree.fromstring(scanned, SCANNER)
     except etree.XMLSyntaxError as exc:
         return _syntax_error(data, exc)
     # Namespace errors are fatal to a tree parse but only logged by a target parser; warnings (a
@@ -379,6 +385,17 @@ def _scan(data: bytes, content: int, end: int) -> ParseError | None:
     if log and (errors := log.filter_from_errors()):
         return ParseError("not-well-formed", _clip(" ".join(str(errors[0].message).split())))
     return None
+
+
+def _may_nest_too_deep(data: bytes) -> bool:
+    """Could the document nest deeper than MAX_DEPTH? Each level takes seven bytes and two "<".
+
+    Past `_COUNT_BELOW_BYTES` the answer is yes without counting: copying the document for the
+    scan's wrapper then costs less than counting its "<" (measured).
+    """
+    if len(data) < _TOO_DEEP_BYTES:
+        return False
+    return len(data) > _COUNT_BELOW_BYTES or data.count(b"<") > 2 * MAX_DEPTH
 
 
 def declares_doctype(data: bytes) -> bool:

@@ -565,9 +565,11 @@ def nested(depth: int) -> bytes:
 @pytest.mark.parametrize(
     "depth", [duis.MAX_DEPTH - 1, duis.MAX_DEPTH, duis.MAX_DEPTH + 1, duis.MAX_DEPTH + 2]
 )
-def test_both_routes_stop_at_the_same_depth(depth: int) -> None:
-    # The scan alone would allow one level more than a tree; the gateway holds it to the tree's limit.
-    raw = nested(depth)
+@pytest.mark.parametrize("padding", [0, 20_000], ids=["counted", "long"])
+def test_both_routes_stop_at_the_same_depth(depth: int, padding: int) -> None:
+    # The scan alone would allow one level more than a tree; the gateway holds it to the tree's limit,
+    # for short documents (whose "<" it counts) and long ones alike.
+    raw = nested(depth).replace(b"</sr:Header>", b"</sr:Header>" + b" " * padding)
     assert duis.PLAIN_REQUEST.match(raw) is not None
     parsed = parse_request(raw)
     if depth <= duis.MAX_DEPTH:
@@ -607,6 +609,39 @@ def test_a_header_is_read_the_same_from_a_root_that_kept_comments_and_blanks() -
     keeping = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     for raw in SAMPLE_BYTES:
         assert parse_request_tree(etree.fromstring(raw, keeping), raw) == parse_request(raw)
+
+
+def duis_request_with(header_xml: str, body: str, root_attributes: str) -> bytes:
+    head = f"<sr:Request {root_attributes}><sr:Header>{header_xml}</sr:Header>"
+    return f"{head}<sr:Body>{body}</sr:Body></sr:Request>".encode()
+
+
+DUIS_NS = f'xmlns:sr="{duis.NAMESPACE}"'
+# Spellings whose XML reading the plain form cannot be sure of: each gets the tree route's answer.
+TREE_SPELLINGS = {
+    "Body element redeclares the prefix": ("<sr:ReadX xmlns:sr='urn:x'/>", DUIS_NS, "wrong-namespace"),
+    "prefix bound by a character reference": (
+        "<sr:ReadX/>",
+        DUIS_NS.replace("http", "&#104;ttp"),
+        None,
+    ),
+    "a decoy binding inside another attribute": (
+        "<sr:ReadX/>",
+        f"a='{DUIS_NS}' xmlns:sr='urn:x'",
+        "wrong-namespace",
+    ),
+    "a '>' inside an attribute value": ("<sr:ReadX/>", "a='>' " + DUIS_NS, None),
+    "the default namespace": ("<sr:ReadX/>", DUIS_NS + ' xmlns="urn:x"', None),
+}
+
+
+@pytest.mark.parametrize("case", TREE_SPELLINGS)
+def test_spellings_the_plain_form_cannot_read_get_the_tree_answer(case: str) -> None:
+    body, attributes, reason = TREE_SPELLINGS[case]
+    raw = duis_request_with(header(), body, attributes)
+    parsed = parse_request(raw)
+    assert parsed == tree_route(raw)
+    assert (parsed.reason if isinstance(parsed, ParseError) else None) == reason
 
 
 MALFORMED_BODIES = {
