@@ -39,7 +39,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import field, fields, make_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,7 @@ from gateway.duis import (
     parse_request_tree,
 )
 from rules.decide import DeviceFacts, RequestFacts, decide
-from rules.domain import DeviceStatus, DeviceType, Eui, RequestId, Role, ServiceRequest
+from rules.domain import DeviceStatus, DeviceType, Eui, Role, ServiceRequest
 from rules.table import default_table
 
 if TYPE_CHECKING:
@@ -177,19 +177,15 @@ class Workload:
             etree.fromstring(data, SCANNER)
 
 
-@dataclass(slots=True)
-class _PlainRequest:
-    """ServiceRequest's fields without frozen=True: what a mutable model would cost to build."""
-
-    request_id: RequestId
-    command_variant: int
-    service_reference: str
-    srv: str
-    body_element: str
-    concerned_devices: tuple[Eui, ...]
-    scheduled_srv: str | None = None
-    flag: None = None
-    raw: bytes = field(default=b"", repr=False, compare=False)
+# ServiceRequest's fields in a class without frozen=True: what a mutable model would cost to build.
+_PlainRequest = make_dataclass(
+    "PlainRequest",
+    [
+        (f.name, f.type, field(default=f.default, default_factory=f.default_factory, compare=f.compare))
+        for f in fields(ServiceRequest)
+    ],
+    slots=True,
+)
 
 
 def model_passes(requests: Sequence[ServiceRequest]) -> tuple[Pass, Pass]:
