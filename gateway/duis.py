@@ -4,24 +4,32 @@ Both parsers are pure and total: any input gives a model value or a `ParseError`
 Hardening, in the order it is applied:
 
 1. size: anything over `max_bytes` is refused before parsing (`too-large`);
-2. DTDs: DUIS never carries a DOCTYPE, so one in the prolog (the only place one can stand) is refused
-   on the bytes, before parsing, and the parsed document is checked again (`doctype-forbidden`): no
-   entity declaration, internal or external, reaches the parser's entity handling;
-3. one module-level parser that never resolves entities, loads DTDs or touches the network, keeps
-   libxml2's depth and size limits (no huge_tree), drops comments and processing instructions, and
-   reads every document as UTF-8 (`invalid-encoding`, `not-well-formed`).
+2. markup: more than `max_markup` tags, comments, PIs and CDATA sections (each opens with "<", so one
+   count over the bytes; an element is one or two) is refused before parsing (`too-much-markup`), so
+   parse cost is bounded by elements as well as bytes;
+3. DTDs: DUIS never carries a DOCTYPE, so one in the prolog (the only place one can stand) is refused
+   on the bytes, before parsing, and a parsed tree is checked again (`doctype-forbidden`): no entity
+   declaration, internal or external, reaches the parser's entity handling;
+4. libxml2, never resolving entities, loading DTDs or touching the network, keeping its depth and size
+   limits (no huge_tree), reading every document as UTF-8 (`invalid-encoding`, `not-well-formed`);
+5. depth: libxml2's limit of 256 levels (`MAX_DEPTH`, `not-well-formed`);
+6. the Header must be exactly what the DUIS V5.4 schema allows (`bad-header`, `missing-field`).
 
-The hot path reads the Header (by position when it is the usual four fields, else by tag) and, for
-device requests (CommandVariant 1-7), only the Body's first element name: never the body content.
-Non-device requests (CommandVariant 8) also read the direct children of the Body element that name
-devices (DeviceID, DeviceIDList) or a scheduled SRV.
+Service Requests take one of two routes to the same answer. Most (CommandVariant 1-7, not a flag SRV)
+need nothing from the Body but its element name: when the document opens in the plain form every DUIS
+client writes (`PLAIN_REQUEST`: the Header's fields with blanks and comments between, no entity or
+attribute in the Header, the prefix bound to the DUIS namespace on the root), the Header is read off
+the bytes and libxml2 checks the whole document for well-formedness without building a tree
+(`SCANNER`). Everything else, and every request whose Body names devices (`needs_body`), is parsed
+into a tree (`PARSER`) and read from it; so is a root handed over already parsed (`parse_request_tree`,
+for XMLDSig verification). Tests hold the two routes equal on every input.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, cast
 
 from lxml import etree
 
@@ -40,36 +48,67 @@ from rules.domain import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Mapping
 
 NAMESPACE: Final = "http://www.dccinterface.co.uk/ServiceUserGateway"
 DEFAULT_MAX_BYTES: Final = 1_048_576
+MAX_MARKUP: Final = 50_000
+"""Markup items ("<": start and end tags, comments, PIs, CDATA sections) a document may hold, so at most
+50,000 elements, 25,000 with content. The largest DUIS requests (tariff matrices, 6.14 key updates)
+hold under a thousand; 200,000 empty elements fit in 1 MiB and take a tree parse 45 ms."""
+MAX_DEPTH: Final = 256
+"""Nesting a document may have: libxml2's own limit without huge_tree, which lxml does not let a caller
+lower; the scan is held to the same limit (see `_scan`). DUIS documents nest about 8 deep."""
 CONSUMER_REFERENCE_MAX_CHARS: Final = 64
 
-PARSER: Final = etree.XMLParser(
-    encoding="utf-8",  # DUIS is UTF-8: a declared other encoding is not honoured
-    resolve_entities=False,
-    no_network=True,
-    load_dtd=False,
-    dtd_validation=False,
-    huge_tree=False,
-    remove_comments=True,
-    remove_pis=True,
-    collect_ids=False,
-    # Not hardening: whitespace-only text between elements is never read, and not building those
-    # nodes saves an eighth of every parse. The text of a leaf element is kept, blanks or not.
-    remove_blank_text=True,
-)
-"""The one hardened parser. Parsing is synchronous and a parser serves one thread at a time: fine for
-the single-threaded asyncio gateway."""
+
+class _NoEvents:
+    """A parser target with no start, end or data method: libxml2 then calls back nothing per element."""
+
+    def close(self) -> None:
+        return None
+
+
+def _hardened_parser(*, remove_blank_text: bool = False, target: _NoEvents | None = None) -> etree.XMLParser:
+    return etree.XMLParser(
+        encoding="utf-8",  # DUIS is UTF-8: a declared other encoding is not honoured
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+        collect_ids=False,
+        remove_blank_text=remove_blank_text,
+        # The stubs' ParserTarget has every method; lxml only calls those the target has.
+        target=cast("etree.ParserTarget", target),
+    )
+
+
+# Not hardening: whitespace-only text between elements is never read, and not building those nodes
+# saves an eighth of every parse. The text of a leaf element is kept, blanks or not.
+PARSER: Final = _hardened_parser(remove_blank_text=True)
+"""The one hardened tree parser. Parsing is synchronous and a parser serves one thread at a time: fine
+for the single-threaded asyncio gateway."""
+SCANNER: Final = _hardened_parser(target=_NoEvents())
+"""The same hardening, building nothing: a well-formedness check at the speed of libxml2's tokenizer.
+Unlike a tree parse it reports namespace errors (an undeclared prefix) only in its error log, and it
+allows one level more than a tree (257): `_scan` reads the log and adds the level."""
 
 PARSE_ERROR_REASONS: Final[dict[str, str]] = {
     "too-large": "The document is larger than the configured limit (checked before parsing).",
+    "too-much-markup": "More tags, comments, PIs and CDATA sections than the configured limit (counted "
+    "on the bytes before parsing).",
     "doctype-forbidden": "The document has a DOCTYPE (DTD, entity declarations): DUIS never does.",
     "invalid-encoding": "The bytes are not valid UTF-8.",
-    "not-well-formed": "Not well-formed XML (includes truncated input and libxml2's nesting limit).",
+    "not-well-formed": "Not well-formed XML (includes truncated input, undeclared namespace prefixes "
+    "and libxml2's nesting limit).",
     "wrong-namespace": "An sr element (root or Body content) is not in the DUIS namespace.",
     "wrong-root": "The root element is not sr:Request (requests) or sr:Response (device messages).",
+    "bad-header": "The Header is not what the DUIS schema allows: an element repeated, out of order, "
+    "unknown or in another namespace; an attribute; text between its elements; an element or comment "
+    "inside a field; a FirstInSequence or PrecedingServiceRequestID of the wrong type.",
     "missing-field": "A required element (Header, RequestID, CommandVariant, ServiceReference, "
     "ServiceReferenceVariant, Body content, ResponseCode, a flag body's DeviceID...) is absent or empty.",
     "bad-request-id": "RequestID is not 'EUI:EUI:counter' with a decimal counter 0..2**64-1, no "
@@ -102,6 +141,8 @@ _RESPONSE: Final = _NS + "Response"
 _HEADER: Final = _NS + "Header"
 _BODY: Final = _NS + "Body"
 _REQUEST_ID: Final = _NS + "RequestID"
+_FIRST_IN_SEQUENCE: Final = _NS + "FirstInSequence"
+_PRECEDING_REQUEST_ID: Final = _NS + "PrecedingServiceRequestID"
 _COMMAND_VARIANT: Final = _NS + "CommandVariant"
 _SERVICE_REFERENCE: Final = _NS + "ServiceReference"
 _SRV: Final = _NS + "ServiceReferenceVariant"
@@ -110,7 +151,9 @@ _DEVICE_ID_LIST: Final = _NS + "DeviceIDList"
 _SCHEDULED_SRV: Final = _NS + "DSPScheduledServiceReferenceVariant"
 _ALL_REASONABLE_STEPS_TAKEN: Final = _NS + "AllReasonableStepsTaken"
 _CONSUMER_REFERENCE: Final = _NS + "ConsumerReference"
+_RESPONSE_ID: Final = _NS + "ResponseID"
 _RESPONSE_CODE: Final = _NS + "ResponseCode"
+_RESPONSE_DATE_TIME: Final = _NS + "ResponseDateTime"
 _RESPONSE_MESSAGE: Final = _NS + "ResponseMessage"
 _DSP_SCHEDULED_MESSAGE: Final = _NS + "DSPScheduledMessage"
 _FUTURE_DATED_ALERT: Final = _NS + "FutureDatedDeviceAlertMessage"
@@ -120,12 +163,28 @@ _ALERT_CODE: Final = _NS + "AlertCode"
 _DCC_ALERT: Final = _NS + "DCCAlertMessage"
 _DCC_ALERT_CODE: Final = _NS + "DCCAlertCode"
 
+REQUEST_HEADER: Final = (
+    _REQUEST_ID,
+    _FIRST_IN_SEQUENCE,
+    _PRECEDING_REQUEST_ID,
+    _COMMAND_VARIANT,
+    _SERVICE_REFERENCE,
+    _SRV,
+)
+"""The sr:Request Header's sequence in the DUIS V5.4 schema: each at most once, in this order (the
+schema makes FirstInSequence and PrecedingServiceRequestID optional, the rest required)."""
+RESPONSE_HEADER: Final = (_REQUEST_ID, _RESPONSE_ID, _RESPONSE_CODE, _RESPONSE_DATE_TIME)
+"""The sr:Response Header's sequence (RequestID and ResponseID optional)."""
+_REQUEST_FIELDS: Final = {tag: index for index, tag in enumerate(REQUEST_HEADER)}
+_RESPONSE_FIELDS: Final = {tag: index for index, tag in enumerate(RESPONSE_HEADER)}
+
 _FLAG_BODIES: Final = {
     FLAG_SET_SRV: "SetReducedCommunications",
     FLAG_CLEAR_SRV: "RemoveReducedCommunications",
 }
 _COMMAND_VARIANTS: Final = {str(value): value for value in range(1, NON_DEVICE_COMMAND_VARIANT + 1)}
 _XS_TRUE: Final = frozenset({"true", "1"})
+_XS_BOOLEAN: Final = _XS_TRUE | {"false", "0"}
 # Schema type RequestIDType; the counter's digit-by-digit range 0..2**64-1 is checked as an integer.
 # Matched after upper-casing; written out pair by pair, which sre matches a third faster than a
 # repeated group (this runs once per request).
@@ -135,12 +194,63 @@ _RESPONSE_CODE_RE: Final = re.compile(r"[A-Z][0-9]{1,6}")
 _ALERT_CODE_RE: Final = re.compile(r"[0-9A-Fa-f]{4}")  # GBCS alert codes are two bytes
 _DCC_ALERT_CODE_RE: Final = re.compile(r"[A-Z]{1,3}[0-9]{1,4}")  # AD1, N1 ... N999
 _XML_BLANKS: Final = " \t\r\n"  # what xs:token collapses; str.strip() alone would take any Unicode space
+_XML_BLANK_BYTES: Final = _XML_BLANKS.encode()
 _MAX_DETAIL: Final = 200
 _PROLOG_ITEMS: Final = 8
-_HEADER_FIELDS: Final = 4  # RequestID, CommandVariant, ServiceReference, ServiceReferenceVariant
 # The usual prolog: an optional BOM and XML declaration, blanks, then the root's start tag. A PI ends at
 # its first "?>", and [^>]* cannot pass one, so a match leaves no room for a DOCTYPE.
-_PLAIN_PROLOG: Final = re.compile(rb"(?:\xef\xbb\xbf)?(?:<\?[^>]*\?>)?[ \t\r\n]*<[A-Za-z_]")
+_PROLOG: Final = rb"(?:\xef\xbb\xbf)?(?:<\?[^>]*\?>)?[ \t\r\n]*"
+_PLAIN_PROLOG: Final = re.compile(_PROLOG + rb"<[A-Za-z_]")
+
+# The plain Request: what the fast route reads off the bytes. Every piece has one XML reading: names
+# are ASCII; the root's attributes are matched one by one from its tag's start (so a declaration
+# matched is an attribute, not text inside another's value) and must bind the prefix (group p, colon
+# included, or empty for the default namespace) to the DUIS namespace, which only one attribute can do
+# (a second would be a duplicate, not well-formed); attribute values hold no reference, no "<" and no
+# blank a parser would normalise; Header fields hold text without "<", "&" or CR (no markup, no
+# reference, no line-end normalisation), with only XML blanks and comments between them; the Header
+# and Body tags carry no attribute, and the Body's element no namespace declaration (checked after the
+# match). Anything else takes the tree.
+_NAME: Final = rb"[A-Za-z_][A-Za-z0-9._-]*"
+_BLANKS: Final = rb"[ \t\r\n]*"
+# Between elements: blanks and comments ("--" cannot stand in a comment). Possessive, and each piece
+# starts differently, so a failing match cannot backtrack.
+_GAP: Final = rb"[ \t\r\n]*+(?:<!--(?:[^-]++|-[^-])*+-->[ \t\r\n]*+)*+"
+_ATTRIBUTE: Final = (
+    rb"[ \t\r\n]+" + _NAME + rb"(?::" + _NAME + rb")?" + _BLANKS + rb"=" + _BLANKS
+    + rb"(?:\"[^\"<&\t\r\n]*\"|'[^'<&\t\r\n]*')"
+)  # fmt: skip
+_ATTRIBUTES: Final = rb"(?:" + _ATTRIBUTE + rb")*"
+_NAMESPACE_VALUE: Final = re.escape(NAMESPACE.encode())
+_DUIS_DECLARATION: Final = (
+    rb"[ \t\r\n]+xmlns(?(prefix):(?P=prefix))" + _BLANKS + rb"=" + _BLANKS
+    + rb"(?:\"" + _NAMESPACE_VALUE + rb"\"|'" + _NAMESPACE_VALUE + rb"')"
+)  # fmt: skip
+
+
+def _plain_field(name: bytes, group: str) -> bytes:
+    return rb"<(?P=p)" + name + rb">(?P<" + group.encode() + rb">[^<&\r]*)</(?P=p)" + name + rb">" + _GAP
+
+
+PLAIN_REQUEST: Final = re.compile(
+    _PROLOG
+    + rb"<(?P<p>(?:(?P<prefix>" + _NAME + rb"):)?)Request"
+    + rb"(?:" + _ATTRIBUTE + rb")*?" + _DUIS_DECLARATION + _ATTRIBUTES  # lazy: no backtracking
+    + _BLANKS + rb">(?P<content>)"
+    + _GAP + rb"<(?P=p)Header>" + _GAP
+    + _plain_field(b"RequestID", "request_id")
+    + rb"(?:" + _plain_field(b"FirstInSequence", "first") + rb")?"
+    + rb"(?:" + _plain_field(b"PrecedingServiceRequestID", "preceding") + rb")?"
+    + _plain_field(b"CommandVariant", "command_variant")
+    + _plain_field(b"ServiceReference", "service_reference")
+    + _plain_field(b"ServiceReferenceVariant", "srv")
+    + rb"</(?P=p)Header>" + _GAP + rb"<(?P=p)Body>" + _GAP
+    + rb"<(?P=p)(?P<body>" + _NAME + rb")(?P<body_attributes>" + _ATTRIBUTES + rb")" + _BLANKS + rb"/?>"
+)  # fmt: skip
+"""A Service Request in the plain form (see above), matched at the start of the bytes."""
+_SHORTEST_MARKUP: Final = len(b"<a>")
+_TOO_DEEP_BYTES: Final = len(b"<a></a>") * (MAX_DEPTH + 1)
+_COUNT_BELOW_BYTES: Final = 16_384
 
 
 def parse_request_id(text: str) -> RequestId | None:
@@ -160,27 +270,59 @@ def parse_request_id(text: str) -> RequestId | None:
     return RequestId(Eui(originator), Eui(target), value)
 
 
-_Parsed = TypeVar("_Parsed", ServiceRequest, DeviceMessage)
+def needs_body(command_variant: str, srv: str) -> bool:
+    """Does routing need the Body of a request with this CommandVariant and SRV (Header text, stripped)?
+
+    The one place that says which requests are parsed into a tree: every non-device request
+    (CommandVariant 8: 5.1 Create Schedule, 8.2 Read Inventory, 8.3, 8.14.x, 11.1 Update Firmware, ...
+    name their devices in the Body, and an SRV this code does not know is read too), and the MP169
+    flag requests 8.15.1 / 8.15.2 whatever their CommandVariant. A device request (1-7) concerns its
+    RequestID target, so only its Body's element name is read.
+    """
+    return command_variant == str(NON_DEVICE_COMMAND_VARIANT) or srv in _FLAG_BODIES
 
 
-def parse_request(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ServiceRequest | ParseError:
+def parse_request(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_markup: int = MAX_MARKUP
+) -> ServiceRequest | ParseError:
     """Parse a DUIS Service Request: the Header, and what routing needs from the Body."""
-    return _parse(data, max_bytes, _request)
-
-
-def parse_device_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> DeviceMessage | ParseError:
-    """Parse a DUIS sr:Response from a device or the DCC: a response, a device alert or a DCC alert."""
-    return _parse(data, max_bytes, _device_message)
-
-
-def _parse(
-    data: bytes, max_bytes: int, build: Callable[[etree._Element, bytes], _Parsed | ParseError]
-) -> _Parsed | ParseError:
     try:
-        root = _parse_document(data, max_bytes)
-        if isinstance(root, ParseError):
-            return root
-        return build(root, data)
+        refused = _refused(data, max_bytes, max_markup)
+        if refused is not None:
+            return refused
+        plain = PLAIN_REQUEST.match(data)
+        if plain is not None and (parsed := _plain_request(plain, data)) is not None:
+            return parsed
+        return _tree_request(data)
+    except Exception as exc:  # noqa: BLE001 - untrusted input: the contract is to never raise
+        return _internal_failure(exc)
+
+
+def parse_request_tree(
+    root: etree._Element, data: bytes, *, max_markup: int = MAX_MARKUP
+) -> ServiceRequest | ParseError:
+    """The same as `parse_request` for a document already parsed, e.g. to verify its XML signature.
+
+    `root` must come from `data` through a parser with `PARSER`'s hardening (comments and blank text may
+    have been kept). `data`'s size was checked by whoever parsed it; the element limit and the DOCTYPE
+    checks apply here, so a verified request is parsed once.
+    """
+    try:
+        refused = _refused(data, len(data), max_markup)
+        if refused is None and has_doctype(root):
+            refused = ParseError("doctype-forbidden", "the parsed document declares a DOCTYPE")
+        return refused or _request(root, data)
+    except Exception as exc:  # noqa: BLE001 - untrusted input: the contract is to never raise
+        return _internal_failure(exc)
+
+
+def parse_device_message(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_markup: int = MAX_MARKUP
+) -> DeviceMessage | ParseError:
+    """Parse a DUIS sr:Response from a device or the DCC: a response, a device alert or a DCC alert."""
+    try:
+        root = _refused(data, max_bytes, max_markup) or _parse_document(data)
+        return root if isinstance(root, ParseError) else _device_message(root, data)
     except Exception as exc:  # noqa: BLE001 - untrusted input: the contract is to never raise
         return _internal_failure(exc)
 
@@ -193,11 +335,24 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
 
-def _parse_document(data: bytes, max_bytes: int) -> etree._Element | ParseError:
+def _refused(data: bytes, max_bytes: int, max_markup: int) -> ParseError | None:
+    """The checks on the bytes, before any parsing: size, markup, DOCTYPE.
+
+    "<" cannot stand in text or attribute values, so every one opens markup, and none is shorter
+    than `<a>`: only a document of more than three bytes per allowed item needs counting.
+    """
     if len(data) > max_bytes:
         return ParseError("too-large", f"{len(data)} bytes, over the limit of {max_bytes}")
+    if len(data) > _SHORTEST_MARKUP * max_markup and (markup := data.count(b"<")) > max_markup:
+        return ParseError(
+            "too-much-markup", f"{markup} tags and other markup, over the limit of {max_markup}"
+        )
     if declares_doctype(data):
         return ParseError("doctype-forbidden", "DUIS documents have no DOCTYPE (DTDs and entities refused)")
+    return None
+
+
+def _parse_document(data: bytes) -> etree._Element | ParseError:
     try:
         root = etree.fromstring(data, PARSER)
     except etree.XMLSyntaxError as exc:
@@ -205,6 +360,42 @@ def _parse_document(data: bytes, max_bytes: int) -> etree._Element | ParseError:
     if has_doctype(root):
         return ParseError("doctype-forbidden", "the parsed document declares a DOCTYPE")
     return root
+
+
+def _scan(data: bytes, content: int, end: int) -> ParseError | None:
+    """Is the whole document well-formed, as a tree parse would find it? Builds nothing.
+
+    `content` is where the root's content starts, `end` where the root's end tag (the document's last
+    markup) starts. A document that could nest deeper than a tree allows (it takes two "<" a level)
+    is scanned with one element wrapped around that content. That element cannot close anything but
+    itself, so the wrapped document is well-formed exactly when the document is, and it nests one
+    level deeper: the scanner's limit of 257 levels then stops every document a tree would.
+    """
+    scanned = data
+    if _may_nest_too_deep(data):
+        view = memoryview(data)
+        scanned = b"".join((view[:content], b"<x>", view[content:end], b"</x>", view[end:]))
+    try:
+        etree.fromstring(scanned, SCANNER)
+    except etree.XMLSyntaxError as exc:
+        return _syntax_error(data, exc)
+    # Namespace errors are fatal to a tree parse but only logged by a target parser; warnings (a
+    # relative namespace URI) are neither.
+    log = SCANNER.error_log
+    if log and (errors := log.filter_from_errors()):
+        return ParseError("not-well-formed", _clip(" ".join(str(errors[0].message).split())))
+    return None
+
+
+def _may_nest_too_deep(data: bytes) -> bool:
+    """Could the document nest deeper than MAX_DEPTH? Each level takes seven bytes and two "<".
+
+    Past `_COUNT_BELOW_BYTES` the answer is yes without counting: copying the document for the
+    scan's wrapper then costs less than counting its "<" (measured).
+    """
+    if len(data) < _TOO_DEEP_BYTES:
+        return False
+    return len(data) > _COUNT_BELOW_BYTES or data.count(b"<") > 2 * MAX_DEPTH
 
 
 def declares_doctype(data: bytes) -> bool:
@@ -258,16 +449,64 @@ def _root_error(root: etree._Element, expected: str) -> ParseError:
     return ParseError("wrong-root", _clip(f"root element is {qname.localname!r}, not sr:{expected}"))
 
 
+def _elements(parent: etree._Element) -> list[etree._Element]:
+    """The element children, without the comments and PIs a caller's tree may have kept."""
+    return [child for child in parent if isinstance(child.tag, str)]
+
+
 def _header_and_body(root: etree._Element) -> tuple[etree._Element, etree._Element] | ParseError:
     """Header and Body by position, as the schema orders them (a Signature may follow)."""
-    if len(root) < 2:
+    children = _elements(root)
+    if len(children) < 2:
         return ParseError("missing-field", "Header and Body (the root's first two elements)")
-    header, body = root[0], root[1]
+    header, body = children[0], children[1]
     if header.tag != _HEADER:
         return ParseError("missing-field", "Header (the root's first element)")
     if body.tag != _BODY:
         return ParseError("missing-field", "Body (the root's second element)")
     return header, body
+
+
+def _blank(text: str | None) -> bool:
+    return text is None or not text.strip(_XML_BLANKS)
+
+
+def _bad_header(detail: str) -> ParseError:
+    return ParseError("bad-header", _clip(detail))
+
+
+def _local(tag: str) -> str:
+    return tag[_NS_LENGTH:] if tag.startswith(_NS) else tag
+
+
+def header_fields(header: etree._Element, sequence: Mapping[str, int]) -> list[str | None] | ParseError:
+    """The text of each field of `sequence` (tag: position) as written (None: absent), or why not.
+
+    The schema's Header is an element-only sequence of simple-typed fields: no attribute, no text
+    between fields, nothing inside a field, each field at most once and in order, nothing else. A
+    comment or PI between fields is allowed (the schema does not see them).
+    """
+    if header.attrib:
+        return _bad_header("the Header element has attributes")
+    if not _blank(header.text):
+        return _bad_header("text in the Header outside its fields")
+    values: list[str | None] = [None] * len(sequence)
+    position = 0
+    for child in header:
+        if not _blank(child.tail):
+            return _bad_header("text in the Header outside its fields")
+        tag = child.tag
+        if not isinstance(tag, str):
+            continue
+        index = sequence.get(tag, -1)
+        if index < position:
+            where = "not a Header field" if index == -1 else "repeated or out of schema order"
+            return _bad_header(f"Header element {_local(tag)!r} is {where}")
+        if child.attrib or len(child):
+            return _bad_header(f"Header field {_local(tag)} has attributes or content other than text")
+        values[index] = child.text or ""
+        position = index + 1
+    return values
 
 
 def _bad_request_id(text: str) -> ParseError:
@@ -282,35 +521,63 @@ def _text(element: etree._Element) -> str:
 # -- Service Requests ---------------------------------------------------------------------------
 
 
-def _request(root: etree._Element, data: bytes) -> ServiceRequest | ParseError:  # noqa: C901, PLR0911, PLR0912
-    # The hot path: every Service Request passes here, so text reads are inline and the Body content
-    # of a device request is never touched.
+def _plain_request(plain: re.Match[bytes], data: bytes) -> ServiceRequest | ParseError | None:
+    """The fast route: the Header from the bytes, the document scanned whole; None: take the tree.
+
+    Only for a Body element that declares no namespace, a document that ends with the root's end tag,
+    and never for a request that `needs_body`.
+    """
+    prefix, _, _, *fields, body, body_attributes = plain.groups()
+    if b"xmlns" in body_attributes:
+        return None
+    command_variant, srv = fields[3].strip(_XML_BLANK_BYTES), fields[5].strip(_XML_BLANK_BYTES)
+    if needs_body(command_variant.decode("latin-1"), srv.decode("latin-1")):
+        return None
+    end_tag = b"</" + prefix + b"Request>"
+    end = data.rfind(end_tag)
+    if end == -1 or data[end + len(end_tag) :].strip(_XML_BLANK_BYTES):
+        return None
+    refused = _scan(data, plain.start("content"), end)
+    if refused is not None:
+        return refused
+    texts = [None if field is None else field.decode() for field in fields]  # the scan proved UTF-8
+    return _service_request(texts, body.decode(), None, data)
+
+
+def _tree_request(data: bytes) -> ServiceRequest | ParseError:
+    root = _parse_document(data)
+    return root if isinstance(root, ParseError) else _request(root, data)
+
+
+def _request(root: etree._Element, data: bytes) -> ServiceRequest | ParseError:
     if root.tag != _REQUEST:
         return _root_error(root, "Request")
     parts = _header_and_body(root)
     if isinstance(parts, ParseError):
         return parts
     header, body = parts
-    request_id_text: str | None
-    command_variant_text: str | None
-    service_reference: str | None
-    srv: str | None
-    # The usual Header is exactly the four fields in schema order: four indexed reads cost half an
-    # iteration over the children, and find what the walk by tag would. Anything else (the optional
-    # FirstInSequence, PrecedingServiceRequestID, a missing or repeated field) is read by tag.
-    if (
-        len(header) == _HEADER_FIELDS
-        and (request_id_element := header[0]).tag == _REQUEST_ID
-        and (command_variant_element := header[1]).tag == _COMMAND_VARIANT
-        and (service_reference_element := header[2]).tag == _SERVICE_REFERENCE
-        and (srv_element := header[3]).tag == _SRV
-    ):
-        request_id_text = request_id_element.text or ""
-        command_variant_text = (command_variant_element.text or "").strip(_XML_BLANKS)
-        service_reference = (service_reference_element.text or "").strip(_XML_BLANKS)
-        srv = (srv_element.text or "").strip(_XML_BLANKS)
-    else:
-        request_id_text, command_variant_text, service_reference, srv = _header_by_tag(header)
+    fields = header_fields(header, _REQUEST_FIELDS)
+    if isinstance(fields, ParseError):
+        return fields
+    content = _elements(body)
+    if not content:
+        return _service_request(fields, None, None, data)
+    element = content[0]
+    tag = element.tag
+    if not tag.startswith(_NS):
+        return _service_request(fields, "", None, data)
+    return _service_request(fields, tag[_NS_LENGTH:], element, data)
+
+
+def _service_request(  # noqa: C901, PLR0911, PLR0912 - one check per Header field, in the order they are read
+    fields: list[str | None], body_element: str | None, element: etree._Element | None, data: bytes
+) -> ServiceRequest | ParseError:
+    """Check the Header's fields (REQUEST_HEADER order) and read what the request needs from its Body.
+
+    `body_element` is the Body element's local name: None if the Body is empty, "" if it is not in the
+    DUIS namespace. `element` is that element, when the Body was parsed (`needs_body`).
+    """
+    request_id_text, first_in_sequence, preceding, command_variant_text, service_reference, srv = fields
     if request_id_text is None:
         return ParseError("missing-field", "Header/RequestID")
     request_id = parse_request_id(request_id_text)
@@ -318,35 +585,38 @@ def _request(root: etree._Element, data: bytes) -> ServiceRequest | ParseError: 
         return _bad_request_id(request_id_text)
     if command_variant_text is None:
         return ParseError("missing-field", "Header/CommandVariant", request_id)
+    command_variant_text = command_variant_text.strip(_XML_BLANKS)
     command_variant = _COMMAND_VARIANTS.get(command_variant_text)
     if command_variant is None:
         return ParseError("bad-command-variant", _clip(f"{command_variant_text!r} is not 1 to 8"), request_id)
+    service_reference = (service_reference or "").strip(_XML_BLANKS)
     if not service_reference:
         return ParseError("missing-field", "Header/ServiceReference", request_id)
+    srv = (srv or "").strip(_XML_BLANKS)
     if not srv:
         return ParseError("missing-field", "Header/ServiceReferenceVariant", request_id)
-    if len(body) == 0:
+    if first_in_sequence is not None and first_in_sequence.strip(_XML_BLANKS) not in _XS_BOOLEAN:
+        return _bad_header(f"FirstInSequence {first_in_sequence.strip()!r} is not an xs:boolean")
+    if preceding is not None and parse_request_id(preceding) is None:
+        return _bad_header(f"PrecedingServiceRequestID {preceding.strip()!r} is not a RequestID")
+    if body_element is None:
         return ParseError("missing-field", "Body content", request_id)
-    element = body[0]
-    tag = element.tag
-    if not isinstance(tag, str) or not tag.startswith(_NS):
+    if not body_element:
         return ParseError("wrong-namespace", "the Body element is not in the DUIS namespace", request_id)
-    body_element = tag[_NS_LENGTH:]
-
     scheduled_srv: str | None = None
     flag = None
-    if command_variant == NON_DEVICE_COMMAND_VARIANT:
-        named = _named_devices(element)
-        if isinstance(named, ParseError):
-            return ParseError(named.reason, named.detail, request_id)
-        concerned, scheduled_srv = named
-    else:
-        concerned = (request_id.target,)
-    if srv in _FLAG_BODIES:
-        parsed_flag = _flag(element, body_element, srv)
-        if isinstance(parsed_flag, ParseError):
-            return ParseError(parsed_flag.reason, parsed_flag.detail, request_id)
-        flag = parsed_flag
+    concerned: tuple[Eui, ...] = (request_id.target,)
+    if element is not None:
+        if command_variant == NON_DEVICE_COMMAND_VARIANT:
+            named = _named_devices(element)
+            if isinstance(named, ParseError):
+                return ParseError(named.reason, named.detail, request_id)
+            concerned, scheduled_srv = named
+        if srv in _FLAG_BODIES:
+            parsed_flag = _flag(element, body_element, srv)
+            if isinstance(parsed_flag, ParseError):
+                return ParseError(parsed_flag.reason, parsed_flag.detail, request_id)
+            flag = parsed_flag
     # Positional: keyword arguments cost a third more on this path (field order is ServiceRequest's).
     return ServiceRequest(
         request_id,
@@ -359,25 +629,6 @@ def _request(root: etree._Element, data: bytes) -> ServiceRequest | ParseError: 
         flag,
         data,
     )
-
-
-def _header_by_tag(header: etree._Element) -> tuple[str | None, str | None, str | None, str | None]:
-    """RequestID (as written), CommandVariant, ServiceReference, SRV (blanks stripped; None: absent).
-
-    The last of a repeated field counts.
-    """
-    request_id_text = command_variant_text = service_reference_text = srv_text = None
-    for child in header:
-        tag = child.tag
-        if tag == _REQUEST_ID:
-            request_id_text = child.text or ""
-        elif tag == _COMMAND_VARIANT:
-            command_variant_text = _text(child)
-        elif tag == _SERVICE_REFERENCE:
-            service_reference_text = _text(child)
-        elif tag == _SRV:
-            srv_text = _text(child)
-    return request_id_text, command_variant_text, service_reference_text, srv_text
 
 
 def _named_devices(element: etree._Element) -> tuple[tuple[Eui, ...], str | None] | ParseError:
@@ -449,9 +700,10 @@ def _device_message(root: etree._Element, data: bytes) -> DeviceMessage | ParseE
     if isinstance(fields, ParseError):
         return fields
     request_id, response_code = fields
-    if len(body) == 0:
+    elements = _elements(body)
+    if not elements:
         return ParseError("missing-field", "Body content", request_id)
-    content = _body_content(body[0])
+    content = _body_content(elements[0])
     if isinstance(content, ParseError):
         return ParseError(content.reason, content.detail, request_id)
     kind, srv, alert_code, scheduled = content
@@ -468,18 +720,16 @@ def _device_message(root: etree._Element, data: bytes) -> DeviceMessage | ParseE
 
 def _response_header(header: etree._Element) -> tuple[RequestId | None, str] | ParseError:
     """The RequestID answered (optional: alerts have none) and the ResponseCode."""
-    request_id_text = response_code = None
-    for child in header:
-        tag = child.tag
-        if tag == _REQUEST_ID:
-            request_id_text = child.text or ""
-        elif tag == _RESPONSE_CODE:
-            response_code = _text(child)
+    fields = header_fields(header, _RESPONSE_FIELDS)
+    if isinstance(fields, ParseError):
+        return fields
+    request_id_text, _, response_code, _ = fields
     request_id = None
     if request_id_text is not None:
         request_id = parse_request_id(request_id_text)
         if request_id is None:
             return _bad_request_id(request_id_text)
+    response_code = (response_code or "").strip(_XML_BLANKS)
     if not response_code:
         return ParseError("missing-field", "Header/ResponseCode", request_id)
     if _RESPONSE_CODE_RE.fullmatch(response_code) is None:

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from gateway import duis
-from gateway.duis import PARSE_ERROR_REASONS, ParseError, parse_device_message, parse_request
+from gateway.duis import (
+    PARSE_ERROR_REASONS,
+    ParseError,
+    parse_device_message,
+    parse_request,
+    parse_request_tree,
+)
 from rules.domain import (
     MAX_COUNTER,
     DeviceMessage,
@@ -188,30 +194,71 @@ HEADER_LAYOUTS = {
     + "<sr:FirstInSequence>true</sr:FirstInSequence>"
     + f"<sr:PrecedingServiceRequestID>{USER}:{ESME}:6</sr:PrecedingServiceRequestID>"
     + "".join(HEADER_FIELDS[1:]),
-    "reversed": "".join(reversed(HEADER_FIELDS)),
     "blanks and comments": "\n  <!-- c -->" + "\n  ".join(HEADER_FIELDS) + " <?pi x?>\n",
-    "an element in another namespace": "".join(HEADER_FIELDS) + '<x:Note xmlns:x="urn:x"/>',
 }
 
 
 @pytest.mark.parametrize("layout", HEADER_LAYOUTS)
-def test_any_header_layout_reads_the_same_fields(layout: str) -> None:
-    # The usual four-field Header is read by position, anything else by tag: both give the same.
-    parsed = parse_request(request(HEADER_LAYOUTS[layout], "<sr:ReadX/>"))
-    assert parsed == ServiceRequest(RequestId(USER, ESME, 7), 1, "4.8", "4.8.1", "ReadX", (ESME,))
+def test_every_header_layout_the_schema_allows_reads_the_same_fields(layout: str) -> None:
+    raw = request(HEADER_LAYOUTS[layout], "<sr:ReadX/>")
+    expected = ServiceRequest(RequestId(USER, ESME, 7), 1, "4.8", "4.8.1", "ReadX", (ESME,))
+    assert parse_request(raw) == expected
+    assert parse_request_tree(etree.fromstring(raw, duis.PARSER), raw) == expected
 
 
-def test_a_header_field_in_another_namespace_is_not_read_by_position() -> None:
-    srv = '<x:ServiceReferenceVariant xmlns:x="urn:x">4.8.1</x:ServiceReferenceVariant>'
-    parsed = parse_request(request("".join(HEADER_FIELDS[:3]) + srv, "<sr:ReadX/>"))
-    assert parsed == ParseError("missing-field", "Header/ServiceReferenceVariant", RequestId(USER, ESME, 7))
+REQUEST_ID_FIELD, COMMAND_VARIANT_FIELD, REFERENCE_FIELD, SRV_FIELD = HEADER_FIELDS
+FLAGGED_METER_ID = f"<sr:RequestID>{USER}:{ESME}:7</sr:RequestID>"
+OTHER_METER_ID = f"<sr:RequestID>{USER}:00-DB-12-34-56-78-90-B0:7</sr:RequestID>"
+# Headers the DUIS V5.4 schema forbids: each is refused on either route, whatever its values.
+BAD_HEADERS = {
+    "two RequestIDs": FLAGGED_METER_ID + OTHER_METER_ID + "".join(HEADER_FIELDS[1:]),
+    "a RequestID after the SRV": FLAGGED_METER_ID + "".join(HEADER_FIELDS[1:]) + OTHER_METER_ID,
+    "two CommandVariants": REQUEST_ID_FIELD + COMMAND_VARIANT_FIELD * 2 + REFERENCE_FIELD + SRV_FIELD,
+    "two SRVs": "".join(HEADER_FIELDS) + SRV_FIELD.replace("4.8.1", "4.8.2"),
+    "reversed": "".join(reversed(HEADER_FIELDS)),
+    "optional field out of order": REQUEST_ID_FIELD + COMMAND_VARIANT_FIELD
+    + "<sr:FirstInSequence>true</sr:FirstInSequence>" + REFERENCE_FIELD + SRV_FIELD,
+    "unknown DUIS element": "".join(HEADER_FIELDS) + "<sr:Note>x</sr:Note>",
+    "element in another namespace": "".join(HEADER_FIELDS) + '<x:Note xmlns:x="urn:x"/>',
+    "SRV in another namespace": "".join(HEADER_FIELDS[:3])
+    + '<x:ServiceReferenceVariant xmlns:x="urn:x">4.8.1</x:ServiceReferenceVariant>',
+    "attribute on a field": REQUEST_ID_FIELD.replace("<sr:RequestID>", '<sr:RequestID a="1">')
+    + "".join(HEADER_FIELDS[1:]),
+    "element inside a field": REQUEST_ID_FIELD.replace("</sr:RequestID>", "<sr:X/></sr:RequestID>")
+    + "".join(HEADER_FIELDS[1:]),
+    "text between fields": REQUEST_ID_FIELD + "stray" + "".join(HEADER_FIELDS[1:]),
+    "FirstInSequence not a boolean": REQUEST_ID_FIELD + "<sr:FirstInSequence>yes</sr:FirstInSequence>"
+    + "".join(HEADER_FIELDS[1:]),
+    "PrecedingServiceRequestID not a RequestID": REQUEST_ID_FIELD
+    + "<sr:PrecedingServiceRequestID>6</sr:PrecedingServiceRequestID>" + "".join(HEADER_FIELDS[1:]),
+}  # fmt: skip
 
 
-def test_a_repeated_header_field_reads_its_last_occurrence() -> None:
-    repeated = HEADER_FIELDS[0] + HEADER_FIELDS[0].replace(":7<", ":8<") + "".join(HEADER_FIELDS[1:])
-    parsed = parse_request(request(repeated, "<sr:ReadX/>"))
-    assert isinstance(parsed, ServiceRequest)
-    assert parsed.request_id == RequestId(USER, ESME, 8)
+@pytest.mark.parametrize("case", BAD_HEADERS)
+def test_a_header_the_schema_forbids_is_refused(case: str) -> None:
+    raw = request(BAD_HEADERS[case], "<sr:ReadX/>")
+    parsed = parse_request(raw)
+    assert isinstance(parsed, ParseError)
+    assert parsed.reason == "bad-header", parsed
+    assert parse_request_tree(etree.fromstring(raw, duis.PARSER), raw) == parsed
+
+
+def test_an_attribute_on_the_header_is_refused() -> None:
+    raw = request("".join(HEADER_FIELDS), "<sr:ReadX/>").replace(b"<sr:Header>", b'<sr:Header id="h">')
+    assert parse_request(raw) == ParseError("bad-header", "the Header element has attributes")
+
+
+def test_a_header_with_two_request_ids_is_never_decided_on_either_of_them() -> None:
+    # Issue 15: the gateway decided on the last RequestID and forwarded bytes whose first one named a
+    # flagged meter. Refused whichever comes first, on a real sample.
+    existing = re.search(rb"<sr:RequestID>[^<]*</sr:RequestID>", VALID)
+    assert existing is not None
+    other = OTHER_METER_ID.encode()
+    for doubled in (other + existing.group(), existing.group() + other):
+        raw = VALID.replace(existing.group(), doubled, 1)
+        assert parse_request(raw) == ParseError(
+            "bad-header", "Header element 'RequestID' is repeated or out of schema order"
+        )
 
 
 @pytest.mark.parametrize(
@@ -384,6 +431,18 @@ REQUEST_FAILURES: list[tuple[str, bytes, str, bool]] = [
         True,
     ),
     ("long reference", FLAG_SET.replace(b"CUSTOMER-CASE-0001", b"x" * 65), "invalid-field", True),
+    (
+        "two RequestIDs",
+        request(HEADER_FIELDS[0] + "".join(HEADER_FIELDS), "<sr:X/>"),
+        "bad-header",
+        False,
+    ),
+    (
+        "too much markup",
+        VALID.replace(b"<sr:Body>", b"<sr:Body>" + b"<a/>" * duis.MAX_MARKUP),
+        "too-much-markup",
+        False,
+    ),
 ]
 
 MESSAGE_FAILURES: list[tuple[str, bytes, str, bool]] = [
@@ -473,6 +532,148 @@ def test_a_declared_encoding_is_not_honoured_but_utf8_bom_is_fine() -> None:
     assert isinstance(parse_request(b"\xef\xbb\xbf" + VALID), ServiceRequest)
     latin = VALID.replace(b'encoding="UTF-8"', b'encoding="ISO-8859-1"')
     assert isinstance(parse_request(latin), ServiceRequest)
+
+
+def test_the_markup_limit_counts_tags_not_bytes() -> None:
+    raw = request(header(), "<sr:ReadX/>")
+    # The XML declaration, Request, Header, four fields of two tags, Header's end, Body, ReadX,
+    # Body's end, Request's end.
+    markup = 16
+    assert isinstance(parse_request(raw, max_markup=markup), ServiceRequest)
+    assert parse_request(raw, max_markup=markup - 1) == ParseError(
+        "too-much-markup", f"{markup} tags and other markup, over the limit of {markup - 1}"
+    )
+    # Text is not markup, however long.
+    long_text = raw.replace(b"<sr:ReadX/>", b"<sr:ReadX>" + b"x" * 100 * markup + b"</sr:ReadX>")
+    assert isinstance(parse_request(long_text, max_markup=markup + 1), ServiceRequest)
+
+
+def nested(depth: int) -> bytes:
+    """VALID with its Body element holding elements nested so that the document is `depth` deep."""
+    inner = depth - 3  # Request, Body, the Body element
+    return re.sub(
+        rb"<sr:ReadActiveImportProfileData>.*</sr:ReadActiveImportProfileData>",
+        b"<sr:ReadActiveImportProfileData>"
+        + b"<a>" * inner
+        + b"</a>" * inner
+        + b"</sr:ReadActiveImportProfileData>",
+        VALID,
+        flags=re.DOTALL,
+    )
+
+
+@pytest.mark.parametrize(
+    "depth", [duis.MAX_DEPTH - 1, duis.MAX_DEPTH, duis.MAX_DEPTH + 1, duis.MAX_DEPTH + 2]
+)
+@pytest.mark.parametrize("padding", [0, 20_000], ids=["counted", "long"])
+def test_both_routes_stop_at_the_same_depth(depth: int, padding: int) -> None:
+    # The scan alone would allow one level more than a tree; the gateway holds it to the tree's limit,
+    # for short documents (whose "<" it counts) and long ones alike.
+    raw = nested(depth).replace(b"</sr:Header>", b"</sr:Header>" + b" " * padding)
+    assert duis.PLAIN_REQUEST.match(raw) is not None
+    parsed = parse_request(raw)
+    if depth <= duis.MAX_DEPTH:
+        assert isinstance(parsed, ServiceRequest)
+        assert parse_request_tree(etree.fromstring(raw, duis.PARSER), raw) == parsed
+    else:
+        assert isinstance(parsed, ParseError)
+        assert parsed.reason == "not-well-formed"
+        with pytest.raises(etree.XMLSyntaxError):
+            etree.fromstring(raw, duis.PARSER)
+
+
+def test_every_sample_is_in_the_plain_form_and_device_requests_take_the_fast_route() -> None:
+    # Otherwise the properties below would only ever compare the tree route with itself.
+    assert all(duis.PLAIN_REQUEST.match(raw) is not None for raw in SAMPLE_BYTES)
+    requests = [parse_request(raw) for raw in SAMPLE_BYTES]
+    fast = [
+        r
+        for r in requests
+        if isinstance(r, ServiceRequest) and not duis.needs_body(str(r.command_variant), r.srv)
+    ]
+    assert len(fast) > 100
+
+
+@pytest.mark.parametrize(("command_variant", "srv", "needed"), [
+    ("8", "5.1", True), ("8", "11.1", True), ("8", "8.2", True), ("8", "99.9", True),
+    ("8", "8.15.1", True), ("4", "8.15.2", True), ("1", "4.8.1", False), ("4", "6.15.1", False),
+])  # fmt: skip
+def test_the_body_is_parsed_for_non_device_and_flag_requests(
+    command_variant: str, srv: str, needed: bool
+) -> None:
+    assert duis.needs_body(command_variant, srv) is needed
+
+
+def test_a_header_is_read_the_same_from_a_root_that_kept_comments_and_blanks() -> None:
+    # The XMLDSig verifier may parse with comments and blank text kept.
+    keeping = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    for raw in SAMPLE_BYTES:
+        assert parse_request_tree(etree.fromstring(raw, keeping), raw) == parse_request(raw)
+
+
+def duis_request_with(header_xml: str, body: str, root_attributes: str) -> bytes:
+    head = f"<sr:Request {root_attributes}><sr:Header>{header_xml}</sr:Header>"
+    return f"{head}<sr:Body>{body}</sr:Body></sr:Request>".encode()
+
+
+DUIS_NS = f'xmlns:sr="{duis.NAMESPACE}"'
+# Spellings whose XML reading the plain form cannot be sure of: each gets the tree route's answer.
+TREE_SPELLINGS = {
+    "Body element redeclares the prefix": ("<sr:ReadX xmlns:sr='urn:x'/>", DUIS_NS, "wrong-namespace"),
+    "prefix bound by a character reference": (
+        "<sr:ReadX/>",
+        DUIS_NS.replace("http", "&#104;ttp"),
+        None,
+    ),
+    "a decoy binding inside another attribute": (
+        "<sr:ReadX/>",
+        f"a='{DUIS_NS}' xmlns:sr='urn:x'",
+        "wrong-namespace",
+    ),
+    "a '>' inside an attribute value": ("<sr:ReadX/>", "a='>' " + DUIS_NS, None),
+    "the default namespace": ("<sr:ReadX/>", DUIS_NS + ' xmlns="urn:x"', None),
+}
+
+
+@pytest.mark.parametrize("case", TREE_SPELLINGS)
+def test_spellings_the_plain_form_cannot_read_get_the_tree_answer(case: str) -> None:
+    body, attributes, reason = TREE_SPELLINGS[case]
+    raw = duis_request_with(header(), body, attributes)
+    parsed = parse_request(raw)
+    assert parsed == tree_route(raw)
+    assert (parsed.reason if isinstance(parsed, ParseError) else None) == reason
+
+
+MALFORMED_BODIES = {
+    "unclosed element": (b"</sr:Body>", b"<sr:Open></sr:Body>"),
+    "mismatched end tag": (b"</sr:Body>", b"</sr:Other></sr:Body>"),
+    "bare ampersand": (b"</sr:Body>", b"a & b</sr:Body>"),
+    "undefined entity": (b"</sr:Body>", b"&nope;</sr:Body>"),
+    "bare <": (b"</sr:Body>", b"<</sr:Body>"),
+    "undeclared prefix": (b"</sr:Body>", b"<zz:X/></sr:Body>"),
+    "duplicate attribute": (b"</sr:Body>", b'<sr:X a="1" a="2"/></sr:Body>'),
+    "control character": (b"</sr:Body>", b"\x01</sr:Body>"),
+    "invalid UTF-8": (b"</sr:Body>", b"\xff\xfe</sr:Body>"),
+    "]]> in text": (b"</sr:Body>", b"]]></sr:Body>"),
+    "unterminated comment": (b"</sr:Body>", b"<!-- </sr:Body>"),
+    "second root": (b"</sr:Request>", b"</sr:Request><sr:Request/>"),
+    "text after the root": (b"</sr:Request>", b"</sr:Request>trailing"),
+    "unclosed root": (b"</sr:Request>", b""),
+    "signature cut short": (b"</ds:Signature>", b""),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_BODIES)
+def test_a_document_malformed_after_its_header_is_refused(case: str) -> None:
+    old, new = MALFORMED_BODIES[case]
+    raw = VALID.replace(old, new, 1)
+    assert raw != VALID
+    assert duis.PLAIN_REQUEST.match(raw) is not None  # so the fast route's scan is what refuses it
+    with pytest.raises(etree.XMLSyntaxError):
+        etree.fromstring(raw, duis.PARSER)
+    parsed = parse_request(raw)
+    assert isinstance(parsed, ParseError)
+    assert parsed.reason in {"not-well-formed", "invalid-encoding"}, parsed
 
 
 # -- device messages -------------------------------------------------------------------------------
@@ -771,3 +972,80 @@ def test_random_bytes_never_raise(raw: bytes, no_python_sockets: None) -> None:
 def test_xml_looking_prefixes_with_random_tails_never_raise(prefix: bytes, tail: bytes) -> None:
     assert_contained(parse_request(prefix + tail))
     assert_contained(parse_device_message(prefix + tail))
+
+
+def tree_route(raw: bytes) -> ServiceRequest | ParseError | None:
+    """The request as the tree route reads it, or None where the hardened tree parser refuses the bytes."""
+    try:
+        root = etree.fromstring(raw, duis.PARSER)
+    except etree.XMLSyntaxError:
+        return None
+    return parse_request_tree(root, raw)
+
+
+def assert_routes_agree(raw: bytes) -> None:
+    """Whatever the bytes, the fast route answers as the tree route does, or refuses what it refuses."""
+    parsed = parse_request(raw)
+    assert_contained(parsed)
+    expected = tree_route(raw)
+    if expected is None or len(raw) > duis.DEFAULT_MAX_BYTES:
+        assert isinstance(parsed, ParseError)
+    else:
+        assert parsed == expected
+
+
+@HOSTILE
+@given(raw=st.sampled_from(SAMPLE_BYTES), data=st.data())
+def test_mutations_after_the_header_are_refused_exactly_when_a_tree_parse_refuses_them(
+    raw: bytes, data: st.DataObject
+) -> None:
+    body = raw.index(b"</sr:Header>") + len(b"</sr:Header>")
+    position = data.draw(st.integers(body, len(raw)))
+    inserted = data.draw(
+        st.sampled_from([b"<", b">", b"&", b"</x>", b"<x>", b"<!--", b"]]>", b"\xff", b"\x00", b""])
+    )
+    removed = data.draw(st.integers(0, 4))
+    assert_routes_agree(raw[:position] + inserted + raw[position + removed :])
+
+
+@HOSTILE
+@given(raw=st.sampled_from(SAMPLE_BYTES), data=st.data())
+def test_the_fast_and_tree_routes_agree_on_any_mutation(raw: bytes, data: st.DataObject) -> None:
+    position = data.draw(st.integers(0, len(raw)))
+    inserted = data.draw(st.binary(max_size=16) | st.sampled_from(HEADER_PIECES))
+    removed = data.draw(st.integers(0, 8))
+    assert_routes_agree(raw[:position] + inserted + raw[position + removed :])
+
+
+HEADER_PIECES = [
+    *(field.encode() for field in HEADER_FIELDS),
+    b"<!-- c -->",
+    b"<sr:FirstInSequence>true</sr:FirstInSequence>",
+    b' xmlns:sr="urn:x"',
+    b' xmlns:sr="http://www.dccinterface.co.uk/ServiceUserGateway"',
+    b' a="&amp;"',
+    b"&#x34;",
+    b"\r\n",
+    b"<![CDATA[x]]>",
+]
+
+
+@HOSTILE
+@given(
+    fields=st.permutations(HEADER_FIELDS).flatmap(
+        lambda order: st.lists(st.sampled_from(order), min_size=1, max_size=6)
+    ),
+    gap=st.sampled_from(["", " ", "\n  ", "<!-- c -->", "<?pi?>"]),
+    prefix=st.sampled_from(["sr", "dcc", ""]),
+)
+def test_any_header_arrangement_gets_the_same_answer_on_both_routes(
+    fields: list[str], gap: str, prefix: str
+) -> None:
+    raw = request(gap.join(fields), "<sr:ReadX/>")
+    if prefix != "sr":
+        raw = (
+            raw.replace(b"sr:", f"{prefix}:".encode() if prefix else b"")
+            .replace(b"xmlns::", b"xmlns:")
+            .replace(b"xmlns:=", b"xmlns=")
+        )
+    assert_routes_agree(raw)
