@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 
-from gateway.config import ConfigError, load_configuration
+from gateway.config import ConfigError, Configuration, StoreSettings, load_configuration
 from gateway.inventory import InventoryFileError, parse_inventory, parse_users
 from gateway.options import config_option
-from gateway.store import FlagState, SqliteStore, UpsertCounts
+from gateway.storage import open_store
 from gateway.terminal import Column, FittedTable, print_fitted
 from rules.codes import ResponseCode
 from rules.domain import (
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable, Iterable
 
+    from gateway.store import FlagState, FlagStore, UpsertCounts
     from rules.domain import Eui
 
 _Record = TypeVar("_Record", DeviceRecord, UserRecord)
@@ -81,12 +82,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     command.set_defaults(handler=show_flags)
 
 
-def _store_path(args: argparse.Namespace, *, create: bool = False) -> Path:
-    """The configured store, named on stderr; a ConfigError if it does not exist and not `create`."""
+def _configuration(args: argparse.Namespace, *, create: bool = False) -> Configuration:
+    """The configuration, its store named on stderr; a ConfigError if a SQLite store does not exist
+    and not `create`."""
     configuration = load_configuration(args.config)
-    path = configuration.existing_store(create=create)
+    configuration.existing_store(create=create)
     sys.stderr.write(f"mp169: store {configuration.describe_store()}\n")
-    return path
+    return configuration
 
 
 def _error(message: str) -> None:
@@ -97,24 +99,24 @@ def _error(message: str) -> None:
 
 
 def import_inventory(args: argparse.Namespace) -> int:
-    return _import(args, "devices", parse_inventory, SqliteStore.upsert_devices)
+    return _import(args, "devices", parse_inventory, lambda store, records: store.upsert_devices(records))
 
 
 def import_users(args: argparse.Namespace) -> int:
-    return _import(args, "users", parse_users, SqliteStore.upsert_users)
+    return _import(args, "users", parse_users, lambda store, records: store.upsert_users(records))
 
 
 def _import(
     args: argparse.Namespace,
     noun: str,
     parse: Callable[[Iterable[str]], list[_Record]],
-    upsert: Callable[[SqliteStore, list[_Record]], Awaitable[UpsertCounts]],
+    upsert: Callable[[FlagStore, list[_Record]], Awaitable[UpsertCounts]],
 ) -> int:
     source: Path = args.file
     try:
         with source.open(encoding="utf-8-sig", newline="") as lines:
             # The store is checked before a long file is parsed, after the file is known to be there.
-            path = _store_path(args, create=True)
+            configuration = _configuration(args, create=True)
             records = parse(lines)
     except ConfigError as exc:
         _error(str(exc))
@@ -132,17 +134,19 @@ def _import(
         return EXIT_BAD_FILE
 
     async def run() -> tuple[UpsertCounts, list[tuple[Eui, str, Eui]], int]:
-        async with SqliteStore(path) as store:
+        async with open_store(configuration.settings.store) as store:
             counts = await upsert(store, records)
             dangling, total = await store.dangling_references(_SHOWN_PROBLEMS)
             return counts, dangling, total
 
-    created = not path.exists()
+    path = configuration.store_path
+    created = not configuration.settings.store.postgres and not path.exists()
     counts, dangling, total = asyncio.run(run())
     if created:
         sys.stderr.write(f"mp169: created a new store at {path} (there was none)\n")
     sys.stdout.write(
-        f"imported {counts.received:,} {noun} from {source} into {path}: {counts.inserted:,} new, "
+        f"imported {counts.received:,} {noun} from {source} into {configuration.store_name}: "
+        f"{counts.inserted:,} new, "
         f"{counts.updated:,} updated, {counts.unchanged:,} unchanged\n"
     )
     _warn_dangling(dangling, total)
@@ -171,7 +175,7 @@ def _warn_dangling(dangling: list[tuple[Eui, str, Eui]], total: int) -> None:
 def show_flags(args: argparse.Namespace) -> int:
     try:
         device = None if args.device is None else parse_eui(args.device)
-        path = _store_path(args)
+        configuration = _configuration(args)
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -179,15 +183,17 @@ def show_flags(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_USAGE
     if device is None:
-        flags, history = asyncio.run(_all_flags(path, args.limit))
+        flags, history = asyncio.run(_all_flags(configuration.settings.store, args.limit))
         if args.json:
             _write_json({"flags": [_flag_json(flag) for flag in flags], "history": _history_json(history)})
         else:
             _print_all(flags, history)
         return 0
-    record, flag, history = asyncio.run(_device_flag(path, device))
+    record, flag, history = asyncio.run(_device_flag(configuration.settings.store, device))
     if record is None and flag is None and not history:
-        _error(f"{device}: not in the inventory of {path}, and no flag request ever named it")
+        _error(
+            f"{device}: not in the inventory of {configuration.store_name}, and no flag request ever named it"
+        )
         return EXIT_BAD_FILE
     if args.json:
         _write_json(
@@ -202,16 +208,16 @@ def show_flags(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _all_flags(path: Path, limit: int) -> tuple[list[FlagState], list[FlagEvent]]:
-    async with SqliteStore(path) as store:
+async def _all_flags(store_settings: StoreSettings, limit: int) -> tuple[list[FlagState], list[FlagEvent]]:
+    async with open_store(store_settings) as store:
         flags = list((await store.load_flags()).values())
         return flags, await store.flag_history(limit=limit)
 
 
 async def _device_flag(
-    path: Path, device: Eui
+    store_settings: StoreSettings, device: Eui
 ) -> tuple[DeviceRecord | None, FlagState | None, list[FlagEvent]]:
-    async with SqliteStore(path) as store:
+    async with open_store(store_settings) as store:
         flags = await store.load_flags()
         return await store.get_device(device), flags.get(device), await store.flag_history(device)
 

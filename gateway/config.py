@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -119,6 +119,32 @@ class GatewaySettings(_Section):
 
 class StoreSettings(_Section):
     path: str = "var/mp169.sqlite3"
+    """The embedded SQLite store (one gateway instance); used when `url` is empty."""
+    url: str = ""
+    """postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE: the PostgreSQL store, shared by several
+    instances (libpq's URL form; PGPASSWORD and ~/.pgpass work too). Empty: SQLite at `path`."""
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in {"postgresql", "postgres"}:
+            raise ValueError("store.url must be empty (SQLite) or look like postgresql://HOST/DATABASE")
+        return value
+
+    @property
+    def postgres(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def name(self) -> str:
+        """Where the store is, for messages and logs: the SQLite path, or the URL without its password."""
+        if not self.postgres:
+            return self.path
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}@{host}"))
 
 
 class OutcomeSettings(_Section):
@@ -138,6 +164,16 @@ class Settings(BaseModel):
     gateway: GatewaySettings = GatewaySettings()
     store: StoreSettings = StoreSettings()
     outcomes: OutcomeSettings = OutcomeSettings()
+
+    @model_validator(mode="after")
+    def _shared_group_needs_postgres(self) -> Settings:
+        if self.topics.shared_group and not self.store.postgres:
+            raise ValueError(
+                'topics.shared_group needs the PostgreSQL store (store.url = "postgresql://..."): '
+                "instances sharing the subscription over SQLite files of their own would disagree on "
+                "flags and RequestIDs, and MP169's guarantee would not hold (docs/multi-instance.md)"
+            )
+        return self
 
     @property
     def outcomes_path(self) -> Path:
@@ -215,9 +251,16 @@ class Configuration:
             return f"{key} default, relative to the working directory {Path.cwd()}"
         return f"{key} from {origin}"
 
+    @property
+    def store_name(self) -> str:
+        """The SQLite store's absolute path, or the PostgreSQL URL without its password."""
+        store = self.settings.store
+        return store.name if store.postgres else str(self.store_path)
+
     def describe_store(self) -> str:
         """Which store a command uses, and why: `/abs/var/mp169.sqlite3 (store.path from config.toml)`."""
-        return f"{self.store_path} ({self._where('store.path')})"
+        key = "store.url" if self.settings.store.postgres else "store.path"
+        return f"{self.store_name} ({self._where(key)})"
 
     def describe_outcomes(self) -> str:
         if self.settings.outcomes.path:
@@ -225,10 +268,11 @@ class Configuration:
         return f"{self.outcomes_path} (beside the store, {self._where('store.path')})"
 
     def existing_store(self, *, create: bool = False) -> Path:
-        """The store's path; unless `create`, a ConfigError if there is no store there, so that a command
-        run from the wrong directory never works on (or makes) a new empty store."""
+        """The SQLite store's path; unless `create`, a ConfigError if there is no store there, so that a
+        command run from the wrong directory never works on (or makes) a new empty store."""
         path = self.store_path
-        if not create and not path.exists():
+        # PostgreSQL: connecting says whether the database is there; the path is not used.
+        if not self.settings.store.postgres and not create and not path.exists():
             raise ConfigError(
                 f"no store at {self.describe_store()}: run from the directory that holds it, or set "
                 f"store.path (--config FILE, {env_name('store.path')}); `mp169 inventory import` "

@@ -2,8 +2,10 @@
 
 `FlagStore` is the small async interface the gateway uses; `SqliteStore` implements it over one
 SQLite file through aiosqlite (WAL, so the outcome recorder's connection and `mp169 inventory
-import` from another process work beside the daemon). A PostgreSQL implementation of the same
-interface is the scale-out path (docs/architecture.md, Scale-out).
+import` from another process work beside the daemon); `gateway.postgres.PostgresStore` implements it
+over PostgreSQL for several gateway instances (docs/multi-instance.md); `gateway.storage.open_store`
+picks the one the configuration names. Both have the same schema versions and semantics, and every
+store test runs against both.
 
 Writes are explicit transactions (`BEGIN IMMEDIATE`): an inventory upsert is all or nothing, and
 `commit` applies one batch of flag events and RequestID counters in one transaction. Every inventory
@@ -14,7 +16,8 @@ so a running gateway fetches only what changed since it last looked (`devices_ch
 Schema migrations are versioned per component in `schema_migrations(component, version)`:
 `migrate()` applies a component's ordered list of SQL scripts, each with its version row, in one
 transaction; this module's tables are component "core", gateway.outcomes registers "outcomes".
-Times are ISO-8601 UTC text, EUIs DUIS upper-case text, RequestID counters (u64) decimal text.
+Times are ISO-8601 UTC text, EUIs DUIS upper-case text, RequestID counters (u64) decimal text
+zero-padded to 20 digits (so text order is number order and one statement can compare them).
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ MIGRATIONS: tuple[str, ...] = (
         counter TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2: counters checked and advanced in one statement (`commit` returns what it advanced): padded to
+    # 20 digits so SQL compares them as numbers; `previous` is the counter an advance replaced.
+    """
+    ALTER TABLE request_counters ADD COLUMN previous TEXT;
+    UPDATE request_counters SET counter = substr('00000000000000000000' || counter, -20);
+    """,
 )
 
 _DEVICE_COLUMNS = (
@@ -131,8 +140,31 @@ _LATEST_SEQ = (
     " coalesce((SELECT max(updated_seq) FROM users), 0))"
 )
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+# A device naming a comms hub not in the inventory, or a supplier not in the user registry: the same
+# SQL on both stores.
+DANGLING_REFERENCES = " UNION ALL ".join(
+    [
+        (
+            "SELECT device_id, 'comms_hub_id', comms_hub_id FROM devices WHERE comms_hub_id IS NOT NULL"
+            " AND comms_hub_id NOT IN (SELECT device_id FROM devices)"
+        ),
+        *(
+            f"SELECT device_id, '{column}', {column} FROM devices WHERE {column} IS NOT NULL"  # noqa: S608 - fixed column names
+            f" AND {column} NOT IN (SELECT user_id FROM users)"
+            for column in ("import_supplier", "export_supplier", "gas_supplier")
+        ),
+    ]
+)
 _BATCH = 2_000  # rows per query when loading: small batches leave less garbage in the heap
 _BUSY_TIMEOUT_MS = 30_000
+_COUNTER_DIGITS = len(str(MAX_COUNTER))
+_COUNTER_ROWS = 5_000  # originators per counter statement (SQLite's limit is 32,766 parameters)
+_ADVANCE_COUNTERS = """
+    INSERT INTO request_counters (originator, counter) VALUES {rows}
+    ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
+    WHERE excluded.counter > request_counters.counter
+    RETURNING originator, previous
+"""
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -145,6 +177,34 @@ class CommitBatch:
     flag_events: Sequence[FlagEvent] = ()
     counters: Mapping[Eui, int] = field(default_factory=dict)
     """Highest accepted RequestID counter per originator; stored only if above the stored one."""
+
+
+NO_COUNTER = -1
+"""The previous counter of an originator that had none stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What a commit made of its batch's RequestID counters and flag changes.
+
+    The counters are checked and advanced in one statement per batch, each originator's row locked by
+    the store, so concurrent commits (other gateway instances, with PostgreSQL) never both take a
+    counter: a request in the batch may be forwarded only if `fresh` says so.
+    """
+
+    advanced: Mapping[Eui, int]
+    """Each originator whose stored counter this commit raised, with the counter stored before it
+    (NO_COUNTER: none). An originator of the batch that is missing was not advanced: another commit
+    already stored its counter or a higher one."""
+    flag_epoch: int | None = None
+    """The flag epoch this commit's flag changes made (PostgreSQL); None: it changed no flag, or the
+    store has no epochs (SQLite: one instance, nothing to wait for)."""
+
+    def fresh(self, originator: Eui, counter: int) -> bool:
+        """Whether a request of the batch with this counter was above every counter stored before the
+        commit, so no other commit took it (at most once across instances)."""
+        before = self.advanced.get(originator)
+        return before is not None and counter > before
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +230,14 @@ class UpsertCounts:
 
 
 class FlagStore(Protocol):
-    """What the gateway needs from durable storage (SQLite now; PostgreSQL could implement it)."""
+    """What the gateway needs from durable storage: SqliteStore and PostgresStore implement it."""
 
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
     async def upsert_devices(self, records: Iterable[DeviceRecord]) -> UpsertCounts: ...
     async def upsert_users(self, records: Iterable[UserRecord]) -> UpsertCounts: ...
     async def get_device(self, device_id: Eui) -> DeviceRecord | None: ...
@@ -180,8 +246,9 @@ class FlagStore(Protocol):
     async def load_users(self) -> list[UserRecord]: ...
     async def load_flags(self) -> dict[Eui, FlagState]: ...
     async def flag_history(self, device: Eui | None = None, limit: int | None = None) -> list[FlagEvent]: ...
-    async def commit(self, batch: CommitBatch) -> None: ...
+    async def commit(self, batch: CommitBatch) -> CommitResult: ...
     async def load_request_counters(self) -> dict[Eui, int]: ...
+    async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]: ...
     async def change_seq(self) -> int: ...
     def devices_changed_since(
         self, seq: int, batch_size: int = _BATCH
@@ -287,6 +354,13 @@ def open_connection(path: Path) -> sqlite3.Connection:
 
 # -- conversions ------------------------------------------------------------------------------------
 
+
+class Row(Protocol):
+    """A result row of either driver: its columns by position."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 _DEVICE_TYPES = {member.value: member for member in DeviceType}
 _STATUSES = {member.value: member for member in DeviceStatus}
 _TARIFFS = {member.value: member for member in Tariff}
@@ -310,7 +384,7 @@ def _device_row(record: DeviceRecord, seq: int) -> tuple[Any, ...]:
     )
 
 
-def _device(row: Sequence[Any]) -> DeviceRecord:
+def device_from_row(row: Row) -> DeviceRecord:
     return DeviceRecord(
         device_id=row[0],
         device_type=_DEVICE_TYPES[row[1]],
@@ -327,11 +401,11 @@ def _device(row: Sequence[Any]) -> DeviceRecord:
     )
 
 
-def _roles_text(roles: frozenset[Role]) -> str:
+def roles_text(roles: frozenset[Role]) -> str:
     return " ".join(sorted(role.value for role in roles))
 
 
-def _user(row: Sequence[Any]) -> UserRecord:
+def user_from_row(row: Row) -> UserRecord:
     return UserRecord(row[0], frozenset(Role(name) for name in str(row[1]).split()))
 
 
@@ -339,7 +413,8 @@ def _time_text(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _flag_event(row: Sequence[Any]) -> FlagEvent:
+def flag_event_from_row(row: Row, at: datetime) -> FlagEvent:
+    """A flag_history row (its columns in FlagEvent's order); `at` converted by the caller."""
     return FlagEvent(
         device_id=row[0],
         set=row[1] == "set",
@@ -348,14 +423,21 @@ def _flag_event(row: Sequence[Any]) -> FlagEvent:
         declaration=None if row[4] is None else bool(row[4]),
         consumer_reference=row[5],
         outcome=row[6],
-        at=datetime.fromisoformat(row[7]),
+        at=at,
     )
 
 
-def _counter(value: int) -> int:
-    if not 0 <= value <= MAX_COUNTER:
-        raise ValueError(f"RequestID counter {value} is not an unsigned 64-bit integer")
-    return value
+def dangling_from_rows(rows: Iterable[Row]) -> list[tuple[Eui, str, Eui]]:
+    return [(Eui(row[0]), str(row[1]), Eui(row[2])) for row in rows]
+
+
+def checked_counters(counters: Mapping[Eui, int]) -> list[tuple[Eui, int]]:
+    """The batch's counters, range-checked, in originator order: concurrent commits lock the rows in
+    one order and so never deadlock."""
+    for value in counters.values():
+        if not 0 <= value <= MAX_COUNTER:
+            raise ValueError(f"RequestID counter {value} is not an unsigned 64-bit integer")
+    return sorted(counters.items())
 
 
 # -- SQLite -------------------------------------------------------------------------------------------
@@ -449,12 +531,12 @@ class SqliteStore:
             "users",
             _UPSERT_USER,
             len(users),
-            lambda seq: [(user.user_id, _roles_text(user.roles), seq) for user in users],
+            lambda seq: [(user.user_id, roles_text(user.roles), seq) for user in users],
         )
 
     async def get_device(self, device_id: Eui) -> DeviceRecord | None:
         rows = await self._fetchall(f"{_SELECT_DEVICES} WHERE device_id = ?", (device_id,))
-        return _device(rows[0]) if rows else None
+        return device_from_row(rows[0]) if rows else None
 
     async def load_devices(self, batch_size: int = _BATCH) -> AsyncIterator[list[DeviceRecord]]:
         """Every device, in batches (each batch its own query, so the lock is never held across a yield)."""
@@ -465,7 +547,7 @@ class SqliteStore:
             )
             if not rows:
                 return
-            yield [_device(row) for row in rows]
+            yield [device_from_row(row) for row in rows]
             last = rows[-1][0]
 
     async def device_count(self) -> int:
@@ -473,7 +555,7 @@ class SqliteStore:
         return int(rows[0][0])
 
     async def load_users(self) -> list[UserRecord]:
-        return [_user(row) for row in await self._fetchall("SELECT user_id, roles FROM users")]
+        return [user_from_row(row) for row in await self._fetchall("SELECT user_id, roles FROM users")]
 
     async def load_flags(self) -> dict[Eui, FlagState]:
         rows = await self._fetchall(
@@ -492,21 +574,23 @@ class SqliteStore:
             f" FROM flag_history {where} ORDER BY id DESC LIMIT ?"
         )
         rows = await self._fetchall(sql, (*parameters, -1 if limit is None else limit))
-        return [_flag_event(row) for row in reversed(rows)]
+        return [flag_event_from_row(row, datetime.fromisoformat(row[7])) for row in reversed(rows)]
 
-    async def commit(self, batch: CommitBatch) -> None:
+    async def commit(self, batch: CommitBatch) -> CommitResult:
         """One durable transaction: history for every event, the flags of accepted changes, counters."""
+        counters = checked_counters(batch.counters)
         async with self._lock:
             db = self._conn
             await db.execute("BEGIN IMMEDIATE")
             try:
                 if batch.flag_events:  # most batches carry only counters: spare the round trip
                     await self._apply_flag_events(db, batch.flag_events)
-                await self._raise_counters(db, batch.counters)
+                advanced = await self._advance_counters(db, counters)
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
+        return CommitResult(advanced)
 
     @staticmethod
     async def _apply_flag_events(db: aiosqlite.Connection, events: Sequence[FlagEvent]) -> None:
@@ -549,50 +633,24 @@ class SqliteStore:
                 await db.execute("DELETE FROM flags WHERE device_id = ?", (event.device_id,))
 
     @staticmethod
-    async def _raise_counters(db: aiosqlite.Connection, counters: Mapping[Eui, int]) -> None:
-        if not counters:
-            return
-        # u64 counters exceed SQLite's signed integers: compared here, stored as decimal text.
-        wanted = {originator: _counter(value) for originator, value in counters.items()}
-        names = list(wanted)
-        stored: dict[str, int] = {}
-        for start in range(0, len(names), 500):
-            chunk = names[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            async with db.execute(
-                f"SELECT originator, counter FROM request_counters WHERE originator IN ({marks})",  # noqa: S608
-                chunk,
-            ) as cursor:
-                stored.update((row[0], int(row[1])) for row in await cursor.fetchall())
-        rows = [
-            (originator, str(value))
-            for originator, value in wanted.items()
-            if value > stored.get(originator, -1)
-        ]
-        await db.executemany(
-            "INSERT INTO request_counters (originator, counter) VALUES (?, ?)"
-            " ON CONFLICT (originator) DO UPDATE SET counter = excluded.counter",
-            rows,
-        )
+    async def _advance_counters(db: aiosqlite.Connection, counters: list[tuple[Eui, int]]) -> dict[Eui, int]:
+        advanced: dict[Eui, int] = {}
+        for start in range(0, len(counters), _COUNTER_ROWS):
+            chunk = counters[start : start + _COUNTER_ROWS]
+            sql = _ADVANCE_COUNTERS.format(rows=", ".join(["(?, ?)"] * len(chunk)))
+            parameters = [part for name, value in chunk for part in (name, f"{value:0{_COUNTER_DIGITS}d}")]
+            async with db.execute(sql, parameters) as cursor:
+                advanced.update(
+                    (row[0], NO_COUNTER if row[1] is None else int(row[1])) for row in await cursor.fetchall()
+                )
+        return advanced
 
     async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]:
         """Up to `limit` (device, column, value) where a device names a comms hub that is not in the
         inventory or a supplier that is not in the user registry, and how many there are in all."""
-        parts = [
-            (
-                "SELECT device_id, 'comms_hub_id', comms_hub_id FROM devices WHERE comms_hub_id IS NOT NULL"
-                " AND comms_hub_id NOT IN (SELECT device_id FROM devices)"
-            ),
-            *(
-                f"SELECT device_id, '{column}', {column} FROM devices WHERE {column} IS NOT NULL"  # noqa: S608 - fixed column names
-                f" AND {column} NOT IN (SELECT user_id FROM users)"
-                for column in ("import_supplier", "export_supplier", "gas_supplier")
-            ),
-        ]
-        query = " UNION ALL ".join(parts)
-        rows = await self._fetchall(f"{query} ORDER BY 1, 2 LIMIT ?", (limit,))
-        [(total,)] = await self._fetchall(f"SELECT count(*) FROM ({query})")  # noqa: S608 - no input in it
-        return [(Eui(row[0]), str(row[1]), Eui(row[2])) for row in rows], int(total)
+        rows = await self._fetchall(f"{DANGLING_REFERENCES} ORDER BY 1, 2 LIMIT ?", (limit,))
+        [(total,)] = await self._fetchall(f"SELECT count(*) FROM ({DANGLING_REFERENCES}) AS dangling")  # noqa: S608 - no input in it
+        return dangling_from_rows(rows), int(total)
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._fetchall("SELECT originator, counter FROM request_counters")
@@ -617,9 +675,9 @@ class SqliteStore:
             )
             if not rows:
                 return
-            yield [_device(row) for row in rows]
+            yield [device_from_row(row) for row in rows]
             last = (rows[-1][-1], rows[-1][0])
 
     async def users_changed_since(self, seq: int) -> list[UserRecord]:
         rows = await self._fetchall("SELECT user_id, roles FROM users WHERE updated_seq > ?", (seq,))
-        return [_user(row) for row in rows]
+        return [user_from_row(row) for row in rows]

@@ -1,0 +1,599 @@
+"""PostgresStore: the FlagStore over PostgreSQL, shared by several gateway instances.
+
+Same schema versions and semantics as `SqliteStore` (component "core"), in PostgreSQL's own types
+(timestamptz, boolean, numeric(20,0) for the u64 RequestID counters). What several instances need
+on top is component "cluster" (docs/multi-instance.md):
+
+- a **flag epoch**: every commit that changes a flag takes the next epoch, under the row lock of
+  `cluster_state`, stamps its flag_history rows with it and sends `NOTIFY mp169_flags, '<epoch>'`
+  (delivered at commit), so `flag_changes_since(epoch)` gives an instance every change it has not
+  applied, in commit order;
+- **leases** (`instance_leases`): each live instance renews its lease with the epoch it has applied;
+  `unapplied(epoch)` names the live instances that have not applied an epoch yet (an I0 to a flag
+  request waits until none is left); an instance whose lease lapsed rejoins only with the current
+  epoch applied (`join`);
+- **pending forwards** (`pending_forwards`): a forwarded request and its deadline, by the database's
+  clock; a device's answer or a timeout `claim`s it with a DELETE, so exactly one instance answers.
+
+Connections come from a pool; the listener has a connection of its own. The inventory's change
+sequence is one row of `cluster_state` too, locked by each upsert until it commits, so sequence
+numbers commit in order and `devices_changed_since` never misses a row committed late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+import asyncpg
+
+from gateway.store import (
+    CORE,
+    DANGLING_REFERENCES,
+    NO_COUNTER,
+    OUTCOME_ACCEPTED,
+    CommitBatch,
+    CommitResult,
+    FlagEvent,
+    FlagState,
+    Row,
+    UpsertCounts,
+    checked_counters,
+    dangling_from_rows,
+    device_from_row,
+    flag_event_from_row,
+    roles_text,
+    user_from_row,
+)
+from rules.domain import NOT_A_DEVICE, DeviceRecord, Eui, UserRecord
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from datetime import datetime
+    from types import TracebackType
+
+    from asyncpg.pool import PoolConnectionProxy
+
+    _Connection = PoolConnectionProxy[asyncpg.Record]
+
+CLUSTER = "cluster"
+FLAGS_CHANNEL = "mp169_flags"
+"""NOTIFY channel: the payload is the flag epoch a commit made."""
+ACKS_CHANNEL = "mp169_acks"
+"""NOTIFY channel: the payload is an instance that acknowledged a flag epoch."""
+
+_BATCH = 2_000
+_UPSERT_ROWS = 10_000  # rows per upsert statement (one transaction for the whole import)
+_POOL_MIN, _POOL_MAX = 1, 4
+
+# Component "core", version for version the schema of SqliteStore's MIGRATIONS. Append; never edit.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE devices (
+        device_id text PRIMARY KEY,
+        device_type text NOT NULL,
+        smets integer NOT NULL,
+        status text NOT NULL,
+        comms_hub_id text,
+        mpxn text,
+        import_supplier text,
+        export_supplier text,
+        gas_supplier text,
+        network_operator text,
+        tariff text NOT NULL,
+        wan boolean NOT NULL,
+        updated_seq bigint NOT NULL
+    );
+    CREATE INDEX devices_updated ON devices (updated_seq, device_id);
+    CREATE TABLE users (
+        user_id text PRIMARY KEY,
+        roles text NOT NULL,
+        updated_seq bigint NOT NULL
+    );
+    CREATE INDEX users_updated ON users (updated_seq);
+    CREATE TABLE flags (
+        device_id text PRIMARY KEY REFERENCES devices (device_id),
+        set_by text NOT NULL,
+        set_at timestamptz NOT NULL,
+        request_id text NOT NULL,
+        consumer_reference text
+    );
+    CREATE TABLE flag_history (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        device_id text NOT NULL,
+        action text NOT NULL CHECK (action IN ('set', 'clear')),
+        requester text NOT NULL,
+        request_id text NOT NULL,
+        declaration boolean,
+        consumer_reference text,
+        outcome text NOT NULL,
+        at timestamptz NOT NULL
+    );
+    CREATE INDEX flag_history_device ON flag_history (device_id, id);
+    CREATE TABLE request_counters (
+        originator text PRIMARY KEY,
+        counter numeric(20, 0) NOT NULL CHECK (counter BETWEEN 0 AND 18446744073709551615)
+    );
+    -- The inventory's change sequence (SQLite takes max(updated_seq) under its write lock instead).
+    CREATE TABLE cluster_state (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        change_seq bigint NOT NULL
+    );
+    INSERT INTO cluster_state (change_seq) VALUES (0);
+    """,
+    """
+    ALTER TABLE request_counters ADD COLUMN previous numeric(20, 0);
+    """,
+)
+
+# Component "cluster": what several instances over one database need. Append; never edit.
+CLUSTER_MIGRATIONS: tuple[str, ...] = (
+    """
+    ALTER TABLE cluster_state ADD COLUMN flag_epoch bigint NOT NULL DEFAULT 0;
+    ALTER TABLE flag_history ADD COLUMN epoch bigint;
+    CREATE INDEX flag_history_epoch ON flag_history (epoch) WHERE epoch IS NOT NULL;
+    CREATE TABLE instance_leases (
+        instance text PRIMARY KEY,
+        applied_epoch bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    );
+    CREATE TABLE pending_forwards (
+        request_id text PRIMARY KEY,
+        owner text NOT NULL,
+        srv text NOT NULL,
+        service_reference text NOT NULL,
+        forwarded_at timestamptz NOT NULL DEFAULT now(),
+        deadline timestamptz NOT NULL
+    );
+    CREATE INDEX pending_forwards_deadline ON pending_forwards (deadline);
+    """,
+)
+
+_MIGRATIONS_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        component text NOT NULL,
+        version integer NOT NULL,
+        PRIMARY KEY (component, version)
+    )
+"""
+_MIGRATION_LOCK = 0x6D703136  # pg_advisory_xact_lock key: one migrating process at a time
+
+_DEVICE_COLUMNS = (
+    "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
+    " gas_supplier, tariff, wan, network_operator"
+)
+_DEVICE_TYPES = (
+    "text[], text[], integer[], text[], text[], text[], text[], text[], text[], text[], boolean[], text[]"
+)
+_DEVICE_ARRAYS = ", ".join(f"${n}::{kind}" for n, kind in enumerate(_DEVICE_TYPES.split(", "), 1))
+_UPSERT_DEVICES = f"""
+    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) SELECT *, $13::bigint FROM unnest({_DEVICE_ARRAYS})
+    ON CONFLICT (device_id) DO UPDATE SET
+        device_type = excluded.device_type, smets = excluded.smets, status = excluded.status,
+        comms_hub_id = excluded.comms_hub_id, mpxn = excluded.mpxn,
+        import_supplier = excluded.import_supplier, export_supplier = excluded.export_supplier,
+        gas_supplier = excluded.gas_supplier, tariff = excluded.tariff, wan = excluded.wan,
+        network_operator = excluded.network_operator, updated_seq = excluded.updated_seq
+    WHERE (devices.device_type, devices.smets, devices.status, devices.comms_hub_id, devices.mpxn,
+           devices.import_supplier, devices.export_supplier, devices.gas_supplier, devices.tariff,
+           devices.wan, devices.network_operator)
+        IS DISTINCT FROM (excluded.device_type, excluded.smets, excluded.status, excluded.comms_hub_id,
+           excluded.mpxn, excluded.import_supplier, excluded.export_supplier, excluded.gas_supplier,
+           excluded.tariff, excluded.wan, excluded.network_operator)
+    RETURNING xmax = 0
+"""  # noqa: S608 - constant column lists; xmax = 0: the row was inserted, not updated
+_UPSERT_USERS = """
+    INSERT INTO users (user_id, roles, updated_seq) SELECT *, $3::bigint FROM unnest($1::text[], $2::text[])
+    ON CONFLICT (user_id) DO UPDATE SET roles = excluded.roles, updated_seq = excluded.updated_seq
+    WHERE users.roles IS DISTINCT FROM excluded.roles
+    RETURNING xmax = 0
+"""
+_NEXT_SEQ = "UPDATE cluster_state SET change_seq = change_seq + 1 RETURNING change_seq"
+_SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+_HISTORY_COLUMNS = "device_id, action, requester, request_id, declaration, consumer_reference, outcome, at"
+_INSERT_HISTORY = f"""
+    INSERT INTO flag_history ({_HISTORY_COLUMNS}, epoch)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::text[],
+                         $7::text[], $8::timestamptz[], $9::bigint[])
+"""  # noqa: S608 - constant column list
+# One statement checks and advances every counter of the batch (rows locked in originator order):
+# `previous` is the value an advance replaced, so the caller learns which requests were fresh.
+_ADVANCE_COUNTERS = """
+    INSERT INTO request_counters (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
+    ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
+    WHERE excluded.counter > request_counters.counter
+    RETURNING originator, previous
+"""
+_NEXT_EPOCH = f"""
+    UPDATE cluster_state SET flag_epoch = flag_epoch + 1
+    RETURNING flag_epoch, pg_notify('{FLAGS_CHANNEL}', flag_epoch::text)
+"""  # noqa: S608 - constant channel name
+# One snapshot: the epoch read and the changes up to it agree.
+_FLAG_CHANGES = """
+    WITH state AS (SELECT flag_epoch FROM cluster_state)
+    SELECT (SELECT flag_epoch FROM state), device_id, action FROM (
+        SELECT DISTINCT ON (device_id) device_id, action FROM flag_history
+        WHERE outcome = 'accepted' AND epoch > $1 AND epoch <= (SELECT flag_epoch FROM state)
+        ORDER BY device_id, id DESC
+    ) AS latest
+    UNION ALL SELECT (SELECT flag_epoch FROM state), NULL, NULL
+"""
+_RENEW = f"""
+    WITH renewed AS (
+        UPDATE instance_leases SET applied_epoch = greatest(applied_epoch, $2),
+            expires_at = now() + make_interval(secs => $3)
+        WHERE instance = $1 AND expires_at > now()
+        RETURNING instance, applied_epoch
+    )
+    SELECT pg_notify('{ACKS_CHANNEL}', instance) FROM renewed
+"""  # noqa: S608 - constant channel name
+# FOR SHARE waits for a commit that is taking the next epoch: a join either commits before that
+# commit (which then sees the new lease and waits for it) or sees its epoch and fails.
+_JOIN = """
+    INSERT INTO instance_leases (instance, applied_epoch, expires_at)
+    SELECT $1, flag_epoch, now() + make_interval(secs => $3) FROM cluster_state
+    WHERE flag_epoch = $2 FOR SHARE
+    ON CONFLICT (instance) DO UPDATE SET applied_epoch = excluded.applied_epoch,
+        expires_at = excluded.expires_at
+    RETURNING instance
+"""
+_UNAPPLIED = (
+    "SELECT instance FROM instance_leases WHERE expires_at > now() AND applied_epoch < $1 ORDER BY instance"
+)
+_PENDING_COLUMNS = "request_id, owner, srv, service_reference, forwarded_at, deadline"
+_ADD_PENDING = """
+    INSERT INTO pending_forwards (request_id, owner, srv, service_reference, deadline)
+    SELECT r, $2, s, ref, now() + make_interval(secs => $5)
+    FROM unnest($1::text[], $3::text[], $4::text[]) AS p(r, s, ref)
+    ON CONFLICT (request_id) DO NOTHING
+"""
+_CLAIM = f"DELETE FROM pending_forwards WHERE request_id = $1 RETURNING {_PENDING_COLUMNS}"  # noqa: S608
+# SKIP LOCKED: instances sweeping together take disjoint rows instead of queueing on each other.
+_CLAIM_EXPIRED = f"""
+    DELETE FROM pending_forwards WHERE request_id IN (
+        SELECT request_id FROM pending_forwards WHERE deadline <= now()
+        ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED
+    ) RETURNING {_PENDING_COLUMNS}
+"""  # noqa: S608 - constant column list
+
+
+@dataclass(frozen=True, slots=True)
+class FlagChanges:
+    """The flags changed after an epoch: each device's state as of `epoch`."""
+
+    epoch: int
+    flagged: dict[Eui, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingForward:
+    """A forwarded request waiting for its device's answer, shared by the instances."""
+
+    request_id: str
+    owner: str
+    """The instance that forwarded it (for operators: whoever claims it answers)."""
+    srv: str
+    service_reference: str
+    forwarded_at: datetime
+    deadline: datetime
+    """By the database's clock: one clock for every instance."""
+
+
+def _pending(row: Row) -> PendingForward:
+    return PendingForward(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+async def _migrate(db: _Connection, component: str, migrations: Sequence[str]) -> None:
+    """Apply `component`'s migrations not applied yet, in one transaction under an advisory lock."""
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await db.execute(_MIGRATIONS_TABLE)
+        done = await db.fetchval(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations WHERE component = $1", component
+        )
+        if done > len(migrations):
+            raise RuntimeError(
+                f"database schema of {component!r} is at version {done}, newer than this gateway's "
+                f"{len(migrations)}: upgrade the gateway"
+            )
+        for version, script in enumerate(migrations[done:], start=done + 1):
+            await db.execute(script)
+            await db.execute("INSERT INTO schema_migrations VALUES ($1, $2)", component, version)
+
+
+def _device_columns(records: Sequence[DeviceRecord]) -> list[list[Any]]:
+    return [
+        [r.device_id for r in records],
+        [r.device_type.value for r in records],
+        [r.smets for r in records],
+        [r.status.value for r in records],
+        [r.comms_hub_id for r in records],
+        [r.mpxn for r in records],
+        [r.import_supplier for r in records],
+        [r.export_supplier for r in records],
+        [r.gas_supplier for r in records],
+        [r.tariff.value for r in records],
+        [r.wan for r in records],
+        [r.network_operator for r in records],
+    ]
+
+
+class PostgresStore:
+    """FlagStore over PostgreSQL (asyncpg pool), plus what several instances share."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listener: asyncpg.Connection[Any] | None = None
+        self._acked: asyncio.Event | None = None
+
+    async def open(self) -> None:
+        """Connect and bring both components' schemas up to date."""
+        pool = await asyncpg.create_pool(self.url, min_size=_POOL_MIN, max_size=_POOL_MAX)
+        try:
+            async with pool.acquire() as db:
+                await _migrate(db, CORE, MIGRATIONS)
+                await _migrate(db, CLUSTER, CLUSTER_MIGRATIONS)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        self._acked = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def _db(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise RuntimeError(f"store {self.url} is not open")
+        return self._pool
+
+    # -- inventory and users --------------------------------------------------------------------
+
+    async def _upsert(self, sql: str, columns: list[list[Any]], received: int) -> UpsertCounts:
+        """One transaction; the rows are stamped with the next change sequence number."""
+        inserted = updated = 0
+        async with self._db.acquire() as db, db.transaction():
+            seq = await db.fetchval(_NEXT_SEQ)
+            for start in range(0, len(columns[0]), _UPSERT_ROWS):
+                chunk = [column[start : start + _UPSERT_ROWS] for column in columns]
+                for (was_inserted,) in await db.fetch(sql, *chunk, seq):
+                    inserted += was_inserted
+                    updated += not was_inserted
+        return UpsertCounts(received=received, inserted=inserted, updated=updated)
+
+    async def upsert_devices(self, records: Iterable[DeviceRecord]) -> UpsertCounts:
+        """Insert new devices, update known ones (Change of Supplier, tariff, status): all or nothing."""
+        devices = list(records)
+        if any(device.device_id == NOT_A_DEVICE for device in devices):
+            raise ValueError(f"{NOT_A_DEVICE} is not a Device ID")
+        # One statement may not touch a row twice: a device listed twice counts once, its last row.
+        latest = list({device.device_id: device for device in devices}.values())
+        return await self._upsert(_UPSERT_DEVICES, _device_columns(latest), len(devices))
+
+    async def upsert_users(self, records: Iterable[UserRecord]) -> UpsertCounts:
+        users = list(records)
+        latest = {user.user_id: roles_text(user.roles) for user in users}
+        return await self._upsert(_UPSERT_USERS, [list(latest), list(latest.values())], len(users))
+
+    async def get_device(self, device_id: Eui) -> DeviceRecord | None:
+        row = await self._db.fetchrow(f"{_SELECT_DEVICES} WHERE device_id = $1", device_id)
+        return None if row is None else device_from_row(row)
+
+    async def load_devices(self, batch_size: int = _BATCH) -> AsyncIterator[list[DeviceRecord]]:
+        last = ""
+        while True:
+            rows = await self._db.fetch(
+                f"{_SELECT_DEVICES} WHERE device_id > $1 ORDER BY device_id LIMIT $2", last, batch_size
+            )
+            if not rows:
+                return
+            yield [device_from_row(row) for row in rows]
+            last = rows[-1][0]
+
+    async def device_count(self) -> int:
+        return int(await self._db.fetchval("SELECT count(*) FROM devices"))
+
+    async def load_users(self) -> list[UserRecord]:
+        return [user_from_row(row) for row in await self._db.fetch("SELECT user_id, roles FROM users")]
+
+    async def change_seq(self) -> int:
+        return int(await self._db.fetchval("SELECT change_seq FROM cluster_state"))
+
+    async def devices_changed_since(
+        self, seq: int, batch_size: int = _BATCH
+    ) -> AsyncIterator[list[DeviceRecord]]:
+        last: tuple[int, str] = (seq, "")
+        while True:
+            rows = await self._db.fetch(
+                f"SELECT {_DEVICE_COLUMNS}, updated_seq FROM devices"  # noqa: S608 - constant column list
+                " WHERE updated_seq > $1 AND (updated_seq, device_id) > ($2, $3)"
+                " ORDER BY updated_seq, device_id LIMIT $4",
+                seq,
+                *last,
+                batch_size,
+            )
+            if not rows:
+                return
+            yield [device_from_row(row) for row in rows]
+            last = (rows[-1][-1], rows[-1][0])
+
+    async def users_changed_since(self, seq: int) -> list[UserRecord]:
+        rows = await self._db.fetch("SELECT user_id, roles FROM users WHERE updated_seq > $1", seq)
+        return [user_from_row(row) for row in rows]
+
+    # -- flags, history and counters ------------------------------------------------------------
+
+    async def load_flags(self) -> dict[Eui, FlagState]:
+        rows = await self._db.fetch(
+            "SELECT device_id, set_by, set_at, request_id, consumer_reference FROM flags ORDER BY device_id"
+        )
+        return {row[0]: FlagState(*row) for row in rows}
+
+    async def flag_history(self, device: Eui | None = None, limit: int | None = None) -> list[FlagEvent]:
+        """Flag events, oldest first: of one device or of all; with `limit`, the most recent ones."""
+        rows = await self._db.fetch(
+            f"SELECT {_HISTORY_COLUMNS} FROM flag_history"  # noqa: S608 - constant column list
+            " WHERE $1::text IS NULL OR device_id = $1 ORDER BY id DESC LIMIT $2",
+            device,
+            limit,
+        )
+        return [flag_event_from_row(row, row[7]) for row in reversed(rows)]
+
+    async def commit(self, batch: CommitBatch) -> CommitResult:
+        """One transaction: history for every event, the flags of accepted changes, the flag epoch
+        (and its NOTIFY) if a flag changed, the counters checked and advanced."""
+        counters = checked_counters(batch.counters)
+        epoch: int | None = None
+        async with self._db.acquire() as db, db.transaction():
+            if batch.flag_events:
+                epoch = await self._apply_flag_events(db, batch.flag_events)
+            rows = await db.fetch(
+                _ADVANCE_COUNTERS, [name for name, _ in counters], [value for _, value in counters]
+            )
+        advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
+        return CommitResult(advanced, epoch)
+
+    @staticmethod
+    async def _apply_flag_events(db: _Connection, events: Sequence[FlagEvent]) -> int | None:
+        changes = [event for event in events if event.outcome == OUTCOME_ACCEPTED]
+        # The epoch row is locked first, by every flag-changing commit: they serialise on it.
+        epoch = None if not changes else (await db.fetchrow(_NEXT_EPOCH) or (None,))[0]
+        await db.execute(
+            _INSERT_HISTORY,
+            [e.device_id for e in events],
+            ["set" if e.set else "clear" for e in events],
+            [e.requester for e in events],
+            [e.request_id for e in events],
+            [e.declaration for e in events],
+            [e.consumer_reference for e in events],
+            [e.outcome for e in events],
+            [e.at for e in events],
+            [epoch if e.outcome == OUTCOME_ACCEPTED else None for e in events],
+        )
+        for event in changes:  # in order: a batch may set and clear the same device
+            if event.set:
+                await db.execute(
+                    "INSERT INTO flags (device_id, set_by, set_at, request_id, consumer_reference)"
+                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_id) DO UPDATE SET"
+                    " set_by = excluded.set_by, set_at = excluded.set_at, request_id = excluded.request_id,"
+                    " consumer_reference = excluded.consumer_reference",
+                    event.device_id,
+                    event.requester,
+                    event.at,
+                    event.request_id,
+                    event.consumer_reference,
+                )
+            else:
+                await db.execute("DELETE FROM flags WHERE device_id = $1", event.device_id)
+        return epoch
+
+    async def load_request_counters(self) -> dict[Eui, int]:
+        rows = await self._db.fetch("SELECT originator, counter FROM request_counters")
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]:
+        """As SqliteStore.dangling_references."""
+        rows = await self._db.fetch(f"{DANGLING_REFERENCES} ORDER BY 1, 2 LIMIT $1", limit)
+        total = await self._db.fetchval(f"SELECT count(*) FROM ({DANGLING_REFERENCES}) AS dangling")  # noqa: S608 - no input in it
+        return dangling_from_rows(rows), int(total)
+
+    # -- several instances: flag epochs, leases, pending forwards -------------------------------
+
+    async def flag_epoch(self) -> int:
+        return int(await self._db.fetchval("SELECT flag_epoch FROM cluster_state"))
+
+    async def flag_changes_since(self, epoch: int) -> FlagChanges:
+        """Each device whose flag changed after `epoch`, with its state as of the returned epoch."""
+        rows = await self._db.fetch(_FLAG_CHANGES, epoch)
+        return FlagChanges(
+            epoch=int(rows[0][0]),
+            flagged={row[1]: row[2] == "set" for row in rows if row[1] is not None},
+        )
+
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Call `callback(payload)` for every NOTIFY on `channel`, on a connection of its own.
+
+        A lost listener connection loses notifications: callers also poll (flag_changes_since) on their
+        lease heartbeat, so a missed NOTIFY only delays.
+        """
+        if self._listener is None:
+            self._listener = await asyncpg.connect(self.url)
+
+        def deliver(_connection: object, _pid: int, _channel: str, payload: object) -> None:
+            callback(str(payload))
+
+        await self._listener.add_listener(channel, deliver)
+
+    async def join(self, instance: str, applied_epoch: int, lease_seconds: float) -> bool:
+        """Take (or retake) `instance`'s lease; only if `applied_epoch` is the current flag epoch."""
+        return await self._db.fetchval(_JOIN, instance, applied_epoch, lease_seconds) is not None
+
+    async def renew(self, instance: str, applied_epoch: int, lease_seconds: float) -> bool:
+        """Extend a live lease and record the flag epoch applied; False: the lease had lapsed (the
+        instance must catch up and `join` again before it decides consumption requests)."""
+        return await self._db.fetchval(_RENEW, instance, applied_epoch, lease_seconds) is not None
+
+    async def leave(self, instance: str) -> None:
+        """Give the lease up (clean stop): nobody waits for this instance any more."""
+        await self._db.execute("DELETE FROM instance_leases WHERE instance = $1", instance)
+
+    async def unapplied(self, epoch: int) -> list[str]:
+        """The live instances that have not applied `epoch` yet (an I0 to a flag request waits for none)."""
+        return [row[0] for row in await self._db.fetch(_UNAPPLIED, epoch)]
+
+    async def wait_applied(self, epoch: int, poll_seconds: float = 0.5) -> None:
+        """Return once every live instance has applied `epoch` or its lease has lapsed: woken by each
+        acknowledgement (NOTIFY on ACKS_CHANNEL), checked again at least every `poll_seconds` (a
+        lease lapses without a notification)."""
+        if self._acked is None:
+            acked = self._acked = asyncio.Event()
+            await self.listen(ACKS_CHANNEL, lambda _instance: acked.set())
+        while True:
+            self._acked.clear()  # before the check: an acknowledgement after it wakes the wait
+            if not await self.unapplied(epoch):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), poll_seconds)
+
+    async def add_pending(
+        self, owner: str, forwards: Iterable[tuple[str, str, str]], timeout_seconds: float
+    ) -> None:
+        """Record forwarded requests (RequestID, SRV, service reference), each due `timeout_seconds`
+        from now by the database's clock; a request recorded already keeps its first deadline."""
+        rows = list(forwards)
+        await self._db.execute(
+            _ADD_PENDING,
+            [row[0] for row in rows],
+            owner,
+            [row[1] for row in rows],
+            [row[2] for row in rows],
+            timeout_seconds,
+        )
+
+    async def claim(self, request_id: str) -> PendingForward | None:
+        """Take a pending request for its device's answer; None: answered or timed out already."""
+        row = await self._db.fetchrow(_CLAIM, request_id)
+        return None if row is None else _pending(row)
+
+    async def claim_expired(self, limit: int = 1_000) -> list[PendingForward]:
+        """Take up to `limit` pending requests past their deadline, whoever forwarded them: each is
+        taken by exactly one instance, which answers it with the timeout."""
+        return [_pending(row) for row in await self._db.fetch(_CLAIM_EXPIRED, limit)]

@@ -1,0 +1,198 @@
+"""A private PostgreSQL server for tests: its own cluster in a temporary folder, on a free port.
+
+Never the system server: `initdb` makes a new cluster (trust authentication, loopback only) and
+`postgres` runs it on a free port of 127.0.0.1, its socket in the cluster's folder. Debian keeps the
+binaries in /usr/lib/postgresql/<version>/bin (not on PATH); `.ci/run` installs the package.
+
+PostgreSQL refuses to run as root, and tests and CI run as root: then the cluster belongs to the
+unprivileged `postgres` system user (created by the Debian package) and both programs run as that
+user (`subprocess` switches user before exec). Its folder is made with `mkdtemp` under the system
+temporary directory, which that user can reach (pytest's own tmp_path, mode 0700 under root's,
+it cannot). As any other user, the programs run as that user in a folder of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from simulator.mosquitto import free_port
+
+_START_SECONDS = 30.0
+_STOP_SECONDS = 30.0
+_PORT_ATTEMPTS = 3
+_SERVICE_USER = "postgres"
+# Small and quick: a test cluster needs neither durability across power loss nor big buffers.
+_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "shared_buffers": "32MB",
+    "max_connections": "200",
+}
+
+
+class PostgresError(RuntimeError):
+    pass
+
+
+def postgres_bindir() -> Path:
+    """Where initdb, pg_ctl and postgres are: on PATH, or Debian's newest versioned folder."""
+    found = shutil.which("initdb")
+    if found is not None:
+        return Path(os.path.realpath(found)).parent
+    folders = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda folder: int(Path(folder).parent.name)
+    )
+    if not folders:
+        raise PostgresError(
+            "PostgreSQL not found (initdb on PATH or /usr/lib/postgresql/*/bin): "
+            "install it (apt-get install postgresql)"
+        )
+    return Path(folders[-1])
+
+
+def _run_as() -> str | None:
+    """The user the server runs as: None (this one) unless this is root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(_SERVICE_USER)
+    except KeyError as exc:
+        raise PostgresError(
+            f"running as root, and PostgreSQL refuses root: no {_SERVICE_USER!r} user to run it as "
+            "(the Debian postgresql package creates it)"
+        ) from exc
+    return _SERVICE_USER
+
+
+class Postgres:
+    """One PostgreSQL cluster and server process. `url(database)` for clients."""
+
+    def __init__(self) -> None:
+        self._user = _run_as()
+        self.directory = Path(tempfile.mkdtemp(prefix="mp169-postgres-"))
+        self.data = self.directory / "data"
+        self.log_path = self.directory / "postgres.log"
+        if self._user is not None:
+            shutil.chown(self.directory, user=self._user)
+        self.port = free_port()
+        self._bindir = postgres_bindir()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
+        self._initdb()
+
+    @property
+    def superuser(self) -> str:
+        return self._user or pwd.getpwuid(os.getuid()).pw_name
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _initdb(self) -> None:
+        result = subprocess.run(  # noqa: PLW1510 - the return code is checked below, with the output
+            [
+                str(self._bindir / "initdb"),
+                "--pgdata",
+                str(self.data),
+                "--auth",
+                "trust",
+                "--username",
+                self.superuser,
+                "--encoding",
+                "UTF8",
+                "--no-sync",
+            ],
+            capture_output=True,
+            user=self._user,
+        )
+        if result.returncode != 0:
+            raise PostgresError(f"initdb failed:\n{result.stdout.decode()}\n{result.stderr.decode()}")
+
+    def start(self) -> None:
+        """Start and wait until it accepts connections (a restart keeps port and data)."""
+        if self.running:
+            raise PostgresError("already running")
+        attempts = 1 if self._started else _PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            options = [f"--{key}={value}" for key, value in {**_SETTINGS, "port": self.port}.items()]
+            with self.log_path.open("ab") as log:
+                self._process = subprocess.Popen(
+                    [
+                        str(self._bindir / "postgres"),
+                        "-D",
+                        str(self.data),
+                        "-k",
+                        str(self.directory),
+                        *options,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    user=self._user,
+                )
+            try:
+                self._wait_until_ready()
+            except PostgresError:
+                if attempt == attempts:
+                    raise
+                self.port = free_port()
+            else:
+                self._started = True
+                return
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT): clients are disconnected, the data is written."""
+        self._end(signal.SIGINT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + _START_SECONDS
+        ready = str(self._bindir / "pg_isready")
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise PostgresError(f"postgres exited at start:\n{self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                probe = ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.superuser, "-q"]
+                if subprocess.run([ready, *probe], check=False).returncode == 0:
+                    return
+            time.sleep(0.05)
+        self._end(signal.SIGKILL)
+        raise PostgresError(f"postgres did not accept connections on port {self.port}:\n{self.log_tail()}")
+
+    def _end(self, signum: signal.Signals) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
