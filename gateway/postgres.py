@@ -370,13 +370,22 @@ class PostgresStore:
     async def _upsert(self, sql: str, columns: list[list[Any]], received: int) -> UpsertCounts:
         """One transaction; the rows are stamped with the next change sequence number."""
         inserted = updated = 0
-        async with self._db.acquire() as db, db.transaction():
-            seq = await db.fetchval(_NEXT_SEQ)
-            for start in range(0, len(columns[0]), _UPSERT_ROWS):
-                chunk = [column[start : start + _UPSERT_ROWS] for column in columns]
-                for (was_inserted,) in await db.fetch(sql, *chunk, seq):
-                    inserted += was_inserted
-                    updated += not was_inserted
+        async with self._db.acquire() as db:
+            transaction = db.transaction()
+            await transaction.start()
+            try:
+                seq = await db.fetchval(_NEXT_SEQ)
+                for start in range(0, len(columns[0]), _UPSERT_ROWS):
+                    chunk = [column[start : start + _UPSERT_ROWS] for column in columns]
+                    for (was_inserted,) in await db.fetch(sql, *chunk, seq):
+                        inserted += was_inserted
+                        updated += not was_inserted
+            except BaseException:
+                await transaction.rollback()
+                raise
+            # Nothing changed: the sequence number is given back, as with SQLite (a re-import of the
+            # same file costs a running gateway nothing).
+            await (transaction.commit() if inserted or updated else transaction.rollback())
         return UpsertCounts(received=received, inserted=inserted, updated=updated)
 
     async def upsert_devices(self, records: Iterable[DeviceRecord]) -> UpsertCounts:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-import asyncpg
 import pytest
 
+from gateway.config import StoreSettings
 from simulator.mosquitto import Mosquitto, MosquittoError
 from tests.postgres import Postgres, PostgresError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
     from pathlib import Path
 
 
@@ -48,17 +48,20 @@ def postgres_server() -> Iterator[Postgres]:
 
 
 @pytest.fixture
-async def postgres_url(postgres_server: Postgres) -> AsyncIterator[str]:
+def postgres_url(postgres_server: Postgres) -> Iterator[str]:
     """The URL of a new, empty database on the session's server, dropped after the test."""
     name = f"test_{next(_DATABASES)}"
-    admin = await asyncpg.connect(postgres_server.url())
+    postgres_server.create_database(name)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield postgres_server.url(name)
     finally:
-        await admin.close()
-    yield postgres_server.url(name)
-    admin = await asyncpg.connect(postgres_server.url())
-    try:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+    """Where a store lives: a SQLite file in a folder still to be made, or an empty PostgreSQL database
+    (store tests take this fixture, so each runs against both)."""
+    if request.param == "sqlite":
+        return StoreSettings(path=str(tmp_path / "var" / "mp169.sqlite3"))
+    return StoreSettings(url=request.getfixturevalue("postgres_url"))

@@ -14,7 +14,6 @@ it cannot). As any other user, the programs run as that user in a folder of its 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -51,15 +50,13 @@ def postgres_bindir() -> Path:
     found = shutil.which("initdb")
     if found is not None:
         return Path(os.path.realpath(found)).parent
-    folders = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda folder: int(Path(folder).parent.name)
-    )
+    folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda folder: int(folder.parent.name))
     if not folders:
         raise PostgresError(
             "PostgreSQL not found (initdb on PATH or /usr/lib/postgresql/*/bin): "
             "install it (apt-get install postgresql)"
         )
-    return Path(folders[-1])
+    return folders[-1]
 
 
 def _run_as() -> str | None:
@@ -166,6 +163,18 @@ class Postgres:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def create_database(self, name: str) -> None:
+        self._psql(f'CREATE DATABASE "{name}"')
+
+    def drop_database(self, name: str) -> None:
+        self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def _psql(self, sql: str) -> None:
+        command = [str(self._bindir / "psql"), "--no-psqlrc", "--quiet", "--dbname", self.url(), "-c", sql]
+        result = subprocess.run(command, capture_output=True, check=False)
+        if result.returncode != 0:
+            raise PostgresError(f"{sql}: {result.stderr.decode(errors='replace')}")
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path.exists():

@@ -1,4 +1,5 @@
-"""SqliteStore and the migration runner, on real SQLite files in tmp_path."""
+"""The FlagStore implementations and their migrations: every store test runs against SQLite (a file in
+tmp_path) and PostgreSQL (a new database on the session's private server, tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import aiosqlite
+import asyncpg
 import pytest
 
+from gateway import postgres
+from gateway.config import StoreSettings
+from gateway.storage import open_store
 from gateway.store import (
     CORE,
     MIGRATIONS,
+    NO_COUNTER,
     CommitBatch,
+    CommitResult,
     FlagEvent,
     FlagState,
+    FlagStore,
     SqliteStore,
     UpsertCounts,
     connect,
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 AT = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
+INTEGRITY = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 
 
 def event(device: Eui = METER, *, set_flag: bool = True, outcome: str = "accepted", n: int = 1) -> FlagEvent:
@@ -56,31 +65,58 @@ def event(device: Eui = METER, *, set_flag: bool = True, outcome: str = "accepte
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with SqliteStore(tmp_path / "var" / "mp169.sqlite3") as opened:
+async def store(store_settings: StoreSettings) -> AsyncIterator[FlagStore]:
+    async with open_store(store_settings) as opened:
         await opened.upsert_devices(premise())
         await opened.upsert_users(USERS)
         yield opened
+
+
+async def _query(settings: StoreSettings, sql: str) -> list[tuple[object, ...]]:
+    """Run one statement on the store's database behind its back; its rows."""
+    if settings.postgres:
+        db = await asyncpg.connect(settings.url)
+        try:
+            return [tuple(row) for row in await db.fetch(sql)]
+        finally:
+            await db.close()
+    async with aiosqlite.connect(settings.path) as db, db.execute(sql) as cursor:
+        rows = [tuple(row) for row in await cursor.fetchall()]
+        await db.commit()
+        return rows
+
+
+def _core_versions(settings: StoreSettings) -> list[tuple[str, int]]:
+    """What a fully migrated store of this kind has in schema_migrations."""
+    versions = [(CORE, version) for version in range(1, len(MIGRATIONS) + 1)]
+    if settings.postgres:
+        cluster = postgres.CLUSTER_MIGRATIONS
+        versions += [(postgres.CLUSTER, version) for version in range(1, len(cluster) + 1)]
+    return sorted(versions)
 
 
 # -- migrations -------------------------------------------------------------------------------------
 
 
 async def _versions(path: Path) -> list[tuple[str, int]]:
-    async with (
-        aiosqlite.connect(path) as db,
-        db.execute("SELECT * FROM schema_migrations ORDER BY 1, 2") as c,
-    ):
-        return [(row[0], row[1]) for row in await c.fetchall()]
+    return [
+        (str(row[0]), int(str(row[1])))
+        for row in await _query(
+            StoreSettings(path=str(path)), "SELECT * FROM schema_migrations ORDER BY 1, 2"
+        )
+    ]
 
 
-async def test_open_creates_the_folder_and_migrates_core_once(tmp_path: Path) -> None:
-    path = tmp_path / "new" / "folder" / "db.sqlite3"
-    async with SqliteStore(path):
-        pass
-    async with SqliteStore(path):
-        pass
-    assert await _versions(path) == [(CORE, version) for version in range(1, len(MIGRATIONS) + 1)]
+async def test_open_creates_the_store_and_migrates_once(store_settings: StoreSettings) -> None:
+    for _ in range(2):
+        async with open_store(store_settings):
+            pass
+    rows = await _query(store_settings, "SELECT component, version FROM schema_migrations ORDER BY 1, 2")
+    assert rows == _core_versions(store_settings)
+
+
+def test_both_stores_have_the_same_core_schema_versions() -> None:
+    assert len(postgres.MIGRATIONS) == len(MIGRATIONS)
 
 
 async def test_another_component_registers_its_own_migrations(tmp_path: Path) -> None:
@@ -96,7 +132,7 @@ async def test_another_component_registers_its_own_migrations(tmp_path: Path) ->
         await db.close()
     async with SqliteStore(path):
         pass
-    assert await _versions(path) == [(CORE, 1), ("outcomes", 1), ("outcomes", 2)]
+    assert await _versions(path) == [*_core_versions(StoreSettings()), ("outcomes", 1), ("outcomes", 2)]
 
 
 async def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
@@ -115,22 +151,46 @@ async def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
     assert await _versions(path) == []
 
 
-async def test_a_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite3"
-    async with SqliteStore(path):
+async def test_a_database_from_a_newer_gateway_is_refused(store_settings: StoreSettings) -> None:
+    async with open_store(store_settings):
         pass
-    async with aiosqlite.connect(path) as db:
-        await db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (CORE, len(MIGRATIONS) + 1))
-        await db.commit()
+    await _query(store_settings, f"INSERT INTO schema_migrations VALUES ('{CORE}', {len(MIGRATIONS) + 1})")
+    store = open_store(store_settings)
     with pytest.raises(RuntimeError, match="newer than this gateway"):
-        await SqliteStore(path).open()
+        await store.open()
+    await store.close()
 
 
-async def test_the_database_is_in_wal_mode_with_foreign_keys(store: SqliteStore) -> None:
-    async with aiosqlite.connect(store.path) as db, db.execute("PRAGMA journal_mode") as cursor:
+async def test_counters_of_a_version_1_database_are_migrated_to_compare_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    db = await connect(path)
+    try:
+        await migrate(db, CORE, MIGRATIONS[:1])
+        await db.execute("INSERT INTO request_counters VALUES (?, '9')", (IMPORT_SUPPLIER,))
+    finally:
+        await db.close()
+    async with SqliteStore(path) as store:
+        assert await store.load_request_counters() == {IMPORT_SUPPLIER: 9}
+        # As text, "10" < "9": the padded counter compares as a number.
+        assert (await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 10}))).advanced == {
+            IMPORT_SUPPLIER: 9
+        }
+        assert (await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 9}))).advanced == {}
+
+
+async def test_the_sqlite_database_is_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with (
+        SqliteStore(path),
+        aiosqlite.connect(path) as db,
+        db.execute("PRAGMA journal_mode") as cursor,
+    ):
         assert await cursor.fetchone() == ("wal",)
+
+
+async def test_flags_need_the_device_in_the_inventory(store: FlagStore) -> None:
     # A flag for a device not in the inventory breaks the foreign key: the whole batch is refused.
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         await store.commit(CommitBatch(flag_events=[event(), event(Eui("00-DB-12-00-00-00-00-01"), n=2)]))
     assert await store.load_flags() == {}
     assert await store.flag_history() == []
@@ -139,7 +199,7 @@ async def test_the_database_is_in_wal_mode_with_foreign_keys(store: SqliteStore)
 # -- inventory and users ------------------------------------------------------------------------------
 
 
-async def test_upsert_inserts_updates_and_counts(store: SqliteStore) -> None:
+async def test_upsert_inserts_updates_and_counts(store: FlagStore) -> None:
     moved = esme(import_supplier=NEW_SUPPLIER, tariff=Tariff.ECONOMY7)
     counts = await store.upsert_devices([comms_hub(), moved, gsme(device_id=Eui("00-DB-12-34-56-78-90-B1"))])
     assert counts == UpsertCounts(received=3, inserted=1, updated=1)
@@ -149,7 +209,7 @@ async def test_upsert_inserts_updates_and_counts(store: SqliteStore) -> None:
     assert await store.get_device(Eui("00-DB-12-99-99-99-99-99")) is None
 
 
-async def test_every_device_loads_in_batches(store: SqliteStore) -> None:
+async def test_every_device_loads_in_batches(store: FlagStore) -> None:
     extra = [esme(device_id=Eui(f"00-DB-12-00-00-00-00-{n:02X}"), mpxn=None) for n in range(1, 26)]
     await store.upsert_devices(extra)
     batches = [batch async for batch in store.load_devices(batch_size=7)]
@@ -160,7 +220,7 @@ async def test_every_device_loads_in_batches(store: SqliteStore) -> None:
     )
 
 
-async def test_users_upsert_replaces_roles(store: SqliteStore) -> None:
+async def test_users_upsert_replaces_roles(store: FlagStore) -> None:
     changed = UserRecord(NEW_SUPPLIER, frozenset({Role.IMPORT_SUPPLIER, Role.GAS_SUPPLIER}))
     counts = await store.upsert_users([changed, USERS[0]])
     assert counts == UpsertCounts(received=2, inserted=0, updated=1)
@@ -169,7 +229,7 @@ async def test_users_upsert_replaces_roles(store: SqliteStore) -> None:
     assert len(users) == len(USERS)
 
 
-async def test_changes_since_returns_only_what_changed(store: SqliteStore) -> None:
+async def test_changes_since_returns_only_what_changed(store: FlagStore) -> None:
     seq = await store.change_seq()
     assert seq == 2  # the devices, then the users
     assert [batch async for batch in store.devices_changed_since(seq)] == []
@@ -190,10 +250,10 @@ async def test_changes_since_returns_only_what_changed(store: SqliteStore) -> No
     assert await store.change_seq() == seq + 3
 
 
-async def test_an_upsert_is_all_or_nothing(store: SqliteStore) -> None:
+async def test_an_upsert_is_all_or_nothing(store: FlagStore) -> None:
     broken = esme(device_id=Eui("00-DB-12-00-00-00-00-01"))
     object.__setattr__(broken, "smets", None)  # NOT NULL in the table: fails after the first row
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         await store.upsert_devices([esme(import_supplier=NEW_SUPPLIER), broken])
     assert await store.get_device(METER) == esme()
     assert await store.change_seq() == 2
@@ -205,7 +265,7 @@ async def test_an_upsert_is_all_or_nothing(store: SqliteStore) -> None:
 
 
 async def test_commit_records_history_for_every_event_and_flags_only_for_accepted_changes(
-    store: SqliteStore,
+    store: FlagStore,
 ) -> None:
     events = [
         event(outcome="E3", n=1),
@@ -222,7 +282,7 @@ async def test_commit_records_history_for_every_event_and_flags_only_for_accepte
     assert await store.flag_history(limit=2) == events[2:]
 
 
-async def test_a_batch_may_set_and_clear_the_same_device_in_order(store: SqliteStore) -> None:
+async def test_a_batch_may_set_and_clear_the_same_device_in_order(store: FlagStore) -> None:
     batch = [event(n=1), event(set_flag=False, n=2), event(n=3)]
     await store.commit(CommitBatch(flag_events=batch))
     assert list(await store.load_flags()) == [METER]
@@ -231,7 +291,7 @@ async def test_a_batch_may_set_and_clear_the_same_device_in_order(store: SqliteS
     assert [e.set for e in await store.flag_history(METER)] == [True, False, True, False]
 
 
-async def test_counters_only_rise_and_keep_u64_precision(store: SqliteStore) -> None:
+async def test_counters_only_rise_and_keep_u64_precision(store: FlagStore) -> None:
     big = 2**63 + 5
     await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: big, NEW_SUPPLIER: 7}))
     await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 2**63 - 1, NEW_SUPPLIER: 9}))
@@ -243,19 +303,18 @@ async def test_counters_only_rise_and_keep_u64_precision(store: SqliteStore) -> 
     assert (await store.load_request_counters())[NEW_SUPPLIER] == 9
 
 
-async def test_flags_history_and_counters_survive_a_restart(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite3"
-    async with SqliteStore(path) as store:
+async def test_flags_history_and_counters_survive_a_restart(store_settings: StoreSettings) -> None:
+    async with open_store(store_settings) as store:
         await store.upsert_devices(premise())
         await store.commit(CommitBatch(flag_events=[event()], counters={IMPORT_SUPPLIER: 41}))
-    async with SqliteStore(path) as store:
+    async with open_store(store_settings) as store:
         assert list(await store.load_flags()) == [METER]
         assert await store.flag_history() == [event()]
         assert await store.load_request_counters() == {IMPORT_SUPPLIER: 41}
         assert await store.get_device(METER) == esme()
 
 
-async def test_concurrent_operations_on_one_store_do_not_interleave_transactions(store: SqliteStore) -> None:
+async def test_concurrent_operations_on_one_store_do_not_interleave_transactions(store: FlagStore) -> None:
     commits = [store.commit(CommitBatch(flag_events=[event(outcome="unchanged", n=n)])) for n in range(20)]
     reads = [store.users_changed_since(0) for _ in range(5)]
     upserts = [store.upsert_devices([esme(status=DeviceStatus.SUSPENDED)]) for _ in range(3)]
@@ -270,7 +329,43 @@ def test_flag_events_are_checked() -> None:
         FlagEvent(METER, True, IMPORT_SUPPLIER, "r", True, None, "accepted", datetime(2025, 1, 1))  # noqa: DTZ001
 
 
-async def test_a_closed_store_says_so(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "db.sqlite3")
+async def test_a_closed_store_says_so(store_settings: StoreSettings) -> None:
+    store = open_store(store_settings)
     with pytest.raises(RuntimeError, match="is not open"):
         await store.get_device(METER)
+
+
+async def test_commit_says_which_counters_it_advanced(store: FlagStore) -> None:
+    first = await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 5, NEW_SUPPLIER: 7}))
+    assert first == CommitResult({IMPORT_SUPPLIER: NO_COUNTER, NEW_SUPPLIER: NO_COUNTER})
+    again = await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 9, NEW_SUPPLIER: 7}))
+    assert again.advanced == {IMPORT_SUPPLIER: 5}
+    assert again.fresh(IMPORT_SUPPLIER, 6)
+    assert again.fresh(IMPORT_SUPPLIER, 9)
+    assert not again.fresh(IMPORT_SUPPLIER, 5)
+    assert not again.fresh(NEW_SUPPLIER, 7)
+    assert await store.load_request_counters() == {IMPORT_SUPPLIER: 9, NEW_SUPPLIER: 7}
+
+
+async def test_two_stores_on_one_database_never_both_take_a_counter(store_settings: StoreSettings) -> None:
+    # Two gateway instances, each handed every request once (a redelivery to the other): a counter
+    # is fresh for at most one of them, and the highest is stored.
+    counters = range(1, 41)
+    async with open_store(store_settings) as first, open_store(store_settings) as second:
+
+        async def instance(store: FlagStore, order: list[int]) -> list[int]:
+            fresh = []
+            for counter in order:
+                result = await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: counter}))
+                if result.fresh(IMPORT_SUPPLIER, counter):
+                    fresh.append(counter)
+            return fresh
+
+        taken = await asyncio.gather(
+            instance(first, list(counters)), instance(second, list(reversed(counters)))
+        )
+        assert await first.load_request_counters() == {IMPORT_SUPPLIER: 40}
+    assert not set(taken[0]) & set(taken[1])
+    assert 40 in taken[0] + taken[1]
+    for fresh in taken:  # each instance's fresh counters rise
+        assert fresh == sorted(fresh)

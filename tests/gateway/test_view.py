@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.store import CommitBatch, SqliteStore
+from gateway.storage import open_store
+from gateway.store import CommitBatch, FlagStore, SqliteStore
 from gateway.view import RoutingView
 from rules.decide import DeviceFacts
 from rules.domain import DeviceStatus, DeviceType, Eui, Role, Tariff, UserRecord, int_to_eui
@@ -35,10 +36,12 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
+    from gateway.config import StoreSettings
+
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with SqliteStore(tmp_path / "db.sqlite3") as opened:
+async def store(store_settings: StoreSettings) -> AsyncIterator[FlagStore]:
+    async with open_store(store_settings) as opened:
         await opened.upsert_devices(
             [*premise(), gsme(device_id=GAS_PROXY, device_type=DeviceType.GPF, mpxn=None)]
         )
@@ -47,7 +50,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         yield opened
 
 
-async def test_load_gives_device_facts_roles_and_flags(store: SqliteStore) -> None:
+async def test_load_gives_device_facts_roles_and_flags(store: FlagStore) -> None:
     view = await RoutingView.load(store)
     assert len(view) == 4
     assert view.device_facts(METER) == DeviceFacts(
@@ -62,14 +65,14 @@ async def test_load_gives_device_facts_roles_and_flags(store: SqliteStore) -> No
     assert view.flagged == frozenset({GAS_METER})
 
 
-async def test_device_is_the_inventory_entry_without_mpxn(store: SqliteStore) -> None:
+async def test_device_is_the_inventory_entry_without_mpxn(store: FlagStore) -> None:
     view = await RoutingView.load(store)
     assert view.device(METER) == esme(mpxn=None)
     assert view.device(HUB) == comms_hub()
     assert view.device(Eui("00-DB-12-00-00-00-00-01")) is None
 
 
-async def test_alert_recipients(store: SqliteStore) -> None:
+async def test_alert_recipients(store: FlagStore) -> None:
     view = await RoutingView.load(store)
     assert view.responsible_suppliers(METER) == (IMPORT_SUPPLIER, EXPORT_SUPPLIER)
     assert view.responsible_suppliers(GAS_METER) == (GAS_SUPPLIER,)
@@ -80,7 +83,7 @@ async def test_alert_recipients(store: SqliteStore) -> None:
     assert view.network_operator(Eui("00-DB-12-00-00-00-00-01")) is None
 
 
-async def test_flags_set_and_clear_in_memory_only(store: SqliteStore) -> None:
+async def test_flags_set_and_clear_in_memory_only(store: FlagStore) -> None:
     view = await RoutingView.load(store)
     view.set_flag(METER)
     view.clear_flag(GAS_METER)
@@ -90,7 +93,7 @@ async def test_flags_set_and_clear_in_memory_only(store: SqliteStore) -> None:
     assert (await RoutingView.load(store)).flagged == frozenset({GAS_METER})
 
 
-async def test_refresh_applies_upserts_made_since_the_load(store: SqliteStore) -> None:
+async def test_refresh_applies_upserts_made_since_the_load(store: FlagStore) -> None:
     view = await RoutingView.load(store)
     assert await view.refresh(store) == 0
     moved = esme(import_supplier=NEW_SUPPLIER, tariff=Tariff.ECONOMY7, status=DeviceStatus.SUSPENDED)
