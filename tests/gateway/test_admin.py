@@ -293,3 +293,23 @@ def test_flags_show_cuts_nothing_in_an_80_column_terminal(
             assert all(len(line) <= int(columns) for line in out.splitlines())
             for cell in ("E081505", "CASE-2024-000123", IMPORT_SUPPLIER):
                 assert cell in out, (columns, argv, cell)
+
+
+def test_import_and_flags_show_with_the_postgresql_store(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path, "config.toml", f'[store]\nurl = "{postgres_url}"\n')
+    source = write(tmp_path, "inventory.csv", inventory_csv(premise()))
+    assert run("inventory", "import", str(source), "--config", str(config)) == 0
+    out, err = capsys.readouterr()
+    assert f"imported 3 devices from {source} into {postgres_url}" in out
+    assert f"store {postgres_url} (store.url from {config})" in err
+    assert "created" not in err
+    assert (
+        run("users", "import", str(write(tmp_path, "u.csv", users_csv(USERS))), "--config", str(config)) == 0
+    )
+    capsys.readouterr()
+    assert run("flags", "show", METER, "--json", "--config", str(config)) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["device"]["device_id"] == METER
+    assert shown["flag"] is None

@@ -49,6 +49,8 @@ def test_the_environment_overrides_one_key_and_keeps_the_files_others(
         ('[gateway]\ndcc_eui = "not-an-eui"\n', "gateway.dcc_eui"),
         ("[gateway]\nno_such_key = 1\n", "gateway.no_such_key"),
         ("[gateway\n", "not valid TOML"),
+        ('[store]\nurl = "mysql://db/mp169"\n', "store.url"),
+        ('[topics]\nshared_group = "gw"\n', "topics.shared_group needs the PostgreSQL store"),
     ],
 )
 def test_a_bad_file_is_an_error_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
@@ -246,3 +248,19 @@ def test_commands_that_read_the_store_refuse_to_make_a_new_one(
     assert main(command) == EXIT_INVALID
     assert f"no store at {tmp_path / 'var' / 'mp169.sqlite3'} (store.path default" in capsys.readouterr().err
     assert not (tmp_path / "var").exists()
+
+
+def test_a_shared_group_with_the_postgresql_store_is_accepted(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[topics]\nshared_group = "gw"\n[store]\nurl = "postgresql://mp169:secret@db.example/mp169"\n'
+    )
+    settings = load_settings(config, environ={})
+    assert settings.store.postgres
+    assert settings.topics.shared_group == "gw"
+    assert settings.store.name == "postgresql://mp169@db.example/mp169"  # never the password
+
+
+def test_the_sqlite_store_is_the_default() -> None:
+    assert not Settings().store.postgres
+    assert Settings().store.name == Settings().store.path
