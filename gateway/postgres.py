@@ -227,7 +227,7 @@ _RENEW = f"""
         WHERE instance = $1 AND expires_at > now()
         RETURNING instance, applied_epoch
     )
-    SELECT pg_notify('{ACKS_CHANNEL}', instance) FROM renewed
+    SELECT instance, pg_notify('{ACKS_CHANNEL}', instance) FROM renewed
 """  # noqa: S608 - constant channel name
 # FOR SHARE waits for a commit that is taking the next epoch: a join either commits before that
 # commit (which then sees the new lease and waits for it) or sees its epoch and fails.
@@ -558,7 +558,7 @@ class PostgresStore:
     async def renew(self, instance: str, applied_epoch: int, lease_seconds: float) -> bool:
         """Extend a live lease and record the flag epoch applied; False: the lease had lapsed (the
         instance must catch up and `join` again before it decides consumption requests)."""
-        return await self._db.fetchval(_RENEW, instance, applied_epoch, lease_seconds) is not None
+        return await self._db.fetchrow(_RENEW, instance, applied_epoch, lease_seconds) is not None
 
     async def leave(self, instance: str) -> None:
         """Give the lease up (clean stop): nobody waits for this instance any more."""
