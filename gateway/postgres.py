@@ -33,10 +33,8 @@ from gateway.store import (
     CORE,
     DANGLING_REFERENCES,
     NO_COUNTER,
-    OUTCOME_ACCEPTED,
     CommitBatch,
     CommitResult,
-    FlagEvent,
     FlagState,
     Row,
     UpsertCounts,
@@ -47,7 +45,7 @@ from gateway.store import (
     roles_text,
     user_from_row,
 )
-from rules.domain import NOT_A_DEVICE, DeviceRecord, Eui, UserRecord
+from rules.domain import NOT_A_DEVICE, OUTCOME_ACCEPTED, DeviceRecord, Eui, FlagEvent, UserRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
