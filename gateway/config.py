@@ -123,6 +123,9 @@ class StoreSettings(_Section):
     url: str = ""
     """postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE: the PostgreSQL store, shared by several
     instances (libpq's URL form; PGPASSWORD and ~/.pgpass work too). Empty: SQLite at `path`."""
+    lease_seconds: Annotated[float, Field(ge=1, le=300)] = 10.0
+    """PostgreSQL: an instance's lease; one that stops renewing it is waited for at most this long
+    by a flag request's answer, and stops deciding before it lapses (docs/multi-instance.md)."""
 
     @field_validator("url")
     @classmethod

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from gateway.cluster import ClusterMember
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
 from gateway.outcomes.recorder import OutcomeRecorder
+from gateway.postgres import PostgresStore
 from gateway.router import Router, RouterSettings
 from gateway.shell import Clock, Shell
-from gateway.store import SqliteStore
+from gateway.storage import open_store
 from gateway.topics import Topics
 from gateway.view import RoutingView
 from rules.domain import Eui, parse_eui, utc_now
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from gateway.config import Settings
+    from gateway.store import FlagStore
     from gateway.transport import Transport
 
 log = structlog.get_logger("mp169.service")
@@ -49,13 +52,14 @@ def load_rules(settings: Settings) -> RulesTable:
 @dataclass
 class GatewayService:
     settings: Settings
-    store: SqliteStore
+    store: FlagStore
     view: RoutingView
     recorder: OutcomeRecorder
     router: Router
     shell: Shell
     transport: Transport
     _clock: Clock = utc_now
+    member: ClusterMember | None = None
     _housekeeping: asyncio.Task[None] | None = None
 
     @classmethod
@@ -69,12 +73,18 @@ class GatewayService:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> GatewayService:
         table = load_rules(settings)
-        path = Path(settings.store.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(path)
+        store = open_store(settings.store)
         await store.open()
+        member = None
+        # The epoch first: a flag changed while the view loads is applied again by the member.
+        loaded_epoch = await store.flag_epoch() if isinstance(store, PostgresStore) else 0
         view = await RoutingView.load(store)
         metrics = metrics or Metrics()
+        if isinstance(store, PostgresStore):
+            member = ClusterMember(
+                store, view, settings.gateway.client_id, lease_seconds=settings.store.lease_seconds
+            )
+            await member.start(loaded_epoch)
         recorder = OutcomeRecorder(
             settings.outcomes_path,
             batch_size=settings.outcomes.batch_size,
@@ -105,20 +115,23 @@ class GatewayService:
             metrics=metrics,
             clock=clock,
             monotonic=monotonic,
+            member=member,
         )
         shell.start()
-        service = cls(settings, store, view, recorder, router, shell, transport, clock)
+        service = cls(settings, store, view, recorder, router, shell, transport, clock, member)
         try:
             await transport.start(topics.subscriptions(settings.topics.shared_group), shell.handle)
         except BaseException:
             # Cancelled by a signal, or the broker refused or stayed unreachable: close what was
             # opened, or the store's thread outlives the event loop ("Event loop is closed").
             await shell.stop()
+            if member is not None:
+                await member.stop()
             await recorder.close()
             await store.close()
             raise
         service._housekeeping = asyncio.create_task(service._housekeep(), name="mp169-housekeeping")
-        log.info("gateway-started", client_id=settings.gateway.client_id, store=str(path))
+        log.info("gateway-started", client_id=settings.gateway.client_id, store=settings.store.name)
         return service
 
     def reload_rules(self) -> bool:
@@ -160,6 +173,8 @@ class GatewayService:
                 await self._housekeeping
         await self.transport.stop()
         await self.shell.stop()
+        if self.member is not None:
+            await self.member.stop()
         await self.recorder.close()
         await self.store.close()
         log.info("gateway-stopped")

@@ -10,6 +10,12 @@ store transaction and reports `Committed` / `CommitFailed`; the publisher hands 
 transport in order and resolves each `Acknowledge`; flag requests' store reads run as tasks that
 report `FlagSubjectRead`. Observations go to the observers (metrics, logs, outcome records) with
 the RequestID bound in structlog's context. The shell decides nothing.
+
+With several instances over one PostgreSQL store, a `ClusterMember` (gateway/cluster.py) joins in:
+while its lease is not confirmed, arriving messages wait, in arrival order, undecided (fencing); a
+commit that carries a flag request is made alone, and the router hears of it only once every live
+instance has applied its flag epoch, so the supplier's answer leaves after that; and the member
+acknowledges an epoch only after `settled()`: every message decided before it was applied is out.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from typing import TYPE_CHECKING, TypeAlias
 
 import structlog
@@ -42,10 +49,11 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
     from datetime import datetime
 
+    from gateway.cluster import ClusterMember
     from gateway.metrics import Metrics
     from gateway.observers import Observer
     from gateway.router import Effect, Event, Observation
-    from gateway.store import FlagStore
+    from gateway.store import CommitResult, FlagStore
     from gateway.transport import Message
     from rules.domain import Eui
 
@@ -69,6 +77,7 @@ class Shell:
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         max_batch: int = 512,
+        member: ClusterMember | None = None,
     ) -> None:
         self.router = router
         self._store = store
@@ -85,6 +94,15 @@ class Shell:
         self._publish_error: Exception | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._member = member
+        # Messages waiting for a confirmed lease, in arrival order; the head is let through first.
+        self._gate: deque[asyncio.Future[None]] = deque()
+        self._flag_ticket: int | None = None
+        self._carried: Commit | None = None
+        """Taken from the queue, committed with the next batch (its task_done comes then)."""
+        """The flag request being read and committed: the router holds the messages after it."""
+        if member is not None:
+            member.attach(self.settled, self._open_gate)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -110,6 +128,7 @@ class Shell:
     async def handle(self, message: Message) -> None:
         """Returns once the router released the message: its effects are durable and handed over."""
         started = time.perf_counter()
+        await self._pass_gate()
         metrics = self._metrics
         if metrics is not None:
             metrics.inflight.inc()
@@ -128,6 +147,34 @@ class Shell:
                 metrics.inflight.dec()
                 metrics.latency.observe(time.perf_counter() - started)
 
+    async def settled(self) -> None:
+        """Return once every message decided so far has its effects published (the messages the router
+        holds behind a flag request are decided later, with the view as it is then)."""
+        flag_ticket = self._flag_ticket
+        decided = [
+            done for ticket, done in self._waiting.items() if flag_ticket is None or ticket < flag_ticket
+        ]
+        await asyncio.gather(*decided, return_exceptions=True)
+
+    async def _pass_gate(self) -> None:
+        """Wait, in arrival order, while the cluster lease is not confirmed."""
+        member = self._member
+        if member is None or (member.confirmed and not self._gate):
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gate.append(turn)
+        self._open_gate()
+        try:
+            await turn
+        finally:
+            self._gate.remove(turn)
+            self._open_gate()
+
+    def _open_gate(self) -> None:
+        member = self._member
+        if self._gate and member is not None and member.confirmed and not self._gate[0].done():
+            self._gate[0].set_result(None)
+
     def tick(self) -> None:
         """Time passed: the router answers forwarded requests that are past their target (E21)."""
         self._feed(TimePassed())
@@ -141,10 +188,13 @@ class Shell:
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Publish | Acknowledge):
+                if isinstance(effect, Acknowledge) and effect.ticket == self._flag_ticket:
+                    self._flag_ticket = None
                 self._outbox.put_nowait(effect)
             elif isinstance(effect, Commit):
                 self._commits.put_nowait(effect)
             elif isinstance(effect, ReadFlagSubject):
+                self._flag_ticket = effect.ticket
                 task = asyncio.create_task(self._read_flag_subject(effect), name="mp169-flag-read")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -166,13 +216,21 @@ class Shell:
 
     async def _commit_loop(self) -> None:
         while True:
-            commits = [await self._commits.get()]
+            commits = [self._carried or await self._commits.get()]
+            self._carried = None
             while len(commits) < self._max_batch and not self._commits.empty():
-                commits.append(self._commits.get_nowait())
+                following = self._commits.get_nowait()
+                # With a group, a flag request's commit goes alone: it waits for the other instances,
+                # and the requests decided before it must not (they are what the others wait for).
+                if self._member is not None and (following.flag_events or commits[0].flag_events):
+                    self._carried = following
+                    break
+                commits.append(following)
             batches = tuple(commit.batch for commit in commits)
             started = time.perf_counter()
             try:
-                await self._store.commit(_joined(commits))
+                result = await self._store.commit(_joined(commits))
+                await self._settle_commit(commits, result)
             except Exception as exc:  # noqa: BLE001 - the router answers every request of the batch
                 log.critical("store-commit-failed", error=f"{type(exc).__name__}: {exc}", batch=len(batches))
                 self._feed(CommitFailed(batches, f"{type(exc).__name__}: {exc}"))
@@ -184,6 +242,17 @@ class Shell:
             finally:
                 for _ in commits:
                     self._commits.task_done()
+
+    async def _settle_commit(self, commits: Sequence[Commit], result: CommitResult) -> None:
+        """With a group: a flag answer waits for every live instance; a lapsed lease fails the batch
+        (what it decided may be out of date: nothing of it is published)."""
+        member = self._member
+        if member is None:
+            return
+        if any(commit.flag_events for commit in commits):
+            await member.flag_applied(result.flag_epoch)
+        if not member.confirmed:
+            raise LeaseLostError(f"cluster lease of {member.instance} not confirmed after the commit")
 
     async def _publish_loop(self) -> None:
         while True:
@@ -230,6 +299,10 @@ class Shell:
             )
         except Exception:
             log.exception("deadletter-failed", topic=message.topic)
+
+
+class LeaseLostError(RuntimeError):
+    """This instance's cluster lease lapsed: it may not publish what it decided."""
 
 
 def _joined(commits: Sequence[Commit]) -> CommitBatch:

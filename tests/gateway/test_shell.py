@@ -21,7 +21,7 @@ from gateway.outcomes.queries import read_records
 from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.router import Router, RouterSettings
 from gateway.shell import Shell
-from gateway.store import CommitBatch, SqliteStore, connect
+from gateway.store import CommitBatch, CommitResult, SqliteStore, connect
 from gateway.topics import Topics
 from gateway.transport import Message
 from gateway.view import RoutingView
@@ -144,9 +144,9 @@ class GatedStore(SqliteStore):
         super().__init__(path)
         self.gate = asyncio.Event()
 
-    async def commit(self, batch: CommitBatch) -> None:
+    async def commit(self, batch: CommitBatch) -> CommitResult:
         await self.gate.wait()
-        await super().commit(batch)
+        return await super().commit(batch)
 
 
 async def test_a_handler_returns_only_once_its_effects_are_durable_and_published(tmp_path: Path) -> None:
@@ -191,10 +191,10 @@ class FailingStore(SqliteStore):
 
     failing = True
 
-    async def commit(self, batch: CommitBatch) -> None:
+    async def commit(self, batch: CommitBatch) -> CommitResult:
         if self.failing:
             raise OSError(28, "No space left on device")
-        await super().commit(batch)
+        return await super().commit(batch)
 
 
 async def test_a_failed_commit_is_answered_and_the_retry_is_routed_once_the_store_recovers(
