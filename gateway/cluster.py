@@ -101,7 +101,10 @@ class ClusterMember:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._confirmed_until = -math.inf
-        await self.store.leave(self.instance)
+        try:
+            await self.store.leave(self.instance)
+        except Exception:  # the lease lapses on its own; stopping must not fail for it
+            log.exception("cluster-leave-failed", instance=self.instance)
 
     # -- the heartbeat ---------------------------------------------------------------------------
 
