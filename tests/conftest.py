@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import StoreSettings
 from simulator.mosquitto import Mosquitto, MosquittoError
-from tests.postgres import Postgres, PostgresError
+from simulator.postgres import Postgres, PostgresError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

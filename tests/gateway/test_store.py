@@ -1,5 +1,5 @@
 """The FlagStore implementations and their migrations: every store test runs against SQLite (a file in
-tmp_path) and PostgreSQL (a new database on the session's private server, tests/postgres.py)."""
+tmp_path) and PostgreSQL (a new database on the session's private server, simulator/postgres.py)."""
 
 from __future__ import annotations
 

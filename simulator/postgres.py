@@ -1,4 +1,4 @@
-"""A private PostgreSQL server for tests: its own cluster in a temporary folder, on a free port.
+"""A private PostgreSQL for tests and benchmarks: its own cluster in a temporary folder, on a free port.
 
 Never the system server: `initdb` makes a new cluster (trust authentication, loopback only) and
 `postgres` runs it on a free port of 127.0.0.1, its socket in the cluster's folder. Debian keeps the
@@ -101,7 +101,7 @@ class Postgres:
         return self._process is not None and self._process.poll() is None
 
     def _initdb(self) -> None:
-        result = subprocess.run(  # noqa: PLW1510 - the return code is checked below, with the output
+        result = subprocess.run(  # noqa: S603, PLW1510 - the Debian binary; the return code is checked below
             [
                 str(self._bindir / "initdb"),
                 "--pgdata",
@@ -128,7 +128,7 @@ class Postgres:
         for attempt in range(1, attempts + 1):
             options = [f"--{key}={value}" for key, value in {**_SETTINGS, "port": self.port}.items()]
             with self.log_path.open("ab") as log:
-                self._process = subprocess.Popen(
+                self._process = subprocess.Popen(  # noqa: S603 - the Debian binary, our own folder
                     [
                         str(self._bindir / "postgres"),
                         "-D",
@@ -172,7 +172,7 @@ class Postgres:
 
     def _psql(self, sql: str) -> None:
         command = [str(self._bindir / "psql"), "--no-psqlrc", "--quiet", "--dbname", self.url(), "-c", sql]
-        result = subprocess.run(command, capture_output=True, check=False)
+        result = subprocess.run(command, capture_output=True, check=False)  # noqa: S603 - the Debian psql
         if result.returncode != 0:
             raise PostgresError(f"{sql}: {result.stderr.decode(errors='replace')}")
 
@@ -189,7 +189,7 @@ class Postgres:
                 raise PostgresError(f"postgres exited at start:\n{self.log_tail()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
                 probe = ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.superuser, "-q"]
-                if subprocess.run([ready, *probe], check=False).returncode == 0:
+                if subprocess.run([ready, *probe], check=False).returncode == 0:  # noqa: S603 - Debian's
                     return
             time.sleep(0.05)
         self._end(signal.SIGKILL)
