@@ -23,8 +23,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simulator.mosquitto import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 _START_SECONDS = 30.0
 _STOP_SECONDS = 30.0
@@ -74,9 +78,11 @@ def _run_as() -> str | None:
 
 
 class Postgres:
-    """One PostgreSQL cluster and server process. `url(database)` for clients."""
+    """One PostgreSQL cluster and server process. `url(database)` for clients; `settings` add or
+    override server settings (the defaults trade durability for speed: right for tests only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Mapping[str, str] | None = None) -> None:
+        self.settings = {**_SETTINGS, **(settings or {})}
         self._user = _run_as()
         self.directory = Path(tempfile.mkdtemp(prefix="mp169-postgres-"))
         self.data = self.directory / "data"
@@ -126,7 +132,7 @@ class Postgres:
             raise PostgresError("already running")
         attempts = 1 if self._started else _PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            options = [f"--{key}={value}" for key, value in {**_SETTINGS, "port": self.port}.items()]
+            options = [f"--{key}={value}" for key, value in {**self.settings, "port": self.port}.items()]
             with self.log_path.open("ab") as log:
                 self._process = subprocess.Popen(  # noqa: S603 - the Debian binary, our own folder
                     [
