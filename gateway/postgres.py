@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -36,6 +36,7 @@ from gateway.store import (
     CommitBatch,
     CommitResult,
     FlagState,
+    Opened,
     Row,
     UpsertCounts,
     checked_counters,
@@ -50,7 +51,6 @@ from rules.domain import NOT_A_DEVICE, OUTCOME_ACCEPTED, DeviceRecord, Eui, Flag
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
     from datetime import datetime
-    from types import TracebackType
 
     from asyncpg.pool import PoolConnectionProxy
 
@@ -318,7 +318,7 @@ def _device_columns(records: Sequence[DeviceRecord]) -> list[list[Any]]:
     ]
 
 
-class PostgresStore:
+class PostgresStore(Opened):
     """FlagStore over PostgreSQL (asyncpg pool), plus what several instances share."""
 
     def __init__(self, url: str) -> None:
@@ -347,15 +347,6 @@ class PostgresStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def _db(self) -> asyncpg.Pool[asyncpg.Record]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -443,7 +444,26 @@ def checked_counters(counters: Mapping[Eui, int]) -> list[tuple[Eui, int]]:
 # -- SQLite -------------------------------------------------------------------------------------------
 
 
-class SqliteStore:
+class Opened(ABC):
+    """`async with store:` opens the store and closes it, whatever happens inside."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class SqliteStore(Opened):
     """FlagStore over one SQLite file. One connection; its transactions are serialised by a lock."""
 
     def __init__(self, path: Path) -> None:
@@ -467,15 +487,6 @@ class SqliteStore:
             db, self._db = self._db, None
             async with self._lock:
                 await db.close()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def _conn(self) -> aiosqlite.Connection:

@@ -13,26 +13,20 @@ it cannot). As any other user, the programs run as that user in a folder of its 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simulator.mosquitto import free_port
+from simulator.server import LocalServer, ServerError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-_START_SECONDS = 30.0
-_STOP_SECONDS = 30.0
-_PORT_ATTEMPTS = 3
 _SERVICE_USER = "postgres"
 # Small and quick: a test cluster needs neither durability across power loss nor big buffers.
 _SETTINGS = {
@@ -45,7 +39,7 @@ _SETTINGS = {
 }
 
 
-class PostgresError(RuntimeError):
+class PostgresError(ServerError):
     pass
 
 
@@ -77,22 +71,25 @@ def _run_as() -> str | None:
     return _SERVICE_USER
 
 
-class Postgres:
+class Postgres(LocalServer):
     """One PostgreSQL cluster and server process. `url(database)` for clients; `settings` add or
-    override server settings (the defaults trade durability for speed: right for tests only)."""
+    override server settings (the defaults trade durability for speed: right for tests only).
+    `stop()` is a fast shutdown (SIGINT): clients are disconnected, the data is written."""
+
+    name = "postgres"
+    error = PostgresError
+    start_seconds = 30.0
+    stop_signal = signal.SIGINT
 
     def __init__(self, settings: Mapping[str, str] | None = None) -> None:
-        self.settings = {**_SETTINGS, **(settings or {})}
         self._user = _run_as()
         self.directory = Path(tempfile.mkdtemp(prefix="mp169-postgres-"))
+        super().__init__(self.directory / "postgres.log")
+        self.settings = {**_SETTINGS, **(settings or {})}
         self.data = self.directory / "data"
-        self.log_path = self.directory / "postgres.log"
         if self._user is not None:
             shutil.chown(self.directory, user=self._user)
-        self.port = free_port()
         self._bindir = postgres_bindir()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._started = False
         self._initdb()
 
     @property
@@ -126,45 +123,16 @@ class Postgres:
         if result.returncode != 0:
             raise PostgresError(f"initdb failed:\n{result.stdout.decode()}\n{result.stderr.decode()}")
 
-    def start(self) -> None:
-        """Start and wait until it accepts connections (a restart keeps port and data)."""
-        if self.running:
-            raise PostgresError("already running")
-        attempts = 1 if self._started else _PORT_ATTEMPTS
-        for attempt in range(1, attempts + 1):
-            options = [f"--{key}={value}" for key, value in {**self.settings, "port": self.port}.items()]
-            with self.log_path.open("ab") as log:
-                self._process = subprocess.Popen(  # noqa: S603 - the Debian binary, our own folder
-                    [
-                        str(self._bindir / "postgres"),
-                        "-D",
-                        str(self.data),
-                        "-k",
-                        str(self.directory),
-                        *options,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    user=self._user,
-                )
-            try:
-                self._wait_until_ready()
-            except PostgresError:
-                if attempt == attempts:
-                    raise
-                self.port = free_port()
-            else:
-                self._started = True
-                return
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT): clients are disconnected, the data is written."""
-        self._end(signal.SIGINT)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    def _launch(self) -> subprocess.Popen[bytes]:
+        options = [f"--{key}={value}" for key, value in {**self.settings, "port": self.port}.items()]
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(  # noqa: S603 - the Debian binary, our own folder
+                [str(self._bindir / "postgres"), "-D", str(self.data), "-k", str(self.directory), *options],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                user=self._user,
+            )
 
     def remove(self) -> None:
         self.stop()
@@ -182,32 +150,9 @@ class Postgres:
         if result.returncode != 0:
             raise PostgresError(f"{sql}: {result.stderr.decode(errors='replace')}")
 
-    def log_tail(self, lines: int = 20) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + _START_SECONDS
+    def _ready(self) -> bool:
+        if not super()._ready():
+            return False
+        probe = ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.superuser, "-q"]
         ready = str(self._bindir / "pg_isready")
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise PostgresError(f"postgres exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-                probe = ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.superuser, "-q"]
-                if subprocess.run([ready, *probe], check=False).returncode == 0:  # noqa: S603 - Debian's
-                    return
-            time.sleep(0.05)
-        self._end(signal.SIGKILL)
-        raise PostgresError(f"postgres did not accept connections on port {self.port}:\n{self.log_tail()}")
-
-    def _end(self, signum: signal.Signals) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signum)
-        try:
-            process.wait(timeout=_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        return subprocess.run([ready, *probe], check=False).returncode == 0  # noqa: S603 - Debian's

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from gateway.config import StoreSettings
-from simulator.mosquitto import Mosquitto, MosquittoError
+from simulator.mosquitto import Mosquitto
 from simulator.postgres import Postgres, PostgresError
+from tests.servers import running
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -19,15 +20,8 @@ if TYPE_CHECKING:
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A started private Mosquitto (free port on 127.0.0.1, persistence in tmp_path), always stopped."""
-    broker = Mosquitto(tmp_path / "mosquitto")
-    try:
-        broker.start()
-    except MosquittoError as exc:
-        pytest.fail(str(exc))
-    try:
+    with running(Mosquitto(tmp_path / "mosquitto")) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 _DATABASES = itertools.count(1)
@@ -38,13 +32,10 @@ def postgres_server() -> Iterator[Postgres]:
     """One private PostgreSQL for the session (free port, its own cluster), always removed."""
     try:
         server = Postgres()
-        server.start()
-    except PostgresError as exc:
+    except PostgresError as exc:  # no binaries, or initdb failed
         pytest.fail(str(exc))
-    try:
+    with running(server, server.remove):
         yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 from gateway.metrics import Metrics
-from simulator.mosquitto import free_port
+from simulator.server import free_port
 
 
 def test_the_endpoint_serves_requests_by_category_and_decision() -> None:

@@ -22,7 +22,9 @@ from structlog.testing import capture_logs
 from gateway.config import BrokerSettings
 from gateway.mqtt import BrokerRefusedError, ConnectionEvent, MqttTransport, backoff_delay
 from gateway.transport import Handler, Message
-from simulator.mosquitto import Mosquitto, MosquittoError, current_user, free_port
+from simulator.mosquitto import Mosquitto, current_user
+from simulator.server import free_port
+from tests.servers import running
 
 pytestmark = pytest.mark.broker
 
@@ -395,14 +397,8 @@ def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
             "acl_file": str(DEPLOY / "acl"),
         },
     )
-    try:
-        broker.start()
-    except MosquittoError as exc:
-        pytest.fail(str(exc))
-    try:
+    with running(broker):
         yield broker
-    finally:
-        broker.stop()
 
 
 def account(username: str) -> dict[str, object]:

@@ -1,0 +1,28 @@
+"""Running a private server for the length of a fixture: a failure to start fails the test (never a skip)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+
+from simulator.server import LocalServer, ServerError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+_Server = TypeVar("_Server", bound=LocalServer)
+
+
+@contextlib.contextmanager
+def running(server: _Server, finish: Callable[[], None] | None = None) -> Iterator[_Server]:
+    """Start `server`, yield it, then `finish()` (default: stop it), whatever the test did."""
+    try:
+        server.start()
+    except ServerError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        (finish or server.stop)()
