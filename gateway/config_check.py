@@ -64,7 +64,11 @@ def render(configuration: Configuration) -> str:
         if value is None:
             lines.append(f"# {name}: not set ({origin})")
         else:
-            shown = _toml_value("********" if key in SECRET_KEYS and value else value)
+            if key in SECRET_KEYS and value:
+                value = "********"
+            elif key == "store.url" and value:  # may carry a password
+                value = configuration.settings.store.name
+            shown = _toml_value(value)
             lines.append(f"{name} = {shown}  # {origin}")
     return "\n".join(lines) + "\n"
 
@@ -90,6 +94,12 @@ def _exists(path: Path) -> str:
     return "exists" if path.exists() else "does not exist yet"
 
 
+def _store_state(configuration: Configuration) -> str:
+    if configuration.settings.store.postgres:
+        return "PostgreSQL, checked when a command connects"
+    return _exists(configuration.store_path)
+
+
 def check_config(args: argparse.Namespace) -> int:
     try:
         configuration = load_configuration(args.config)
@@ -100,7 +110,7 @@ def check_config(args: argparse.Namespace) -> int:
     sys.stdout.write(render(configuration))
     rules = configuration.settings.gateway.rules_path
     sys.stdout.write(
-        f"\n# store: {configuration.describe_store()}: {_exists(configuration.store_path)}\n"
+        f"\n# store: {configuration.describe_store()}: {_store_state(configuration)}\n"
         f"# outcomes: {configuration.describe_outcomes()}: {_exists(configuration.outcomes_path)}\n"
         f"# rules table: {Path(rules).absolute() if rules else PACKAGED_TABLE}\n"
     )

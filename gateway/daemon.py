@@ -103,9 +103,8 @@ def _run(args: argparse.Namespace) -> int:
                 error("run", f"--log-file {args.log_file}: {exc.strerror or exc}")
                 return EXIT_USAGE
         configure_logging(settings.gateway.log_level, stream=stream, json=True)
-        log.info(
-            "daemon-store", store=str(configuration.store_path), origin=configuration.origin("store.path")
-        )
+        key = "store.url" if settings.store.postgres else "store.path"
+        log.info("daemon-store", store=configuration.store_name, origin=configuration.origin(key))
         return asyncio.run(serve(settings))
 
 

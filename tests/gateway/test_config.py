@@ -207,6 +207,18 @@ def test_config_check_hides_the_password(
     assert 'password = "********"  # MP169_BROKER__PASSWORD' in out
 
 
+def test_config_check_hides_the_store_urls_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MP169_STORE__URL", "postgresql://mp169:hunter2@db.example/mp169")
+    assert main(["config", "check", "--config", str(ROOT / "config.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out
+    assert 'url = "postgresql://mp169@db.example/mp169"  # MP169_STORE__URL' in out
+    assert "# store: postgresql://mp169@db.example/mp169 (store.url from MP169_STORE__URL)" in out
+    assert "PostgreSQL, checked when a command connects" in out
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "problem"),
     [
