@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from simulator.mosquitto import free_port
+from simulator.server import free_port
 
 if TYPE_CHECKING:
     from simulator.mosquitto import Mosquitto

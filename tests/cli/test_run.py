@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from simulator.mosquitto import free_port
+from simulator.server import free_port
 from tests.gateway.test_mqtt import GUARD_SECONDS
 from tests.stores import empty_store
 

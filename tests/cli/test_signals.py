@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from simulator.mosquitto import free_port
+from simulator.server import free_port
 from tests.stores import empty_store
 from tests.terminal import Terminal
 

@@ -14,7 +14,7 @@ from gateway.health import LIVENESS_SECONDS, Health
 from gateway.metrics import Metrics
 from gateway.mqtt import ConnectionEvent
 from gateway.systemd import notify
-from simulator.mosquitto import free_port
+from simulator.server import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
