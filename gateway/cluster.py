@@ -120,6 +120,7 @@ class ClusterMember:
                 log.exception("cluster-heartbeat-failed", instance=self.instance)
 
     async def _beat(self) -> None:
+        await self.store.keep_listening()  # after a restart of the database
         if not self.confirmed:
             await self._join()
             return

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     _Connection = PoolConnectionProxy[asyncpg.Record]
+    _Deliver = Callable[[object, int, str, object], None]
 
 CLUSTER = "cluster"
 FLAGS_CHANNEL = "mp169_flags"
@@ -325,6 +326,8 @@ class PostgresStore(Opened):
         self.url = url
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listener: asyncpg.Connection[Any] | None = None
+        self._channels: list[tuple[str, _Deliver]] = []
+        self._listening = asyncio.Lock()
         self._acked: asyncio.Event | None = None
 
     async def open(self) -> None:
@@ -341,6 +344,7 @@ class PostgresStore(Opened):
 
     async def close(self) -> None:
         self._acked = None
+        self._channels.clear()
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.close()
@@ -529,16 +533,41 @@ class PostgresStore(Opened):
     async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
         """Call `callback(payload)` for every NOTIFY on `channel`, on a connection of its own.
 
-        A lost listener connection loses notifications: callers also poll (flag_changes_since) on their
-        lease heartbeat, so a missed NOTIFY only delays.
+        Notifications sent while that connection is down are lost: callers also poll
+        (flag_changes_since) on their lease heartbeat, so a missed NOTIFY only delays, and call
+        `keep_listening` there, which reconnects it after a restart of the database.
         """
-        if self._listener is None:
-            self._listener = await asyncpg.connect(self.url)
 
         def deliver(_connection: object, _pid: int, _channel: str, payload: object) -> None:
             callback(str(payload))
 
-        await self._listener.add_listener(channel, deliver)
+        async with self._listening:
+            self._channels.append((channel, deliver))
+            if self._listener is not None:
+                try:
+                    await self._listener.add_listener(channel, deliver)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    pass  # a lost connection: reopened below, with this channel
+                else:
+                    return
+        await self.keep_listening()
+
+    async def keep_listening(self) -> None:
+        """Reopen the listener connection with every channel if it is lost (one round trip to tell)."""
+        async with self._listening:
+            listener = self._listener
+            if listener is not None:
+                try:
+                    await listener.execute("SELECT 1")
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    listener.terminate()
+                else:
+                    return
+            self._listener = None
+            listener = await asyncpg.connect(self.url)
+            for channel, deliver in self._channels:
+                await listener.add_listener(channel, deliver)
+            self._listener = listener
 
     async def join(self, instance: str, applied_epoch: int, lease_seconds: float) -> bool:
         """Take (or retake) `instance`'s lease; only if `applied_epoch` is the current flag epoch."""

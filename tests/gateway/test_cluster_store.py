@@ -20,6 +20,8 @@ from tests.gateway.test_store import event
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from simulator.postgres import Postgres
+
 LEASE = 30.0
 
 
@@ -185,3 +187,18 @@ async def test_a_forward_recorded_again_keeps_its_first_deadline(
     await second.add_pending("b", FORWARDS[:1], 3600)  # the redelivered request, forwarded again
     [expired] = await second.claim_expired()
     assert expired.owner == "a"
+
+
+async def test_the_listener_comes_back_after_a_restart_of_the_database(
+    stores: tuple[PostgresStore, PostgresStore], postgres_server: Postgres, postgres_url: str
+) -> None:
+    first, _ = stores
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await first.listen(FLAGS_CHANNEL, heard.put_nowait)
+    postgres_server.restart()
+    await first.keep_listening()
+    async with PostgresStore(postgres_url) as other:  # a connection made after the restart
+        result = await other.commit(CommitBatch(flag_events=[event()]))
+    assert await asyncio.wait_for(heard.get(), 10) == str(result.flag_epoch)
+    await first.keep_listening()  # an open listener is left as it is
+    assert heard.empty()
