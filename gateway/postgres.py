@@ -40,6 +40,7 @@ from gateway.store import (
     Row,
     UpsertCounts,
     checked_counters,
+    checked_request_ids,
     dangling_from_rows,
     device_from_row,
     flag_event_from_row,
@@ -125,6 +126,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE request_counters ADD COLUMN previous numeric(20, 0);
     """,
+    """
+    CREATE TABLE request_ids (
+        originator text NOT NULL,
+        counter numeric(20, 0) NOT NULL,
+        accepted_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (originator, counter)
+    );
+    CREATE INDEX request_ids_accepted ON request_ids (accepted_at);
+    """,
 )
 
 # Component "cluster": what several instances over one database need. Append; never edit.
@@ -204,6 +214,11 @@ _ADVANCE_COUNTERS = """
     ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
     WHERE excluded.counter > request_counters.counter
     RETURNING originator, previous
+"""
+_RECORD_REQUEST_IDS = """
+    INSERT INTO request_ids (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
+    ON CONFLICT (originator, counter) DO NOTHING
+    RETURNING originator, counter
 """
 _NEXT_EPOCH = f"""
     UPDATE cluster_state SET flag_epoch = flag_epoch + 1
@@ -463,6 +478,7 @@ class PostgresStore(Opened):
         """One transaction: history for every event, the flags of accepted changes, the flag epoch
         (and its NOTIFY) if a flag changed, the counters checked and advanced."""
         counters = checked_counters(batch.counters)
+        request_ids = checked_request_ids(batch.request_ids)
         epoch: int | None = None
         async with self._db.acquire() as db, db.transaction():
             if batch.flag_events:
@@ -470,8 +486,11 @@ class PostgresStore(Opened):
             rows = await db.fetch(
                 _ADVANCE_COUNTERS, [name for name, _ in counters], [value for _, value in counters]
             )
+            recorded = await db.fetch(
+                _RECORD_REQUEST_IDS, [name for name, _ in request_ids], [value for _, value in request_ids]
+            )
         advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
-        return CommitResult(advanced, epoch)
+        return CommitResult(advanced, epoch, frozenset((row[0], int(row[1])) for row in recorded))
 
     @staticmethod
     async def _apply_flag_events(db: _Connection, events: Sequence[FlagEvent]) -> int | None:
@@ -506,6 +525,11 @@ class PostgresStore(Opened):
             else:
                 await db.execute("DELETE FROM flags WHERE device_id = $1", event.device_id)
         return epoch
+
+    async def purge_request_ids(self, before: datetime) -> int:
+        """Forget RequestIDs recorded before `before` (older than any redelivery can be); how many."""
+        status = await self._db.execute("DELETE FROM request_ids WHERE accepted_at < $1", before)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._db.fetch("SELECT originator, counter FROM request_counters")

@@ -95,6 +95,9 @@ class Committed:
     """These `Commit`s are durable (one transaction or several, in the order they were emitted)."""
 
     batches: tuple[int, ...]
+    taken: frozenset[int] = frozenset()
+    """Those whose RequestID the store had recorded already, from another instance sharing it
+    (`CommitResult.first` was false): their new requests are refused as duplicates, not acted on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +367,10 @@ class Router:
             self._flag_subject_read(event, now, out)
         elif isinstance(event, Committed):
             for batch in event.batches:
-                self._committed(self._by_batch.pop(batch), now)
+                step = self._by_batch.pop(batch)
+                if batch in event.taken:
+                    self._taken_elsewhere(step, now)
+                self._committed(step, now)
         elif isinstance(event, CommitFailed):
             for batch in event.batches:
                 self._rolled_back(self._by_batch.pop(batch), event.error, now)
@@ -405,6 +411,26 @@ class Router:
                 self.view.set_flag(device)
             else:
                 self.view.clear_flag(device)
+
+    def _taken_elsewhere(self, step: _Step, now: Instant) -> None:
+        """Another instance recorded this RequestID first and acts on it; this one answers E11, as for
+        any repeated RequestID. A redelivery (AGAIN) stays at least once, and a flag request stays as
+        decided: its flag change is in the same, durable, transaction."""
+        request = step.request
+        if request is None or step.admission is not Admission.NEW or step.flag_change is not None:
+            return
+        step.effects.clear()
+        step.forwarded = False
+        self._refuse_before_rules(
+            step,
+            request.request_id.originator,
+            request,
+            admission=Admission.DUPLICATE,
+            code=ResponseCode.DUPLICATE_REQUEST_ID,
+            reason="duplicate-request-id",
+            detail=f"RequestID {request.request_id} was already accepted by another gateway instance",
+            now=now,
+        )
 
     def _rolled_back(self, step: _Step, error: str, now: Instant) -> None:
         """The step's commit failed: undo its counters and answer STORE_FAILED instead."""

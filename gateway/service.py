@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,9 @@ _HOUSEKEEPING_SECONDS = 1.0
 # How often the outcome records are swept for forwarded requests that no process will ever answer
 # (forwarded before a restart: the pending request lived only in the old process's memory).
 _ORPHAN_SWEEP_SECONDS = 60.0
+# Recorded RequestIDs are kept this long at least: a redelivery can come as late as the broker keeps
+# a session (broker.session_expiry_seconds), so they are kept twice that, and never less than a day.
+_REQUEST_ID_MEMORY_MIN = timedelta(days=1)
 
 
 def load_rules(settings: Settings) -> RulesTable:
@@ -162,6 +166,7 @@ class GatewayService:
                     next_sweep = loop.time() + _ORPHAN_SWEEP_SECONDS
                     # Twice the target: a request this process still waits for is never swept.
                     await self.recorder.expire_pending(self._clock(), 2 * target)
+                    await self.store.purge_request_ids(self._clock() - self._request_id_memory)
             except Exception:
                 log.exception("housekeeping-failed")
 
@@ -178,6 +183,11 @@ class GatewayService:
         await self.recorder.close()
         await self.store.close()
         log.info("gateway-stopped")
+
+    @property
+    def _request_id_memory(self) -> timedelta:
+        expiry = timedelta(seconds=2 * self.settings.broker.session_expiry_seconds)
+        return max(expiry, _REQUEST_ID_MEMORY_MIN)
 
     @property
     def dcc_eui(self) -> Eui:

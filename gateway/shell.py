@@ -238,7 +238,7 @@ class Shell:
                 if self._metrics is not None:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
-                self._feed(Committed(batches))
+                self._feed(Committed(batches, _taken(commits, result)))
             finally:
                 for _ in commits:
                     self._commits.task_done()
@@ -301,16 +301,28 @@ class Shell:
             log.exception("deadletter-failed", topic=message.topic)
 
 
+def _taken(commits: Sequence[Commit], result: CommitResult) -> frozenset[int]:
+    """The commits whose RequestID the store had recorded already (another instance acts on it)."""
+    return frozenset(
+        commit.batch
+        for commit in commits
+        if any(not result.first(originator, counter) for originator, counter in commit.counters.items())
+    )
+
+
 class LeaseLostError(RuntimeError):
     """This instance's cluster lease lapsed: it may not publish what it decided."""
 
 
 def _joined(commits: Sequence[Commit]) -> CommitBatch:
-    """One transaction for consecutive commits: flag events in order, the highest counter per originator."""
+    """One transaction for consecutive commits: flag events in order, the highest counter per originator,
+    every RequestID (a commit's counters are its request's originator and counter)."""
     counters: dict[Eui, int] = {}
     for commit in commits:
         for originator, counter in commit.counters.items():
             counters[originator] = max(counter, counters.get(originator, -1))
     return CommitBatch(
-        flag_events=tuple(event for commit in commits for event in commit.flag_events), counters=counters
+        flag_events=tuple(event for commit in commits for event in commit.flag_events),
+        counters=counters,
+        request_ids=tuple(request_id for commit in commits for request_id in commit.counters.items()),
     )

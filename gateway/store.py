@@ -43,6 +43,7 @@ from rules.domain import (
     Role,
     Tariff,
     UserRecord,
+    utc_now,
 )
 
 if TYPE_CHECKING:
@@ -111,6 +112,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE request_counters ADD COLUMN previous TEXT;
     UPDATE request_counters SET counter = substr('00000000000000000000' || counter, -20);
     """,
+    # 3: every RequestID acted on, once: instances sharing a store (round-robin delivery, so counters
+    # arrive out of order between them) act on a RequestID only if their commit recorded it first.
+    """
+    CREATE TABLE request_ids (
+        originator TEXT NOT NULL,
+        counter TEXT NOT NULL,
+        accepted_at TEXT NOT NULL,
+        PRIMARY KEY (originator, counter)
+    ) WITHOUT ROWID;
+    CREATE INDEX request_ids_accepted ON request_ids (accepted_at);
+    """,
 )
 
 _DEVICE_COLUMNS = (
@@ -160,6 +172,11 @@ _BATCH = 2_000  # rows per query when loading: small batches leave less garbage 
 _BUSY_TIMEOUT_MS = 30_000
 _COUNTER_DIGITS = len(str(MAX_COUNTER))
 _COUNTER_ROWS = 5_000  # originators per counter statement (SQLite's limit is 32,766 parameters)
+_RECORD_REQUEST_IDS = """
+    INSERT INTO request_ids (originator, counter, accepted_at) VALUES {rows}
+    ON CONFLICT (originator, counter) DO NOTHING
+    RETURNING originator, counter
+"""
 _ADVANCE_COUNTERS = """
     INSERT INTO request_counters (originator, counter) VALUES {rows}
     ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
@@ -178,6 +195,8 @@ class CommitBatch:
     flag_events: Sequence[FlagEvent] = ()
     counters: Mapping[Eui, int] = field(default_factory=dict)
     """Highest accepted RequestID counter per originator; stored only if above the stored one."""
+    request_ids: Sequence[tuple[Eui, int]] = ()
+    """(originator, counter) of every request the batch acts on, each recorded once (`CommitResult.first`)."""
 
 
 NO_COUNTER = -1
@@ -200,6 +219,14 @@ class CommitResult:
     flag_epoch: int | None = None
     """The flag epoch this commit's flag changes made (PostgreSQL); None: it changed no flag, or the
     store has no epochs (SQLite: one instance, nothing to wait for)."""
+    recorded: frozenset[tuple[Eui, int]] = frozenset()
+    """The batch's `request_ids` this commit recorded; the others were recorded before, by another
+    instance (or by this process before a restart)."""
+
+    def first(self, originator: Eui, counter: int) -> bool:
+        """Whether this commit recorded the RequestID, so no other commit acts on it (exact, whatever
+        order the instances received the counters in)."""
+        return (originator, counter) in self.recorded
 
     def fresh(self, originator: Eui, counter: int) -> bool:
         """Whether a request of the batch with this counter was above every counter stored before the
@@ -249,6 +276,7 @@ class FlagStore(Protocol):
     async def flag_history(self, device: Eui | None = None, limit: int | None = None) -> list[FlagEvent]: ...
     async def commit(self, batch: CommitBatch) -> CommitResult: ...
     async def load_request_counters(self) -> dict[Eui, int]: ...
+    async def purge_request_ids(self, before: datetime) -> int: ...
     async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]: ...
     async def change_seq(self) -> int: ...
     def devices_changed_since(
@@ -432,13 +460,25 @@ def dangling_from_rows(rows: Iterable[Row]) -> list[tuple[Eui, str, Eui]]:
     return [(Eui(row[0]), str(row[1]), Eui(row[2])) for row in rows]
 
 
+def _check_counter(value: int) -> None:
+    if not 0 <= value <= MAX_COUNTER:
+        raise ValueError(f"RequestID counter {value} is not an unsigned 64-bit integer")
+
+
 def checked_counters(counters: Mapping[Eui, int]) -> list[tuple[Eui, int]]:
     """The batch's counters, range-checked, in originator order: concurrent commits lock the rows in
     one order and so never deadlock."""
     for value in counters.values():
-        if not 0 <= value <= MAX_COUNTER:
-            raise ValueError(f"RequestID counter {value} is not an unsigned 64-bit integer")
+        _check_counter(value)
     return sorted(counters.items())
+
+
+def checked_request_ids(request_ids: Iterable[tuple[Eui, int]]) -> list[tuple[Eui, int]]:
+    """The batch's RequestIDs, range-checked, once each, in order (as for counters: no deadlock)."""
+    unique = sorted(set(request_ids))
+    for _, counter in unique:
+        _check_counter(counter)
+    return unique
 
 
 # -- SQLite -------------------------------------------------------------------------------------------
@@ -590,6 +630,7 @@ class SqliteStore(Opened):
     async def commit(self, batch: CommitBatch) -> CommitResult:
         """One durable transaction: history for every event, the flags of accepted changes, counters."""
         counters = checked_counters(batch.counters)
+        request_ids = checked_request_ids(batch.request_ids)
         async with self._lock:
             db = self._conn
             await db.execute("BEGIN IMMEDIATE")
@@ -597,11 +638,12 @@ class SqliteStore(Opened):
                 if batch.flag_events:  # most batches carry only counters: spare the round trip
                     await self._apply_flag_events(db, batch.flag_events)
                 advanced = await self._advance_counters(db, counters)
+                recorded = await self._record_request_ids(db, request_ids)
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
-        return CommitResult(advanced)
+        return CommitResult(advanced, recorded=recorded)
 
     @staticmethod
     async def _apply_flag_events(db: aiosqlite.Connection, events: Sequence[FlagEvent]) -> None:
@@ -662,6 +704,30 @@ class SqliteStore(Opened):
         rows = await self._fetchall(f"{DANGLING_REFERENCES} ORDER BY 1, 2 LIMIT ?", (limit,))
         [(total,)] = await self._fetchall(f"SELECT count(*) FROM ({DANGLING_REFERENCES}) AS dangling")  # noqa: S608 - no input in it
         return dangling_from_rows(rows), int(total)
+
+    @staticmethod
+    async def _record_request_ids(
+        db: aiosqlite.Connection, request_ids: list[tuple[Eui, int]]
+    ) -> frozenset[tuple[Eui, int]]:
+        recorded: set[tuple[Eui, int]] = set()
+        at = _time_text(utc_now())
+        for start in range(0, len(request_ids), _COUNTER_ROWS):
+            chunk = request_ids[start : start + _COUNTER_ROWS]
+            sql = _RECORD_REQUEST_IDS.format(rows=", ".join(["(?, ?, ?)"] * len(chunk)))
+            parameters = [
+                part for name, value in chunk for part in (name, f"{value:0{_COUNTER_DIGITS}d}", at)
+            ]
+            async with db.execute(sql, parameters) as cursor:
+                recorded.update((row[0], int(row[1])) for row in await cursor.fetchall())
+        return frozenset(recorded)
+
+    async def purge_request_ids(self, before: datetime) -> int:
+        """Forget RequestIDs recorded before `before` (older than any redelivery can be); how many."""
+        async with self._lock:
+            cursor = await self._conn.execute(
+                "DELETE FROM request_ids WHERE accepted_at < ?", (_time_text(before),)
+            )
+            return cursor.rowcount
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._fetchall("SELECT originator, counter FROM request_counters")

@@ -52,19 +52,28 @@ class Durable:
     flags: set[Eui] = field(default_factory=set)
     history: list[FlagEvent] = field(default_factory=list)
     counters: dict[Eui, int] = field(default_factory=dict)
+    request_ids: set[tuple[Eui, int]] = field(default_factory=set)
 
     @classmethod
     def of(cls, devices: Iterable[DeviceRecord] = (), users: Iterable[UserRecord] = USERS) -> Durable:
         return cls({record.device_id: record for record in devices or premise()}, list(users))
 
-    def apply(self, commits: Iterable[Commit]) -> None:
+    def apply(self, commits: Iterable[Commit]) -> frozenset[int]:
+        """Make the commits durable; returns those whose RequestID was recorded already (as the stores'
+        CommitResult.first: another router sharing this Durable acts on it)."""
+        taken = set()
         for commit in commits:
+            for request_id in commit.counters.items():
+                if request_id in self.request_ids:
+                    taken.add(commit.batch)
+                self.request_ids.add(request_id)
             for event in commit.flag_events:
                 self.history.append(event)
                 if event.outcome == OUTCOME_ACCEPTED:
                     (self.flags.add if event.set else self.flags.discard)(event.device_id)
             for originator, counter in commit.counters.items():
                 self.counters[originator] = max(counter, self.counters.get(originator, -1))
+        return frozenset(taken)
 
 
 class Desk:
@@ -141,8 +150,7 @@ class Desk:
         batches = tuple(commit.batch for commit in commits)
         if error is not None:
             return CommitFailed(batches, error)
-        self.durable.apply(commits)
-        return Committed(batches)
+        return Committed(batches, self.durable.apply(commits))
 
     def commit(self, error: str | None = None) -> list[Publish]:
         """Answer every waiting commit (all in one transaction): succeeded, or failed with `error`."""

@@ -128,3 +128,25 @@ async def test_no_instance_forwards_consumption_after_the_flag_set_is_answered(
     assert {instance for instance, code in after if code == ResponseCode.CONSUMER_CHOICE} == {"gw-1", "gw-2"}
     for service in services:
         assert service.view.is_flagged(METER)
+
+
+async def test_a_request_id_sent_to_both_instances_is_acted_on_once(
+    estate: Estate, group: tuple[list[GatewayService], list[Published]]
+) -> None:
+    _, log = group
+    payload = request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 7)
+    await estate.send(IMPORT_SUPPLIER, payload)
+    await estate.send(IMPORT_SUPPLIER, payload)  # round-robin: the other instance gets the repeat
+    codes = await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 7), 3)
+    assert sorted(codes) == sorted(
+        [ResponseCode.ACKNOWLEDGED, ResponseCode.SUCCESS, ResponseCode.DUPLICATE_REQUEST_ID]
+    )
+    forwards = [published for published in log if published.topic == f"dsp/device/{METER}/cmd"]
+    refusals = [
+        published
+        for published in log
+        if header(published.payload) == (rid(IMPORT_SUPPLIER, METER, 7), ResponseCode.DUPLICATE_REQUEST_ID)
+    ]
+    assert len(forwards) == 1
+    assert len(refusals) == 1
+    assert forwards[0].instance != refusals[0].instance  # decided apart, settled by the store

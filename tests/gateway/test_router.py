@@ -448,3 +448,24 @@ def test_every_message_is_acknowledged_once_in_arrival_order(desk: Desk) -> None
     desk.receive("elsewhere/x", b"")
     assert desk.acknowledged == [0, 1, 2, 3, 4]
     assert desk.router.unreleased == 0
+
+
+def test_two_routers_sharing_a_store_act_on_a_request_id_once(desk: Desk) -> None:
+    # The same request handed to two instances (a user's repeat across a shared subscription): both
+    # decide it new from their own memory; the store records the RequestID for one of them.
+    first, other, third = (Desk(desk.durable, hold=True) for _ in range(3))
+    first.send(IMPORT_SUPPLIER, read(2))
+    other.send(IMPORT_SUPPLIER, read(2))
+    forwarded = first.commit()
+    refused = other.commit()
+    assert desk.commands(forwarded) == [TOPICS.command(METER)]
+    assert desk.commands(refused) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, refused) == [ResponseCode.DUPLICATE_REQUEST_ID]
+    assert other.router.pending == {}
+    assert other.acknowledged == [0]
+    [decided] = [o for o in other.observed if isinstance(o, RequestDecided)]
+    assert decided.admission == "duplicate"
+    # A lower counter that reaches a third instance after 2 was committed is still acted on: counters
+    # arrive out of order between instances, and only the RequestID itself is checked across them.
+    third.send(IMPORT_SUPPLIER, read(1))
+    assert desk.commands(third.commit()) == [TOPICS.command(METER)]

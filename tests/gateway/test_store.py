@@ -369,3 +369,31 @@ async def test_two_stores_on_one_database_never_both_take_a_counter(store_settin
     assert 40 in taken[0] + taken[1]
     for fresh in taken:  # each instance's fresh counters rise
         assert fresh == sorted(fresh)
+
+
+async def test_a_request_id_is_recorded_once_whatever_the_order(store_settings: StoreSettings) -> None:
+    # Two instances over one store, each handed half the counters, out of order between them, and a
+    # repeat of each: every RequestID is first for exactly one commit.
+    async with open_store(store_settings) as first, open_store(store_settings) as second:
+
+        async def instance(store: FlagStore, counters: list[int]) -> list[int]:
+            taken = []
+            for counter in counters:
+                result = await store.commit(
+                    CommitBatch(counters={IMPORT_SUPPLIER: counter}, request_ids=[(IMPORT_SUPPLIER, counter)])
+                )
+                if result.first(IMPORT_SUPPLIER, counter):
+                    taken.append(counter)
+            return taken
+
+        odd, even = list(range(1, 41, 2)), list(range(2, 41, 2))
+        taken = await asyncio.gather(instance(first, odd + even), instance(second, even + odd))
+        assert sorted(taken[0] + taken[1]) == list(range(1, 41))
+        assert await first.purge_request_ids(datetime.now(UTC) - timedelta(hours=1)) == 0
+        assert await first.purge_request_ids(datetime.now(UTC) + timedelta(seconds=1)) == 40
+        # Forgotten: a RequestID older than any redelivery is recorded afresh.
+        again = await first.commit(CommitBatch(request_ids=[(IMPORT_SUPPLIER, 7), (IMPORT_SUPPLIER, 7)]))
+        assert again.recorded == {(IMPORT_SUPPLIER, 7)}
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        async with open_store(store_settings) as store:
+            await store.commit(CommitBatch(request_ids=[(IMPORT_SUPPLIER, MAX_COUNTER + 1)]))
