@@ -1,12 +1,14 @@
 """The routing commit on SQLite and on PostgreSQL, side by side in one process.
 
 Each commit is what the shell makes of a batch of decided requests: the RequestID counters of the
-batch's originators (one check-and-advance statement), no flag events. Per round, in turn: SQLite
-(WAL, synchronous=NORMAL, a file in a temporary folder), PostgreSQL with one client, PostgreSQL with
-two clients committing at once (two gateway instances). PostgreSQL is a private server started here
-(simulator/postgres.py) with durable settings (fsync on, synchronous_commit on), so its figure
-includes the WAL flush of every commit; SQLite's NORMAL does not flush per commit. Medians of
-rounds; the machine is shared, so read the ratios, measured in the same rounds.
+batch's originators (one check-and-advance statement), no flag events, and for PostgreSQL (a group
+of instances) its RequestIDs (one insert). Per round, in turn: SQLite (WAL, synchronous=NORMAL, a file
+in a temporary folder, one instance),
+PostgreSQL with one client, PostgreSQL with two clients committing at once (two gateway instances).
+PostgreSQL is a private server started here (simulator/postgres.py) with durable settings (fsync on,
+synchronous_commit on), so its figure includes the WAL flush of every commit; SQLite's NORMAL does
+not flush per commit. Medians of rounds; the machine is shared, so read the ratios, measured in the
+same rounds.
 
     python -m bench.store_commit [--rounds 5] [--commits 300] [--batch 64]
 """
@@ -33,17 +35,21 @@ RESULTS = Path(__file__).parent / "results" / "store_commit.json"
 _ORIGINATORS = 500
 
 
-def _batches(commits: int, batch: int, offset: int) -> list[CommitBatch]:
-    """Counters of `batch` requests per commit from a pool of originators, rising per originator."""
+def _batches(commits: int, batch: int, offset: int, *, grouped: bool = True) -> list[CommitBatch]:
+    """Counters of `batch` requests per commit from a pool of originators, rising per originator; with
+    their RequestIDs when `grouped` (the shell records them only for a group of instances)."""
     users = [int_to_eui(0x90B3D51F30010000 + n) for n in range(_ORIGINATORS)]
     counter = offset
     batches = []
     for number in range(commits):
         counters: dict[Eui, int] = {}
+        request_ids = []
         for slot in range(batch):
             counter += 1
-            counters[users[(number * batch + slot) % _ORIGINATORS]] = counter
-        batches.append(CommitBatch(counters=counters))
+            user = users[(number * batch + slot) % _ORIGINATORS]
+            counters[user] = counter
+            request_ids.append((user, counter))
+        batches.append(CommitBatch(counters=counters, request_ids=request_ids if grouped else ()))
     return batches
 
 
@@ -71,7 +77,7 @@ async def _round(
     out: dict[str, dict[str, float]] = {}
     batches = _batches(commits, batch, offset)
     started = time.perf_counter()
-    seconds = await _commit_all(sqlite, batches)
+    seconds = await _commit_all(sqlite, _batches(commits, batch, offset, grouped=False))
     out["sqlite"] = _summary(seconds, time.perf_counter() - started, commits * batch)
     started = time.perf_counter()
     seconds = await _commit_all(postgres[0], batches)

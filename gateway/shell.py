@@ -229,7 +229,7 @@ class Shell:
             batches = tuple(commit.batch for commit in commits)
             started = time.perf_counter()
             try:
-                result = await self._store.commit(_joined(commits))
+                result = await self._store.commit(_joined(commits, grouped=self._member is not None))
                 await self._settle_commit(commits, result)
             except Exception as exc:  # noqa: BLE001 - the router answers every request of the batch
                 log.critical("store-commit-failed", error=f"{type(exc).__name__}: {exc}", batch=len(batches))
@@ -238,7 +238,8 @@ class Shell:
                 if self._metrics is not None:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
-                self._feed(Committed(batches, _taken(commits, result)))
+                taken = _taken(commits, result) if self._member is not None else frozenset()
+                self._feed(Committed(batches, taken))
             finally:
                 for _ in commits:
                     self._commits.task_done()
@@ -314,15 +315,17 @@ class LeaseLostError(RuntimeError):
     """This instance's cluster lease lapsed: it may not publish what it decided."""
 
 
-def _joined(commits: Sequence[Commit]) -> CommitBatch:
+def _joined(commits: Sequence[Commit], *, grouped: bool) -> CommitBatch:
     """One transaction for consecutive commits: flag events in order, the highest counter per originator,
-    every RequestID (a commit's counters are its request's originator and counter)."""
+    and, in a group, every RequestID (a commit's counters are its request's originator and counter;
+    one instance alone needs no record of them: its own memory decides)."""
     counters: dict[Eui, int] = {}
     for commit in commits:
         for originator, counter in commit.counters.items():
             counters[originator] = max(counter, counters.get(originator, -1))
+    request_ids = tuple(item for commit in commits for item in commit.counters.items()) if grouped else ()
     return CommitBatch(
         flag_events=tuple(event for commit in commits for event in commit.flag_events),
         counters=counters,
-        request_ids=tuple(request_id for commit in commits for request_id in commit.counters.items()),
+        request_ids=request_ids,
     )
