@@ -105,11 +105,17 @@ class GatewaySettings(_Section):
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     inflight_window: Annotated[int, Field(ge=1, le=65535)] = 1000
     target_response_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_forwards_per_user: Annotated[int, Field(ge=1)] = 2_000
+    """Requests of one User awaiting their device's answer; more are answered E16921 (busy) at once."""
+    max_forwards: Annotated[int, Field(ge=1)] = 20_000
+    """Requests of all Users awaiting their device's answer; more are answered E16921 (busy) at once."""
     rules_path: str = ""
     """Empty: the rules table packaged with the gateway (rules/table.toml)."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9169
     """Prometheus endpoint on 127.0.0.1; 0 turns it off."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stop_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    """SIGTERM: drain this long (running handlers, the broker's acknowledgements), then exit."""
 
     @field_validator("dcc_eui")
     @classmethod
@@ -123,6 +129,8 @@ class StoreSettings(_Section):
     url: str = ""
     """postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE: the PostgreSQL store, shared by several
     instances (libpq's URL form; PGPASSWORD and ~/.pgpass work too). Empty: SQLite at `path`."""
+    retry_seconds: Annotated[float, Field(ge=0)] = 30.0
+    """A busy or locked store is retried (capped backoff) this long before the batch fails (E16920)."""
     lease_seconds: Annotated[float, Field(ge=1, le=300)] = 10.0
     """PostgreSQL: an instance's lease; one that stops renewing it is waited for at most this long
     by a flag request's answer, and stops deciding before it lapses (docs/multi-instance.md)."""

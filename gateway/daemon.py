@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -28,7 +29,8 @@ from gateway.logging import configure_logging
 from gateway.metrics import Metrics, MetricsServer
 from gateway.mqtt import MqttTransport
 from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, config_option, configuration_of, error
-from gateway.service import GatewayService
+from gateway.service import DeviceSession, GatewayService
+from gateway.store import StoreCorruptError
 from gateway.systemd import notify
 
 if TYPE_CHECKING:
@@ -39,6 +41,13 @@ log = structlog.get_logger("mp169.daemon")
 
 EXIT_NOT_READY = 1
 _READY_POLL_SECONDS = 0.25
+# The transport drains for gateway.stop_timeout_seconds; this much more is for the shell, the outcome
+# recorder and the store to finish before the process gives up and exits.
+_EXIT_GRACE_SECONDS = 2.0
+EXIT_STOP_TIMEOUT = 4
+EXIT_STORE_CORRUPT = 5
+# Device responses and alerts arrive on a session of their own (client id + this).
+DEVICE_SESSION_SUFFIX = "-devices"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -114,7 +123,12 @@ async def serve(
     *,
     sd_notify: Callable[[str], object] = notify,
 ) -> int:
-    """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the exit status."""
+    """Run until `stop` is set or SIGTERM/SIGINT arrives; returns the exit status.
+
+    A stop is honoured in every state: while the broker is unreachable at start (the start is
+    abandoned), and while a commit or a publish cannot finish (the process exits EXIT_STOP_TIMEOUT
+    shortly after the stop timeout; what it had not acknowledged is redelivered to the next process).
+    """
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
     metrics = Metrics()
@@ -126,9 +140,25 @@ async def serve(
     transport = MqttTransport.from_settings(settings, on_reconnect=metrics.reconnects.inc)
     transport.on_connection_event = health.connection_event
     transport.on_failure = lambda _: stop.set()
+    devices = MqttTransport.from_settings(
+        settings, f"{settings.gateway.client_id}{DEVICE_SESSION_SUFFIX}", on_reconnect=metrics.reconnects.inc
+    )
+    devices.on_failure = lambda _: stop.set()
+    session = DeviceSession(devices, transport.flushed)
     heartbeat = asyncio.create_task(health.heartbeat(), name="mp169-heartbeat")
     try:
-        service = await unless_stopped(GatewayService.start(settings, transport, metrics=metrics), stop)
+        try:
+            service = await unless_stopped(
+                GatewayService.start(settings, transport, metrics=metrics, devices=session), stop
+            )
+        except StoreCorruptError as exc:
+            log.critical("store-corrupt", error=str(exc))
+            error(
+                "run",
+                f"the store is corrupt, refusing to start: {exc}. Restore it from a backup (or recover it "
+                "with sqlite3 .recover) before starting the gateway again.",
+            )
+            return EXIT_STORE_CORRUPT
         if service is None:
             log.info("daemon-stopped", connected=False)
             return 0
@@ -139,7 +169,7 @@ async def serve(
         await stop.wait()
         log.info("daemon-stopping")
         sd_notify("STOPPING=1")
-        await service.stop()
+        await _stop_in_time(service, settings.gateway.stop_timeout_seconds)
         health.store_open = False
     finally:
         heartbeat.cancel()
@@ -147,10 +177,28 @@ async def serve(
             await heartbeat
         if server is not None:
             server.close()
-    if transport.failure is not None:
-        error("run", f"stopped: {transport.failure}")
+    failure = transport.failure or devices.failure
+    if failure is not None:
+        error("run", f"stopped: {failure}")
         return EXIT_BROKER
     return 0
+
+
+async def _stop_in_time(service: GatewayService, stop_timeout: float) -> None:
+    """Drain, or exit EXIT_STOP_TIMEOUT at once if draining outlasts the stop timeout."""
+    try:
+        async with asyncio.timeout(stop_timeout + _EXIT_GRACE_SECONDS):
+            await service.stop()
+    except TimeoutError:
+        log.critical(
+            "stop-timeout",
+            seconds=stop_timeout,
+            unacknowledged=service.router.unreleased,
+            detail="exiting with work unfinished: unacknowledged messages are redelivered",
+        )
+        # A store call stuck in its worker thread would keep a normal interpreter exit waiting.
+        sys.stderr.flush()
+        os._exit(EXIT_STOP_TIMEOUT)
 
 
 def _serve_metrics(metrics: Metrics, health: Health, port: int) -> MetricsServer | str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 from collections import deque
@@ -57,7 +58,8 @@ _STOP_TIMEOUT_SECONDS = 30.0
 # Mosquitto close the connection), are two clients with one id taking the session from each other.
 _TAKEOVER_PATTERN = 3
 
-Outbound = tuple[str, bytes]
+Outbound = tuple[str, bytes, int]
+"""Topic, payload, and the publish's sequence number in its transport (for `flushed`)."""
 T = TypeVar("T")
 
 
@@ -131,8 +133,10 @@ class _Link:
         settings: BrokerSettings,
         receive_maximum: int,
         deliver: Callable[[_Link, Message], Awaitable[int]],
+        settled: Callable[[int], None],
     ) -> None:
         self.unacked: dict[int, Outbound] = {}
+        self._settled = settled
         self.changed = asyncio.Event()
         """Set on a PUBACK and on the loss of the connection."""
         self.lost = asyncio.Event()
@@ -215,12 +219,12 @@ class _Link:
             raise ConnectionLostError("connection lost before it was ready")
         raise TimeoutError(f"broker did not answer within {seconds} s")
 
-    def send(self, topic: str, payload: bytes) -> None:
+    def send(self, item: Outbound) -> None:
         """Write a QoS 1 PUBLISH. OverflowError: the broker's Receive Maximum of unacknowledged
         publishes is reached (gmqtt has no packet id left); wait for `changed` and try again."""
-        self._sending = (topic, payload)
+        self._sending = item
         try:
-            self.client.publish(topic, payload, qos=_QOS_1)
+            self.client.publish(item[0], item[1], qos=_QOS_1)
             self.published += 1
         finally:
             self._sending = None
@@ -264,7 +268,9 @@ class _Link:
             self.unacked[mid] = self._sending
 
     def remove_message_by_mid(self, mid: int) -> None:
-        if self.unacked.pop(mid, None) is not None:
+        item = self.unacked.pop(mid, None)
+        if item is not None:
+            self._settled(item[2])
             self.changed.set()
 
     def clear(self) -> None:
@@ -332,6 +338,11 @@ class MqttTransport:
         self._ready = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._carryover: deque[Outbound] = deque()
+        # Sequence numbers of publishes not yet acknowledged by the broker (a min-heap, lazily pruned).
+        self._issued = 0
+        self._unsettled: list[int] = []
+        self._settled_seqs: set[int] = set()
+        self._settled = asyncio.Event()
         """Publishes handed to a dropped connection without a PUBACK: replayed first on the next one."""
         self._supervisor: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[Any]] = set()
@@ -354,12 +365,13 @@ class MqttTransport:
         give_up_seconds: float | None = None,
         on_reconnect: Callable[[], object] | None = None,
     ) -> MqttTransport:
-        """The broker section, the in-flight window and (by default) the gateway's client id."""
+        """The broker section, the in-flight window, the stop timeout and (by default) the client id."""
         return cls(
             settings.broker,
             client_id or settings.gateway.client_id,
             receive_maximum=settings.gateway.inflight_window,
             give_up_seconds=give_up_seconds,
+            stop_timeout_seconds=settings.gateway.stop_timeout_seconds,
             on_reconnect=on_reconnect,
         )
 
@@ -390,23 +402,53 @@ class MqttTransport:
         validate_topic(topic)
         if self._handler is None:
             raise RuntimeError("transport not started")
-        async with self._send_lock:  # FIFO: publishes reach the connection in call order
-            while True:
-                if self.failure is not None:
-                    raise self.failure
-                if self._closed:
-                    raise RuntimeError(f"transport stopped: not published to {topic}")
-                link = self._link
-                if link is None:
-                    await self._ready.wait()
-                    continue
-                try:
-                    link.send(topic, payload)
-                except OverflowError:
-                    link.changed.clear()
-                    await link.changed.wait()
-                else:
-                    return
+        self._issued += 1
+        item = (topic, payload, self._issued)
+        heapq.heappush(self._unsettled, self._issued)
+        sent = False
+        try:
+            async with self._send_lock:  # FIFO: publishes reach the connection in call order
+                while True:
+                    if self.failure is not None:
+                        raise self.failure
+                    if self._closed:
+                        raise RuntimeError(f"transport stopped: not published to {topic}")
+                    link = self._link
+                    if link is None:
+                        await self._ready.wait()
+                        continue
+                    try:
+                        link.send(item)
+                    except OverflowError:
+                        link.changed.clear()
+                        await link.changed.wait()
+                    else:
+                        sent = True
+                        return
+        finally:
+            if not sent:
+                self._settle(item[2])
+
+    async def flushed(self) -> None:
+        """Return once every publish made before this call was acknowledged by the broker (or failed).
+
+        A message from another session whose handler published here must not be acknowledged before
+        that: on one connection TCP order gives it for free, across two it does not."""
+        upto = self._issued
+        while self._unsettled and self._unsettled[0] <= upto:
+            if self.failure is not None:
+                raise self.failure
+            if self._closed:
+                raise RuntimeError("transport stopped: publishes not acknowledged by the broker")
+            self._settled.clear()
+            await self._settled.wait()
+
+    def _settle(self, seq: int) -> None:
+        self._settled_seqs.add(seq)
+        heap = self._unsettled
+        while heap and heap[0] in self._settled_seqs:
+            self._settled_seqs.discard(heapq.heappop(heap))
+        self._settled.set()
 
     async def stop(self) -> None:
         """Stop taking messages, wait (up to the stop timeout) for running handlers and for the broker
@@ -470,7 +512,7 @@ class MqttTransport:
     # -- connections -----------------------------------------------------------------------------
 
     def _new_link(self) -> _Link:
-        return _Link(self.client_id, self.settings, self.receive_maximum, self._on_message)
+        return _Link(self.client_id, self.settings, self.receive_maximum, self._on_message, self._settle)
 
     async def _establish(self, *, first: bool) -> _Link:
         """A connected, subscribed link; retries with backoff. On the first start, a refusal raises;
@@ -553,9 +595,8 @@ class MqttTransport:
         while self._carryover:
             if link.lost.is_set():
                 return False
-            topic, payload = self._carryover[0]
             try:
-                link.send(topic, payload)
+                link.send(self._carryover[0])
             except OverflowError:
                 link.changed.clear()
                 await link.changed.wait()
@@ -623,6 +664,7 @@ class MqttTransport:
         log.error("broker-gave-up", client_id=self.client_id, error=str(failure))
         self.failure = failure
         self._ready.set()  # publishers waiting for a connection see the failure
+        self._settled.set()  # and so do handlers waiting for their publishes to be acknowledged
         self.failed.set()
         if self.on_failure is not None:
             try:
@@ -641,6 +683,7 @@ class MqttTransport:
         # Only now may publishes fail: a handler failing on that is "acknowledged" to a closed link.
         self._closed = True
         self._ready.set()
+        self._settled.set()
         # Handlers still running after the stop timeout (or on abort): their messages stay unacknowledged.
         leftover = list(self._running)
         for task in leftover:

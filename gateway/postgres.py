@@ -47,7 +47,16 @@ from gateway.store import (
     roles_text,
     user_from_row,
 )
-from rules.domain import NOT_A_DEVICE, OUTCOME_ACCEPTED, DeviceRecord, Eui, FlagEvent, UserRecord
+from rules.domain import (
+    NOT_A_DEVICE,
+    OUTCOME_ACCEPTED,
+    DeviceRecord,
+    Eui,
+    FlagEvent,
+    ForwardedRequest,
+    RequestId,
+    UserRecord,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -134,6 +143,17 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (originator, counter)
     );
     CREATE INDEX request_ids_accepted ON request_ids (accepted_at);
+    """,
+    """
+    CREATE TABLE pending_requests (
+        request_id text PRIMARY KEY,
+        originator text NOT NULL,
+        target text NOT NULL,
+        counter numeric(20, 0) NOT NULL,
+        srv text NOT NULL,
+        service_reference text NOT NULL,
+        deadline timestamptz NOT NULL
+    );
     """,
 )
 
@@ -489,6 +509,7 @@ class PostgresStore(Opened):
             recorded = await db.fetch(
                 _RECORD_REQUEST_IDS, [name for name, _ in request_ids], [value for _, value in request_ids]
             )
+            await self._apply_pending(db, batch.forwarded, batch.resolved)
         advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
         return CommitResult(advanced, epoch, frozenset((row[0], int(row[1])) for row in recorded))
 
@@ -530,6 +551,45 @@ class PostgresStore(Opened):
         """Forget RequestIDs recorded before `before` (older than any redelivery can be); how many."""
         status = await self._db.execute("DELETE FROM request_ids WHERE accepted_at < $1", before)
         return int(status.rsplit(" ", 1)[-1])
+
+    @staticmethod
+    async def _apply_pending(
+        db: _Connection, forwarded: Sequence[ForwardedRequest], resolved: Sequence[RequestId]
+    ) -> None:
+        """As SqliteStore: this instance's forwards awaiting their device (core `pending_requests`)."""
+        if forwarded:
+            await db.executemany(
+                "INSERT INTO pending_requests (request_id, originator, target, counter, srv,"
+                " service_reference, deadline) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline",
+                [
+                    (
+                        str(entry.request_id),
+                        entry.request_id.originator,
+                        entry.request_id.target,
+                        entry.request_id.counter,
+                        entry.srv,
+                        entry.service_reference,
+                        entry.deadline,
+                    )
+                    for entry in forwarded
+                ],
+            )
+        if resolved:
+            await db.execute(
+                "DELETE FROM pending_requests WHERE request_id = ANY($1::text[])",
+                [str(rid) for rid in resolved],
+            )
+
+    async def load_pending(self) -> list[ForwardedRequest]:
+        rows = await self._db.fetch(
+            "SELECT originator, target, counter, srv, service_reference, deadline FROM pending_requests"
+            " ORDER BY deadline"
+        )
+        return [
+            ForwardedRequest(RequestId(Eui(row[0]), Eui(row[1]), int(row[2])), row[3], row[4], row[5])
+            for row in rows
+        ]
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._db.fetch("SELECT originator, counter FROM request_counters")

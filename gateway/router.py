@@ -28,8 +28,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -40,11 +41,10 @@ from gateway.responses import inventory_response_xml, response_xml
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, decide, decide_device_message
-from rules.domain import FLAG_SRVS, DeviceMessageKind, FlagEvent, parse_eui
+from rules.domain import FLAG_SRVS, DeviceMessageKind, FlagEvent, ForwardedRequest, parse_eui
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-    from datetime import datetime
 
     from gateway.view import RoutingView
     from rules.decide import RequestFacts
@@ -133,6 +133,13 @@ class Commit:
     batch: int
     flag_events: tuple[FlagEvent, ...]
     counters: Mapping[Eui, int]
+    forwarded: tuple[ForwardedRequest, ...] = ()
+    """Forwards now waiting for their device's answer."""
+    answered: tuple[RequestId, ...] = ()
+    """Forwards whose device answered (the answer is released once this is durable)."""
+    expired: tuple[RequestId, ...] = ()
+    """Forwards answered E21. Their answers were released before: the shell makes this durable only
+    after it handed them to the transport, so a crash repeats an E21 rather than losing it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +296,12 @@ class _Step:
     admission: Admission = Admission.NEW
     reading: bool = False
     """A flag request waiting for its store read."""
-    forwarded: bool = False
+    forwarded: ForwardedRequest | None = None
+    """The forward this step made, durable with its commit."""
+    answered: RequestId | None = None
+    """The forward a device response step answers: no longer pending once its commit is durable."""
+    expired: tuple[RequestId, ...] = ()
+    """The deferred E21 removals this step's commit carries (re-deferred if it fails)."""
     flag_change: tuple[Eui, bool] | None = None
     """(device, set) of an accepted flag request that changes the flag; applied when durable."""
 
@@ -304,6 +316,11 @@ class RouterSettings:
     topics: Topics = field(default_factory=Topics)
     max_message_bytes: int = 1024 * 1024
     target_response_seconds: float = 30.0
+    max_forwards_per_user: int = 2_000
+    """Forwards of one User awaiting their device's answer; beyond, its requests are answered
+    GATEWAY_BUSY at once: one User's burst costs the others only the time to refuse it."""
+    max_forwards: int = 20_000
+    """Forwards awaiting their device's answer, all Users together: bounds memory and device load."""
 
 
 class Router:
@@ -316,6 +333,7 @@ class Router:
         view: RoutingView,
         settings: RouterSettings,
         counters: Mapping[Eui, int] | None = None,
+        pending: Iterable[ForwardedRequest] = (),
     ) -> None:
         self.table = table
         self.view = view
@@ -329,6 +347,13 @@ class Router:
         # handled by an earlier process, which may have died between its commit and its publishes.
         self._counters_at_start: dict[Eui, int] = dict(self._counters)
         self._pending: dict[RequestId, PendingRequest] = {}
+        # Forwards a previous process left waiting: timed from their stored deadline at the first event.
+        self._restored: list[ForwardedRequest] = sorted(pending, key=lambda entry: entry.deadline)
+        # Timed-out forwards whose removal from the store rides on the next commit.
+        self._expired: list[RequestId] = []
+        # Forwards awaiting their device's answer per originator: pending, or deciding/committing.
+        self._outstanding: Counter[Eui] = Counter()
+        self._outstanding_total = 0
         self._timed_out: OrderedDict[RequestId, None] = OrderedDict()
         self._steps: deque[_Step] = deque()
         self._by_batch: dict[int, _Step] = {}
@@ -358,6 +383,8 @@ class Router:
 
     def handle(self, event: Event, now: Instant) -> list[Effect]:
         out: list[Effect] = []
+        if self._restored:
+            self._restore(now)
         if isinstance(event, Received):
             if self._flag_step is not None:
                 self._held.append(event)
@@ -366,18 +393,36 @@ class Router:
         elif isinstance(event, FlagSubjectRead):
             self._flag_subject_read(event, now, out)
         elif isinstance(event, Committed):
-            for batch in event.batches:
-                step = self._by_batch.pop(batch)
-                if batch in event.taken:
-                    self._taken_elsewhere(step, now)
-                self._committed(step, now)
+            self._committed_batches(event, now)
         elif isinstance(event, CommitFailed):
             for batch in event.batches:
                 self._rolled_back(self._by_batch.pop(batch), event.error, now)
         else:
             self._expire(now)
         self._release(now, out)
+        if self._expired and isinstance(event, TimePassed):
+            # No request came to carry the E21 removals: commit them on their own.
+            self._commit(self._step(None), out)
+            self._release(now, out)
         return out
+
+    def _committed_batches(self, event: Committed, now: Instant) -> None:
+        for batch in event.batches:
+            step = self._by_batch.pop(batch)
+            if batch in event.taken:
+                self._taken_elsewhere(step, now)
+            self._committed(step, now)
+
+    def _restore(self, now: Instant) -> None:
+        """Time the previous process's forwards on this process's clock, earliest deadline first."""
+        target = self.settings.target_response_seconds
+        for entry in self._restored:
+            remaining = (entry.deadline - now.wall).total_seconds()
+            self._pending[entry.request_id] = PendingRequest(
+                entry.srv, entry.service_reference, now.monotonic + remaining - target
+            )
+            self._outstanding_forward(entry.request_id.originator)
+        self._restored = []
 
     # -- steps ------------------------------------------------------------------------------------
 
@@ -387,23 +432,37 @@ class Router:
         return step
 
     def _commit(self, step: _Step, out: list[Effect], flag_events: tuple[FlagEvent, ...] = ()) -> None:
-        """Ask for the step's state to be made durable; its publishes wait for the answer."""
-        if not step.counters and not flag_events:
+        """Ask for the step's state to be made durable; its publishes wait for the answer. Pending E21
+        removals ride along."""
+        if not (step.counters or flag_events or step.forwarded or step.answered or self._expired):
             return
+        step.expired, self._expired = tuple(self._expired), []
         step.batch = self._next_batch
         self._next_batch += 1
         self._by_batch[step.batch] = step
-        out.append(Commit(step.batch, flag_events, dict(step.counters)))
+        out.append(
+            Commit(
+                step.batch,
+                flag_events,
+                dict(step.counters),
+                forwarded=() if step.forwarded is None else (step.forwarded,),
+                answered=() if step.answered is None else (step.answered,),
+                expired=step.expired,
+            )
+        )
 
     def _committed(self, step: _Step, now: Instant) -> None:
         step.batch = None
         for originator, counter in step.counters.items():
             if counter > self._committed_counters.get(originator, -1):
                 self._committed_counters[originator] = counter
-        request = step.request
-        if step.forwarded and request is not None:
-            self._pending[request.request_id] = PendingRequest(
-                request.srv, request.service_reference, now.monotonic
+        forwarded = step.forwarded
+        if forwarded is not None:
+            # The E21 clock starts now, as the forward is released; a repeat forward restarts it.
+            if self._pending.pop(forwarded.request_id, None) is not None:
+                self._resolved(forwarded.request_id)
+            self._pending[forwarded.request_id] = PendingRequest(
+                forwarded.srv, forwarded.service_reference, now.monotonic
             )
         if step.flag_change is not None:
             device, set_flag = step.flag_change
@@ -420,7 +479,11 @@ class Router:
         if request is None or step.admission is not Admission.NEW or step.flag_change is not None:
             return
         step.effects.clear()
-        step.forwarded = False
+        if step.forwarded is not None:
+            # Its pending row went into the store with this commit: it leaves with the next one.
+            self._expired.append(request.request_id)
+            self._resolved(request.request_id)
+        step.forwarded = None
         self._refuse_before_rules(
             step,
             request.request_id.originator,
@@ -433,13 +496,20 @@ class Router:
         )
 
     def _rolled_back(self, step: _Step, error: str, now: Instant) -> None:
-        """The step's commit failed: undo its counters and answer STORE_FAILED instead."""
+        """The step's commit failed: undo its counters and answer STORE_FAILED instead. A device's
+        answer is still delivered (nothing to refuse); its removal, like the E21 ones, is retried
+        with the next commit."""
         step.batch = None
-        self._restore_counters(step.counters)
-        step.effects.clear()
+        self._expired.extend(step.expired)
         request = step.request
-        if request is None:  # every step with a commit carries its request
+        if request is None:
+            if step.answered is not None:
+                self._expired.append(step.answered)
             return
+        self._restore_counters(step.counters)
+        if step.forwarded is not None:
+            self._resolved(request.request_id)
+        step.effects.clear()
         step.effects.append(
             self._answer(
                 request.request_id.originator,
@@ -451,6 +521,27 @@ class Router:
             )
         )
         step.effects.append(CommitRolledBack(now.wall, _clip(error), request.request_id))
+
+    def _resolved(self, request_id: RequestId) -> None:
+        """A forward no longer awaits its device: answered, timed out, or never made durable."""
+        originator = request_id.originator
+        self._outstanding_total -= 1
+        self._outstanding[originator] -= 1
+        if self._outstanding[originator] <= 0:
+            del self._outstanding[originator]
+
+    def _outstanding_forward(self, originator: Eui) -> None:
+        self._outstanding_total += 1
+        self._outstanding[originator] += 1
+
+    def _busy(self, originator: Eui) -> str | None:
+        """Why a forward for `originator` must wait (None: it may go)."""
+        limits = self.settings
+        if self._outstanding[originator] >= limits.max_forwards_per_user:
+            return f"{limits.max_forwards_per_user} requests of this User await their device's answer"
+        if self._outstanding_total >= limits.max_forwards:
+            return f"{limits.max_forwards} requests await their device's answer"
+        return None
 
     def _restore_counters(self, counters: Mapping[Eui, int]) -> None:
         for originator in counters:
@@ -488,7 +579,7 @@ class Router:
             if topic.startswith(self._inbound_prefix):
                 self._service_request(topic[len(self._inbound_prefix) :], event, step, now, out)
             elif topic.startswith(self._device_prefix) and topic.endswith("/up"):
-                self._device_message(topic[len(self._device_prefix) : -len("/up")], event, step, now)
+                self._device_message(topic[len(self._device_prefix) : -len("/up")], event, step, now, out)
             else:
                 self._deadletter(step, event, "unexpected-topic", f"no route for topic {topic!r}", now)
         except Exception as exc:  # noqa: BLE001 - a bug must never stall the ordered release of later messages
@@ -511,6 +602,7 @@ class Router:
             self._unparseable(step, user, event, parsed, now)
             return
         request = parsed
+        counter_before = self._counters.get(user)
         admission = self._admit(user, request, event.redelivered)
         if admission is Admission.SPOOFED:
             # The answer goes to the topic's owner, never to the claimed originator.
@@ -548,11 +640,46 @@ class Router:
         step.counters[user] = request.request_id.counter
         facts = request_facts(request, self.view, self.settings.dcc_eui)
         decision = decide(request, facts, self.table)
-        if decision.action is Action.LOCAL and request.srv in FLAG_SRVS:
+        busy = self._busy(user) if decision.action is Action.FORWARD else None
+        if busy is not None:
+            self._refuse_busy(
+                step, user, request, admission=admission, counter_before=counter_before, busy=busy, now=now
+            )
+        elif decision.action is Action.LOCAL and request.srv in FLAG_SRVS:
             self._flag_request(step, event.ticket, request, out)
-            return
-        self._act(step, request, decision, facts, now)
-        self._commit(step, out)
+        else:
+            self._act(step, request, decision, facts, now)
+            self._commit(step, out)
+
+    def _refuse_busy(  # noqa: PLR0913 - the parts of one refusal
+        self,
+        step: _Step,
+        user: Eui,
+        request: ServiceRequest,
+        *,
+        admission: Admission,
+        counter_before: int | None,
+        busy: str,
+        now: Instant,
+    ) -> None:
+        """Refused before it left a trace, as a failed commit is: the same RequestID may come again."""
+        if admission is Admission.NEW:
+            if counter_before is None:
+                self._counters.pop(user, None)
+            else:
+                self._counters[user] = counter_before
+        step.request = None
+        step.counters.clear()
+        self._refuse_before_rules(
+            step,
+            user,
+            request,
+            admission=admission,
+            code=ResponseCode.GATEWAY_BUSY,
+            reason="gateway-busy",
+            detail=f"{busy}: not forwarded; send it again later",
+            now=now,
+        )
 
     def _admit(self, user: Eui, request: ServiceRequest, redelivered: bool) -> Admission:
         """Check the RequestID against the topic's user and its counter; advance the live counter."""
@@ -582,7 +709,9 @@ class Router:
         if decision.action is Action.FORWARD:
             step.effects.append(Publish(self.topics.command(request_id.target), request.raw))
             step.effects.append(self._answer(originator, request, ResponseCode.ACKNOWLEDGED, now))
-            step.forwarded = True
+            deadline = now.wall + timedelta(seconds=self.settings.target_response_seconds)
+            step.forwarded = ForwardedRequest(request_id, request.srv, request.service_reference, deadline)
+            self._outstanding_forward(originator)
         elif decision.action is Action.LOCAL:
             entries = inventory_entries(request, self.view)
             payload = inventory_response_xml(request_id=request_id, at=now.wall, devices=entries)
@@ -744,7 +873,9 @@ class Router:
 
     # -- device responses and alerts ---------------------------------------------------------------
 
-    def _device_message(self, topic_device: str, event: Received, step: _Step, now: Instant) -> None:
+    def _device_message(
+        self, topic_device: str, event: Received, step: _Step, now: Instant, out: list[Effect]
+    ) -> None:
         try:
             device = parse_eui(topic_device)
         except ValueError:
@@ -758,6 +889,9 @@ class Router:
             return
         if parsed.kind is DeviceMessageKind.RESPONSE:
             self._device_response(step, device, parsed, event, now)
+            # The answered forward leaves the store before its answer is released: a crash in
+            # between leaves the response unacknowledged, and the broker delivers it again.
+            self._commit(step, out)
         else:
             self._alert(step, device, parsed, event, now)
 
@@ -775,6 +909,9 @@ class Router:
             )
             return
         pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            step.answered = request_id
+            self._resolved(request_id)
         if pending is None and request_id in self._timed_out:
             step.effects.append(self._routed(now, device, response, "late", "late-response"))
             return
@@ -891,6 +1028,8 @@ class Router:
         step = self._step(None)
         for request_id, pending in expired:
             del self._pending[request_id]
+            self._resolved(request_id)
+            self._expired.append(request_id)
             self._timed_out[request_id] = None
             if len(self._timed_out) > _TIMED_OUT_MEMORY:
                 self._timed_out.popitem(last=False)

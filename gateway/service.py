@@ -23,17 +23,18 @@ from gateway.postgres import PostgresStore
 from gateway.router import Router, RouterSettings
 from gateway.shell import Clock, Shell
 from gateway.storage import open_store
+from gateway.store import SqliteStore
 from gateway.topics import Topics
 from gateway.view import RoutingView
 from rules.domain import Eui, parse_eui, utc_now
 from rules.table import RulesTable, TableError, default_table, load_table
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from gateway.config import Settings
     from gateway.store import FlagStore
-    from gateway.transport import Transport
+    from gateway.transport import Message, Transport
 
 log = structlog.get_logger("mp169.service")
 
@@ -46,11 +47,38 @@ _ORPHAN_SWEEP_SECONDS = 60.0
 # Recorded RequestIDs are kept this long at least: a redelivery can come as late as the broker keeps
 # a session (broker.session_expiry_seconds), so they are kept twice that, and never less than a day.
 _REQUEST_ID_MEMORY_MIN = timedelta(days=1)
+# SQLite's own wait for a lock held by another process, per attempt; the shell retries beyond it
+# (store.retry_seconds) and logs each retry, so a stall is visible.
+_STORE_BUSY_WAIT_MS = 1000
 
 
 def load_rules(settings: Settings) -> RulesTable:
     path = settings.gateway.rules_path
     return load_table(Path(path)) if path else default_table()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSession:
+    """The session device responses and alerts arrive on, beside the one requests arrive on.
+
+    `flushed` is the request session's confirmation (MqttTransport.flushed): a device message is
+    acknowledged only once the answer relayed on the other session reached the broker. On one
+    connection TCP order gives that for free; across two it does not."""
+
+    transport: Transport
+    flushed: Callable[[], Awaitable[None]]
+
+    def handler(self, shell: Shell, publishing: asyncio.Event) -> Callable[[Message], Awaitable[None]]:
+        """`publishing` is set once the request session, which every answer leaves on, is started:
+        this session starts first (so no device answer finds it unsubscribed), and what it is
+        redelivered at once waits for that."""
+
+        async def handle(message: Message) -> None:
+            await publishing.wait()
+            await shell.handle(message)
+            await self.flushed()
+
+        return handle
 
 
 @dataclass
@@ -62,12 +90,14 @@ class GatewayService:
     router: Router
     shell: Shell
     transport: Transport
+    devices: DeviceSession | None = None
+    """The session device responses and alerts arrive on, when not `transport`'s."""
     _clock: Clock = utc_now
     member: ClusterMember | None = None
     _housekeeping: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(
+    async def start(  # noqa: PLR0913 - keyword-only collaborators with defaults
         cls,
         settings: Settings,
         transport: Transport,
@@ -75,10 +105,17 @@ class GatewayService:
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
+        devices: DeviceSession | None = None,
     ) -> GatewayService:
+        """`devices`: a second session for device responses and alerts, so they never wait behind
+        requests at the broker or in `transport`'s in-flight window (`mp169 run` uses one)."""
         table = load_rules(settings)
         store = open_store(settings.store)
-        await store.open()
+        if isinstance(store, SqliteStore):
+            store.busy_timeout_ms = _STORE_BUSY_WAIT_MS
+            await store.open(check=True)
+        else:
+            await store.open()
         member = None
         # The epoch first: a flag changed while the view loads is applied again by the member.
         loaded_epoch = await store.flag_epoch() if isinstance(store, PostgresStore) else 0
@@ -108,8 +145,11 @@ class GatewayService:
                 topics=topics,
                 max_message_bytes=settings.gateway.max_message_bytes,
                 target_response_seconds=settings.gateway.target_response_seconds,
+                max_forwards_per_user=settings.gateway.max_forwards_per_user,
+                max_forwards=settings.gateway.max_forwards,
             ),
             counters=await store.load_request_counters(),
+            pending=await store.load_pending(),
         )
         shell = Shell(
             router,
@@ -120,14 +160,26 @@ class GatewayService:
             clock=clock,
             monotonic=monotonic,
             member=member,
+            retry_seconds=settings.store.retry_seconds,
         )
         shell.start()
-        service = cls(settings, store, view, recorder, router, shell, transport, clock, member)
+        service = cls(settings, store, view, recorder, router, shell, transport, devices, clock, member)
+        group = settings.topics.shared_group
         try:
-            await transport.start(topics.subscriptions(settings.topics.shared_group), shell.handle)
+            if devices is None:
+                await transport.start(topics.subscriptions(group), shell.handle)
+            else:
+                publishing = asyncio.Event()
+                await devices.transport.start(
+                    topics.device_subscriptions(group), devices.handler(shell, publishing)
+                )
+                await transport.start(topics.request_subscriptions(group), shell.handle)
+                publishing.set()
         except BaseException:
             # Cancelled by a signal, or the broker refused or stayed unreachable: close what was
             # opened, or the store's thread outlives the event loop ("Event loop is closed").
+            if devices is not None:
+                await devices.transport.stop()
             await shell.stop()
             if member is not None:
                 await member.stop()
@@ -176,6 +228,8 @@ class GatewayService:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        if self.devices is not None:
+            await self.devices.transport.stop()
         await self.transport.stop()
         await self.shell.stop()
         if self.member is not None:

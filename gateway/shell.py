@@ -24,7 +24,8 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from typing import TYPE_CHECKING, TypeAlias
+from functools import partial
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import structlog
 
@@ -42,7 +43,7 @@ from gateway.router import (
     TimePassed,
     deadletter_payload,
 )
-from gateway.store import CommitBatch
+from gateway.store import CommitBatch, retryable
 from rules.domain import utc_now
 
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ if TYPE_CHECKING:
     from rules.domain import Eui
 
 log = structlog.get_logger("mp169.shell")
+
+T = TypeVar("T")
+# Backoff between attempts at a busy or locked store: doubling from the first, capped at the second.
+_RETRY_FIRST_SECONDS = 0.05
+_RETRY_CAP_SECONDS = 2.0
 
 Publisher: TypeAlias = "Callable[[str, bytes], Awaitable[None]]"
 Clock: TypeAlias = "Callable[[], datetime]"
@@ -78,6 +84,7 @@ class Shell:
         monotonic: Callable[[], float] = time.monotonic,
         max_batch: int = 512,
         member: ClusterMember | None = None,
+        retry_seconds: float = 30.0,
     ) -> None:
         self.router = router
         self._store = store
@@ -87,9 +94,14 @@ class Shell:
         self._clock = clock
         self._monotonic = monotonic
         self._max_batch = max_batch
+        self._retry_seconds = retry_seconds
         self._tickets = itertools.count()
         self._waiting: dict[int, asyncio.Future[None]] = {}
-        self._commits: asyncio.Queue[Commit] = asyncio.Queue()
+        # Each commit with the number of publishes queued before it (see `_handed_over`).
+        self._commits: asyncio.Queue[tuple[Commit, int]] = asyncio.Queue()
+        self._queued_publishes = 0
+        self._handed_publishes = 0
+        self._handed = asyncio.Event()
         self._outbox: asyncio.Queue[Publish | Acknowledge] = asyncio.Queue()
         self._publish_error: Exception | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,7 +110,7 @@ class Shell:
         # Messages waiting for a confirmed lease, in arrival order; the head is let through first.
         self._gate: deque[asyncio.Future[None]] = deque()
         self._flag_ticket: int | None = None
-        self._carried: Commit | None = None
+        self._carried: tuple[Commit, int] | None = None
         """Taken from the queue, committed with the next batch (its task_done comes then)."""
         """The flag request being read and committed: the router holds the messages after it."""
         if member is not None:
@@ -191,8 +203,10 @@ class Shell:
                 if isinstance(effect, Acknowledge) and effect.ticket == self._flag_ticket:
                     self._flag_ticket = None
                 self._outbox.put_nowait(effect)
+                if isinstance(effect, Publish):
+                    self._queued_publishes += 1
             elif isinstance(effect, Commit):
-                self._commits.put_nowait(effect)
+                self._commits.put_nowait((effect, self._queued_publishes))
             elif isinstance(effect, ReadFlagSubject):
                 self._flag_ticket = effect.ticket
                 task = asyncio.create_task(self._read_flag_subject(effect), name="mp169-flag-read")
@@ -222,15 +236,21 @@ class Shell:
                 following = self._commits.get_nowait()
                 # With a group, a flag request's commit goes alone: it waits for the other instances,
                 # and the requests decided before it must not (they are what the others wait for).
-                if self._member is not None and (following.flag_events or commits[0].flag_events):
+                if self._member is not None and (following[0].flag_events or commits[0][0].flag_events):
                     self._carried = following
                     break
                 commits.append(following)
-            batches = tuple(commit.batch for commit in commits)
+            plain = [commit for commit, _ in commits]
+            batches = tuple(commit.batch for commit in plain)
             started = time.perf_counter()
             try:
-                result = await self._store.commit(_joined(commits, grouped=self._member is not None))
-                await self._settle_commit(commits, result)
+                # E21 answers leave before their forwards leave the store: repeated after a crash, never lost.
+                await self._handed_over(
+                    max((queued for commit, queued in commits if commit.expired), default=0)
+                )
+                joined = _joined(plain, grouped=self._member is not None)
+                result = await self._retrying(partial(self._store.commit, joined), "commit")
+                await self._settle_commit(plain, result)
             except Exception as exc:  # noqa: BLE001 - the router answers every request of the batch
                 log.critical("store-commit-failed", error=f"{type(exc).__name__}: {exc}", batch=len(batches))
                 self._feed(CommitFailed(batches, f"{type(exc).__name__}: {exc}"))
@@ -238,7 +258,7 @@ class Shell:
                 if self._metrics is not None:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
-                taken = _taken(commits, result) if self._member is not None else frozenset()
+                taken = _taken(plain, result) if self._member is not None else frozenset()
                 self._feed(Committed(batches, taken))
             finally:
                 for _ in commits:
@@ -255,6 +275,24 @@ class Shell:
         if not member.confirmed:
             raise LeaseLostError(f"cluster lease of {member.instance} not confirmed after the commit")
 
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """`operation`, tried again with capped backoff while the store is busy or locked, for up to
+        the retry budget; the message that needs it stays unacknowledged meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_seconds
+        delay = _RETRY_FIRST_SECONDS
+        attempt = 1
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                if not retryable(exc) or loop.time() + delay > deadline:
+                    raise
+                log.warning("store-busy", operation=what, attempt=attempt, retry_in=delay, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _RETRY_CAP_SECONDS)
+            attempt += 1
+
     async def _publish_loop(self) -> None:
         while True:
             item = await self._outbox.get()
@@ -267,7 +305,16 @@ class Shell:
                 log.exception("publish-failed", topic=getattr(item, "topic", None))
                 self._publish_error = exc
             finally:
+                if isinstance(item, Publish):
+                    self._handed_publishes += 1
+                    self._handed.set()
                 self._outbox.task_done()
+
+    async def _handed_over(self, publishes: int) -> None:
+        """Until the first `publishes` publishes were handed to the transport (or failed)."""
+        while self._handed_publishes < publishes:
+            self._handed.clear()
+            await self._handed.wait()
 
     def _acknowledge(self, ticket: int) -> None:
         # A publish that failed since the last acknowledgement belongs to this message.
@@ -282,10 +329,10 @@ class Shell:
 
     async def _read_flag_subject(self, read: ReadFlagSubject) -> None:
         try:
-            device = await self._store.get_device(read.device_id)
+            device = await self._retrying(partial(self._store.get_device, read.device_id), "read")
             hub = None
             if device is not None and device.comms_hub_id is not None:
-                hub = await self._store.get_device(device.comms_hub_id)
+                hub = await self._retrying(partial(self._store.get_device, device.comms_hub_id), "read")
         except Exception as exc:  # noqa: BLE001 - the router answers the flag request
             log.critical("store-read-failed", error=f"{type(exc).__name__}: {exc}", device=read.device_id)
             self._feed(FlagSubjectRead(read.ticket, None, None, error=f"{type(exc).__name__}: {exc}"))
@@ -328,4 +375,6 @@ def _joined(commits: Sequence[Commit], *, grouped: bool) -> CommitBatch:
         flag_events=tuple(event for commit in commits for event in commit.flag_events),
         counters=counters,
         request_ids=request_ids,
+        forwarded=tuple(entry for commit in commits for entry in commit.forwarded),
+        resolved=tuple(rid for commit in commits for rid in (*commit.answered, *commit.expired)),
     )

@@ -40,6 +40,8 @@ from rules.domain import (
     DeviceType,
     Eui,
     FlagEvent,
+    ForwardedRequest,
+    RequestId,
     Role,
     Tariff,
     UserRecord,
@@ -123,6 +125,20 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX request_ids_accepted ON request_ids (accepted_at);
     """,
+    # 4: forwarded requests waiting for their device's answer (issue 15: durable pending).
+    """
+    -- Forwarded requests waiting for their device's answer (written with the forward's commit,
+    -- deleted once the request has its final answer: the device's, or E21 at the deadline).
+    CREATE TABLE pending_requests (
+        request_id TEXT PRIMARY KEY,
+        originator TEXT NOT NULL,
+        target TEXT NOT NULL,
+        counter TEXT NOT NULL,
+        srv TEXT NOT NULL,
+        service_reference TEXT NOT NULL,
+        deadline TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 _DEVICE_COLUMNS = (
@@ -184,6 +200,19 @@ _ADVANCE_COUNTERS = """
     RETURNING originator, previous
 """
 
+# SQLite's primary result codes for "another connection holds the lock": worth trying again.
+_RETRYABLE_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+class StoreCorruptError(RuntimeError):
+    """The store file failed SQLite's integrity check (or is not a database): the gateway must not start."""
+
+
+def retryable(exc: BaseException) -> bool:
+    """A store error that may pass if tried again: the database is busy or locked by another process."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in _RETRYABLE_CODES
+
 
 # -- values ---------------------------------------------------------------------------------------
 
@@ -197,6 +226,10 @@ class CommitBatch:
     """Highest accepted RequestID counter per originator; stored only if above the stored one."""
     request_ids: Sequence[tuple[Eui, int]] = ()
     """(originator, counter) of every request the batch acts on, each recorded once (`CommitResult.first`)."""
+    forwarded: Sequence[ForwardedRequest] = ()
+    """Requests forwarded to their device, now waiting for its answer."""
+    resolved: Sequence[RequestId] = ()
+    """Forwarded requests that got their final answer (applied after `forwarded`)."""
 
 
 NO_COUNTER = -1
@@ -278,6 +311,7 @@ class FlagStore(Protocol):
     async def load_request_counters(self) -> dict[Eui, int]: ...
     async def purge_request_ids(self, before: datetime) -> int: ...
     async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]: ...
+    async def load_pending(self) -> list[ForwardedRequest]: ...
     async def change_seq(self) -> int: ...
     def devices_changed_since(
         self, seq: int, batch_size: int = _BATCH
@@ -338,16 +372,34 @@ async def migrate(db: aiosqlite.Connection, component: str, migrations: Sequence
             await db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (component, version))
         await db.execute("COMMIT")
     except BaseException:
-        await db.execute("ROLLBACK")
+        await _rollback(db)
         raise
     return len(migrations)
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Undo the open transaction, if SQLite has not already (a failed COMMIT on a full disk rolls back
+    by itself): the caller re-raises the real error, never "cannot rollback"."""
+    if db.in_transaction:
+        await db.execute("ROLLBACK")
+
+
+async def quick_check(db: aiosqlite.Connection, path: Path) -> None:
+    """`PRAGMA quick_check`; StoreCorruptError naming the file and SQLite's first findings."""
+    try:
+        async with db.execute("PRAGMA quick_check") as cursor:
+            findings = [str(row[0]) for row in await cursor.fetchall()]
+    except sqlite3.DatabaseError as exc:  # "file is not a database" and the like
+        raise StoreCorruptError(f"{path}: {exc}") from exc
+    if findings != ["ok"]:
+        raise StoreCorruptError(f"{path}: integrity check failed: {'; '.join(findings[:5])}")
 
 
 def _read_only_uri(path: Path) -> str:
     return f"{path.absolute().as_uri()}?mode=ro"
 
 
-def _pragmas(*, read_only: bool) -> list[str]:
+def _pragmas(*, read_only: bool, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> list[str]:
     writer = [
         "PRAGMA journal_mode = WAL",
         # NORMAL in WAL: a commit survives a process crash; only an OS crash or power cut can lose the last.
@@ -357,19 +409,25 @@ def _pragmas(*, read_only: bool) -> list[str]:
         *([] if read_only else writer),
         "PRAGMA foreign_keys = ON",
         # Another process may hold the write lock for a whole inventory import: wait rather than fail.
-        f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
+        f"PRAGMA busy_timeout = {int(busy_timeout_ms)}",
     ]
 
 
-async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
+async def connect(
+    path: Path, *, read_only: bool = False, busy_timeout_ms: int = _BUSY_TIMEOUT_MS
+) -> aiosqlite.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on; `read_only`
     for readers such as `mp169 report`, which must never write a production database."""
     if read_only:
         db = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
     else:
         db = await aiosqlite.connect(path, isolation_level=None)
-    for pragma in _pragmas(read_only=read_only):
-        await db.execute(pragma)
+    try:
+        for pragma in _pragmas(read_only=read_only, busy_timeout_ms=busy_timeout_ms):
+            await db.execute(pragma)
+    except BaseException:
+        await db.close()  # its worker thread would keep the process from exiting
+        raise
     return db
 
 
@@ -506,16 +564,23 @@ class Opened(ABC):
 class SqliteStore(Opened):
     """FlagStore over one SQLite file. One connection; its transactions are serialised by a lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_ms: int = _BUSY_TIMEOUT_MS) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
-    async def open(self) -> None:
-        """Connect (creating the file and its folder if needed) and bring the schema up to date."""
+    async def open(self, *, check: bool = False) -> None:
+        """Connect (creating the file and its folder if needed) and bring the schema up to date;
+        `check`: first run SQLite's quick integrity check (StoreCorruptError: refuse the file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = await connect(self.path)
         try:
+            db = await connect(self.path, busy_timeout_ms=self.busy_timeout_ms)
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorruptError(f"{self.path}: {exc}") from exc
+        try:
+            if check:
+                await quick_check(db, self.path)
             await migrate(db, CORE, MIGRATIONS)
         except BaseException:
             await db.close()
@@ -561,7 +626,7 @@ class SqliteStore(Opened):
                     after, changes_after = await cursor.fetchone() or (0, 0)
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
         inserted = after - before
         updated = changes_after - changes_before - inserted
@@ -639,9 +704,10 @@ class SqliteStore(Opened):
                     await self._apply_flag_events(db, batch.flag_events)
                 advanced = await self._advance_counters(db, counters)
                 recorded = await self._record_request_ids(db, request_ids)
+                await self._apply_pending(db, batch.forwarded, batch.resolved)
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
         return CommitResult(advanced, recorded=recorded)
 
@@ -728,6 +794,48 @@ class SqliteStore(Opened):
                 "DELETE FROM request_ids WHERE accepted_at < ?", (_time_text(before),)
             )
             return cursor.rowcount
+
+    @staticmethod
+    async def _apply_pending(
+        db: aiosqlite.Connection, forwarded: Sequence[ForwardedRequest], resolved: Sequence[RequestId]
+    ) -> None:
+        if forwarded:
+            await db.executemany(
+                "INSERT OR REPLACE INTO pending_requests (request_id, originator, target, counter, srv,"
+                " service_reference, deadline) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        str(entry.request_id),
+                        entry.request_id.originator,
+                        entry.request_id.target,
+                        str(entry.request_id.counter),
+                        entry.srv,
+                        entry.service_reference,
+                        _time_text(entry.deadline),
+                    )
+                    for entry in forwarded
+                ],
+            )
+        if resolved:
+            await db.executemany(
+                "DELETE FROM pending_requests WHERE request_id = ?", [(str(rid),) for rid in resolved]
+            )
+
+    async def load_pending(self) -> list[ForwardedRequest]:
+        """The forwarded requests still waiting for their device's answer, earliest deadline first."""
+        rows = await self._fetchall(
+            "SELECT originator, target, counter, srv, service_reference, deadline FROM pending_requests"
+        )
+        pending = [
+            ForwardedRequest(
+                RequestId(Eui(row[0]), Eui(row[1]), int(row[2])),
+                row[3],
+                row[4],
+                datetime.fromisoformat(row[5]),
+            )
+            for row in rows
+        ]
+        return sorted(pending, key=lambda entry: entry.deadline)
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._fetchall("SELECT originator, counter FROM request_counters")

@@ -36,7 +36,14 @@ class Topics:
         return f"{self.devices}/{device}/cmd"
 
     def subscriptions(self, shared_group: str = "") -> list[str]:
-        filters = [f"{self.inbound}/+", f"{self.devices}/+/up"]
-        if shared_group:
-            return [f"$share/{shared_group}/{topic_filter}" for topic_filter in filters]
-        return filters
+        return self.request_subscriptions(shared_group) + self.device_subscriptions(shared_group)
+
+    def request_subscriptions(self, shared_group: str = "") -> list[str]:
+        return _shared([f"{self.inbound}/+"], shared_group)
+
+    def device_subscriptions(self, shared_group: str = "") -> list[str]:
+        return _shared([f"{self.devices}/+/up"], shared_group)
+
+
+def _shared(filters: list[str], group: str) -> list[str]:
+    return [f"$share/{group}/{topic_filter}" for topic_filter in filters] if group else filters

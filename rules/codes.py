@@ -35,6 +35,7 @@ class ResponseCode(StrEnum):
     FLAG_NO_WAN = "E081507"
     FLAG_DEVICE_TYPE = "E081508"
     STORE_FAILED = "E16920"
+    GATEWAY_BUSY = "E16921"
 
 
 RESPONSE_CODE_MEANINGS: dict[ResponseCode, str] = {
@@ -87,5 +88,10 @@ RESPONSE_CODE_MEANINGS: dict[ResponseCode, str] = {
     ResponseCode.STORE_FAILED: (
         "The gateway could not make the request durable (store failure): it was not acted on and left "
         "no trace; send it again."
+    ),
+    ResponseCode.GATEWAY_BUSY: (
+        "Not forwarded: as many of this User's requests (gateway.max_forwards_per_user), or of all Users' "
+        "(gateway.max_forwards), await their device's answer as the gateway allows; it left no trace, "
+        "send it again later."
     ),
 }

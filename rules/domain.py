@@ -224,6 +224,18 @@ _OUTCOMES = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardedRequest:
+    """A Service Request forwarded to its device and waiting for the device's answer: durable, so a
+    restarted gateway still delivers the answer, or answers E21 at the deadline, exactly once."""
+
+    request_id: RequestId
+    srv: str
+    service_reference: str
+    deadline: datetime
+    """When the target response time runs out (timezone-aware)."""
+
+
+@dataclass(frozen=True, slots=True)
 class FlagEvent:
     """One flag Service Request and its outcome: a flag_history row."""
 

@@ -1,9 +1,10 @@
 """`Desk` drives a Router as the shell does, with no event loop, broker or database.
 
-Its `Durable` is the store as the router sees it: devices, users, flags, flag history and RequestID
-counters, changed only by the commits the router asks for. By default every commit and store read
-is answered at once; with `hold=True` they wait until the test calls `commit()` or `read()`, so a
-test can put messages in between, fail a commit, or crash before the router hears of it.
+Its `Durable` is the store as the router sees it: devices, users, flags, flag history, RequestID
+counters and pending forwards, changed only by the commits the router asks for. By default every
+commit and store read is answered at once; with `hold=True` they wait until the test calls
+`commit()` or `read()`, so a test can put messages in between, fail a commit, or crash before the
+router hears of it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gateway.router import Effect, Event, Observation
-    from rules.domain import DeviceRecord, Eui, UserRecord
+    from rules.domain import DeviceRecord, Eui, ForwardedRequest, RequestId, UserRecord
 
 TOPICS = Topics()
 
@@ -53,6 +54,7 @@ class Durable:
     history: list[FlagEvent] = field(default_factory=list)
     counters: dict[Eui, int] = field(default_factory=dict)
     request_ids: set[tuple[Eui, int]] = field(default_factory=set)
+    pending: dict[RequestId, ForwardedRequest] = field(default_factory=dict)
 
     @classmethod
     def of(cls, devices: Iterable[DeviceRecord] = (), users: Iterable[UserRecord] = USERS) -> Durable:
@@ -73,16 +75,26 @@ class Durable:
                     (self.flags.add if event.set else self.flags.discard)(event.device_id)
             for originator, counter in commit.counters.items():
                 self.counters[originator] = max(counter, self.counters.get(originator, -1))
+            self.pending.update((entry.request_id, entry) for entry in commit.forwarded)
+            for request_id in (*commit.answered, *commit.expired):
+                del self.pending[request_id]
         return frozenset(taken)
 
 
 class Desk:
     def __init__(
-        self, durable: Durable | None = None, *, hold: bool = False, target_response_seconds: float = 30.0
+        self,
+        durable: Durable | None = None,
+        *,
+        hold: bool = False,
+        target_response_seconds: float = 30.0,
+        **limits: int,
     ) -> None:
+        """`limits`: RouterSettings' forward limits (max_forwards_per_user, max_forwards)."""
         self.durable = durable or Durable.of()
         self.hold = hold
         self.target_response_seconds = target_response_seconds
+        self.limits = limits
         self.seconds = 0.0
         self.published: list[Publish] = []
         self.acknowledged: list[int] = []
@@ -98,8 +110,16 @@ class Desk:
         view.apply_users(self.durable.users)
         for device in self.durable.flags:
             view.set_flag(device)
-        settings = RouterSettings(dcc_eui=DCC, target_response_seconds=self.target_response_seconds)
-        return Router(table=default_table(), view=view, settings=settings, counters=self.durable.counters)
+        settings = RouterSettings(
+            dcc_eui=DCC, target_response_seconds=self.target_response_seconds, **self.limits
+        )
+        return Router(
+            table=default_table(),
+            view=view,
+            settings=settings,
+            counters=self.durable.counters,
+            pending=self.durable.pending.values(),
+        )
 
     def restart(self) -> None:
         """A new process on the same durable state: what was waiting is lost, as in a crash."""

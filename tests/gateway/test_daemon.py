@@ -183,7 +183,8 @@ class Daemon:
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
 
-    async def start(self) -> None:
+    async def start(self, ready: bytes = b"daemon-ready") -> None:
+        """Start; return once a log line contains `ready`."""
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -196,20 +197,27 @@ class Daemon:
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        ready = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._read(ready))
-        async with asyncio.timeout(GUARD_SECONDS):
-            await ready
+        self._logged = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+        await self.until_logged(ready)
 
-    async def _read(self, ready: asyncio.Future[None]) -> None:
+    async def _read(self) -> None:
         assert self.process is not None
         assert self.process.stderr is not None
         async for line in self.process.stderr:
             self.log.append(line.decode(errors="replace"))
-            if b"daemon-ready" in line and not ready.done():
-                ready.set_result(None)
-        if not ready.done():
-            ready.set_exception(RuntimeError("daemon exited before it was ready:\n" + "".join(self.log)))
+            self._logged.set()
+        self._logged.set()
+
+    async def until_logged(self, text: bytes) -> None:
+        """Wait for a log line containing `text`; fails if the daemon exits first."""
+        wanted = text.decode()
+        async with asyncio.timeout(GUARD_SECONDS):
+            while not any(wanted in line for line in self.log):
+                if self._reader.done():
+                    raise RuntimeError(f"daemon exited before it logged {wanted}:\n" + "".join(self.log))
+                self._logged.clear()
+                await self._logged.wait()
 
     async def signal(self, signum: signal.Signals) -> int:
         assert self.process is not None
@@ -228,7 +236,8 @@ async def test_a_killed_daemon_loses_no_acknowledged_request(
     config.write_text(
         f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_seconds = 0.05\nreconnect_max_seconds = 0.5\n'
         f'[store]\npath = "{tmp_path / "gw.sqlite3"}"\n'
-        "[gateway]\nmetrics_port = 0\n"
+        # Every request is forwarded: none is refused for the forward limit (tests/gateway/test_faults.py).
+        "[gateway]\nmetrics_port = 0\nmax_forwards_per_user = 3000\n"
     )
     daemon = Daemon(config)
     await daemon.start()

@@ -22,6 +22,7 @@ from gateway.router import (
     RequestTimedOut,
 )
 from rules.codes import ResponseCode
+from rules.domain import RequestId
 from rules.table import default_table
 from tests.gateway.desk import TOPICS, Desk
 from tests.gateway.messages import (
@@ -37,6 +38,7 @@ from tests.gateway.messages import (
 )
 from tests.gateway.test_inventory import (
     EXPORT_SUPPLIER,
+    GAS_METER,
     GAS_SUPPLIER,
     HUB,
     IMPORT_SUPPLIER,
@@ -469,3 +471,112 @@ def test_two_routers_sharing_a_store_act_on_a_request_id_once(desk: Desk) -> Non
     # arrive out of order between instances, and only the RequestID itself is checked across them.
     third.send(IMPORT_SUPPLIER, read(1))
     assert desk.commands(third.commit()) == [TOPICS.command(METER)]
+
+
+# -- durable pending forwards ---------------------------------------------------------------------
+
+
+def test_a_forward_of_a_crashed_process_is_timed_out_once_by_the_next() -> None:
+    desk = Desk(target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    assert list(desk.durable.pending) == [RequestId(IMPORT_SUPPLIER, METER, 1)]
+    desk.pass_time(10.0)
+    desk.restart()  # the device is silent; the deadline is the one the first process stored
+    assert desk.pass_time(19.0) == []
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(1.0)) == [ResponseCode.DEVICE_TIMEOUT]
+    # The E21 removal was committed on its own, so a further restart does not answer it again.
+    assert desk.durable.pending == {}
+    desk.restart()
+    assert desk.pass_time(60.0) == []
+
+
+def test_a_device_answer_to_a_forward_of_a_crashed_process_is_its_final_answer() -> None:
+    desk = Desk(target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.restart()
+    answer = meter_reading_answer(1)
+    assert desk.device_says(METER, answer) == [Publish(TOPICS.out(IMPORT_SUPPLIER), answer)]
+    assert desk.durable.pending == {}
+    assert desk.pass_time(60.0) == []
+    desk.restart()
+    assert desk.pass_time(60.0) == []
+
+
+def test_a_device_answer_is_released_once_its_forward_left_the_store() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    assert desk.device_says(METER, meter_reading_answer(1)) == []
+    # Crash before that commit is heard of: the answer was never published nor acknowledged, so the
+    # broker delivers it again, and the next process routes it as the final answer.
+    desk.restart()
+    assert len(desk.durable.pending) == 1
+    desk.device_says(METER, meter_reading_answer(1))
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.SUCCESS]
+    assert desk.durable.pending == {}
+
+
+def test_an_answer_whose_removal_failed_is_delivered_and_the_removal_retried() -> None:
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    desk.device_says(METER, meter_reading_answer(1))
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit(error="disk I/O error")) == [ResponseCode.SUCCESS]
+    assert len(desk.durable.pending) == 1
+    desk.send(IMPORT_SUPPLIER, read(2))  # the next commit carries the removal
+    desk.commit()
+    assert list(desk.durable.pending) == [RequestId(IMPORT_SUPPLIER, METER, 2)]
+
+
+def test_a_crash_between_an_e21_and_its_removal_repeats_the_e21() -> None:
+    # The stated at-least-once case: the E21 left, its removal was not durable yet.
+    desk = Desk(hold=True, target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(30.0)) == [ResponseCode.DEVICE_TIMEOUT]
+    assert [commit.expired for commit in desk.waiting_commits] == [(RequestId(IMPORT_SUPPLIER, METER, 1),)]
+    desk.restart()
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(1.0)) == [ResponseCode.DEVICE_TIMEOUT]
+
+
+# -- bounded work ---------------------------------------------------------------------------------
+
+
+def gas_read(counter: int) -> bytes:
+    return request(CONSUMPTION_SRV, GAS_SUPPLIER, GAS_METER, counter)
+
+
+def test_a_user_at_its_forward_limit_is_answered_busy_and_others_are_still_served() -> None:
+    desk = Desk(max_forwards_per_user=2)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.send(IMPORT_SUPPLIER, read(2))
+    busy = desk.send(IMPORT_SUPPLIER, read(3))
+    assert desk.answers_to(IMPORT_SUPPLIER, busy) == [ResponseCode.GATEWAY_BUSY]
+    assert desk.commands(busy) == []
+    assert desk.commands(desk.send(GAS_SUPPLIER, gas_read(1))) == [TOPICS.command(GAS_METER)]
+    # A device answer frees a place; the refused RequestID left no trace and may come again.
+    desk.device_says(METER, meter_reading_answer(1))
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(3))) == [TOPICS.command(METER)]
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, read(4))) == [
+        ResponseCode.GATEWAY_BUSY
+    ]
+    desk.pass_time(30.0)  # timeouts free places too
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(4))) == [TOPICS.command(METER)]
+
+
+def test_the_forward_limit_of_all_users_holds_across_a_restart() -> None:
+    desk = Desk(max_forwards=2)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.send(GAS_SUPPLIER, gas_read(1))
+    desk.restart()
+    assert desk.answers_to(GAS_SUPPLIER, desk.send(GAS_SUPPLIER, gas_read(2))) == [ResponseCode.GATEWAY_BUSY]
+    # Requests that are not forwarded are not limited.
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, set_flag(2))) == [ResponseCode.SUCCESS]
+
+
+def test_a_failed_forward_frees_its_place() -> None:
+    desk = Desk(hold=True, max_forwards_per_user=1)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit(error="disk I/O error")
+    desk.send(IMPORT_SUPPLIER, read(1))
+    assert desk.commands(desk.commit()) == [TOPICS.command(METER)]

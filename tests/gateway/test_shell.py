@@ -7,10 +7,12 @@ as the transport calls it, concurrently, and the store is a real SQLite file.
 from __future__ import annotations
 
 import asyncio
+import errno
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pytest
 import structlog
@@ -40,7 +42,7 @@ from tests.gateway.messages import (
 from tests.gateway.test_inventory import IMPORT_SUPPLIER, METER, USERS, premise
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
     from gateway.observers import Observer
     from rules.domain import Eui
@@ -325,3 +327,67 @@ def test_the_desk_and_the_shell_publish_the_same_for_the_same_stream() -> None:
     for payload in stream:
         desk.send(IMPORT_SUPPLIER, payload)
     assert [(p.topic, p.payload) for p in desk.published] == shell_published
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+
+SMALL_FILESYSTEM_BYTES = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs the test can fill (the tests run as root, here and in CI)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(
+        ["/bin/mount", "-t", "tmpfs", "-o", f"size={SMALL_FILESYSTEM_BYTES}", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["/bin/umount", "-l", str(mount)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem is full; removing it frees the space."""
+    filler = directory / "filler"
+    with filler.open("wb") as file, pytest.raises(OSError, match="No space left") as full:
+        _write_until_full(file)
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+def _write_until_full(file: BinaryIO) -> None:
+    while True:
+        file.write(b"\0" * 65536)
+        file.flush()
+
+
+async def test_a_full_disk_answers_e16920_and_never_leaves_memory_ahead_of_the_store(
+    small_filesystem: Path,
+) -> None:
+    path = small_filesystem / "gw.sqlite3"
+    await seed(path)
+    running = await start(path)
+    try:
+        await running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
+        filler = fill(small_filesystem)
+        with structlog.testing.capture_logs() as logs:
+            failed = [
+                *await running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2)),
+                *await running.send(IMPORT_SUPPLIER, flag_request(IMPORT_SUPPLIER, 3, METER, set_flag=True)),
+            ]
+        assert running.answers_to(IMPORT_SUPPLIER, failed) == [ResponseCode.STORE_FAILED] * 2
+        assert not running.shell.router.view.is_flagged(METER)
+        errors = [entry["error"] for entry in logs if entry["event"] == "store-commit-failed"]
+        assert errors
+        assert all("database or disk is full" in error for error in errors), errors
+        filler.unlink()
+        retried = await running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2))
+        assert [topic for topic, _ in retried] == [TOPICS.command(METER), TOPICS.out(IMPORT_SUPPLIER)]
+    finally:
+        await stop(running)
+    async with SqliteStore(path) as store:
+        assert await store.load_flags() == {}
+        assert await store.load_request_counters() == {IMPORT_SUPPLIER: 2}
+        assert [entry.request_id.counter for entry in await store.load_pending()] == [1, 2]

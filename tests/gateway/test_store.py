@@ -25,11 +25,22 @@ from gateway.store import (
     FlagState,
     FlagStore,
     SqliteStore,
+    StoreCorruptError,
     UpsertCounts,
     connect,
     migrate,
+    retryable,
 )
-from rules.domain import MAX_COUNTER, DeviceStatus, Eui, Role, Tariff, UserRecord
+from rules.domain import (
+    MAX_COUNTER,
+    DeviceStatus,
+    Eui,
+    ForwardedRequest,
+    RequestId,
+    Role,
+    Tariff,
+    UserRecord,
+)
 from tests.gateway.test_inventory import (
     GAS_METER,
     HUB,
@@ -397,3 +408,35 @@ async def test_a_request_id_is_recorded_once_whatever_the_order(store_settings: 
     with pytest.raises(ValueError, match="unsigned 64-bit"):
         async with open_store(store_settings) as store:
             await store.commit(CommitBatch(request_ids=[(IMPORT_SUPPLIER, MAX_COUNTER + 1)]))
+
+
+async def test_pending_forwards_are_stored_with_their_commit_and_removed_when_answered(
+    store: FlagStore,
+) -> None:
+    deadline = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    first = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, MAX_COUNTER), "4.8.1", "4.8", deadline)
+    second = ForwardedRequest(
+        RequestId(IMPORT_SUPPLIER, GAS_METER, 7), "4.8.1", "4.8", deadline - timedelta(1)
+    )
+    await store.commit(CommitBatch(forwarded=(first, second)))
+    await store.commit(CommitBatch(resolved=(RequestId(NEW_SUPPLIER, METER, 1),)))  # not pending: no-op
+    assert await store.load_pending() == [second, first]  # earliest deadline first
+    await store.commit(CommitBatch(resolved=(second.request_id,)))
+    assert await store.load_pending() == [first]
+
+
+async def test_a_store_that_fails_its_integrity_check_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xa5" * 8192)
+    with pytest.raises(StoreCorruptError, match=str(path)):
+        await SqliteStore(path).open(check=True)
+
+
+def test_only_a_busy_or_locked_store_is_worth_retrying() -> None:
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert retryable(busy)
+    assert not retryable(full)
+    assert not retryable(RuntimeError("database is locked"))

@@ -1,0 +1,265 @@
+"""Faults an operator meets, against a private Mosquitto running the shipped deploy/mosquitto.conf
+limits: an oversize unparseable message, SIGTERM in every state, a crash with silent devices.
+
+Waiting is event-driven (GUARD_SECONDS only turns a hang into a failure); "nothing else arrived" is
+proved by order: a later message on the same path arrives after anything published before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from gateway.daemon import EXIT_STOP_TIMEOUT, EXIT_STORE_CORRUPT
+from gateway.mqtt import MqttTransport
+from gateway.service import GatewayService
+from rules.codes import ResponseCode
+from simulator.mosquitto import Mosquitto, MosquittoError
+from tests.gateway.messages import CONSUMPTION_SRV, header, request
+from tests.gateway.test_daemon import Answers, Daemon, Estate, estate, gateway_settings, rid
+from tests.gateway.test_inventory import GAS_METER, GAS_SUPPLIER, IMPORT_SUPPLIER, METER
+from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
+from tests.gateway.test_shell import seed
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+pytestmark = pytest.mark.broker
+
+__all__ = ["estate"]  # the fixture, used by name below
+
+DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto.conf"
+SHIPPED_LIMITS = ("max_packet_size", "max_inflight_messages", "max_queued_messages")
+# Short, so a test that waits for the stop timeout stays short; the default is 30 s.
+STOP_TIMEOUT_SECONDS = 3.0
+
+
+def shipped_limits() -> dict[str, str]:
+    """The broker limits of the shipped configuration (the listeners and accounts are the test's own)."""
+    limits: dict[str, str] = {}
+    for line in DEPLOY_CONFIG.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key in SHIPPED_LIMITS:
+            limits[key] = value.strip()
+    assert set(limits) == set(SHIPPED_LIMITS), limits
+    return limits
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """This module's broker: the private one of tests/conftest.py with the shipped limits."""
+    broker = Mosquitto(tmp_path / "mosquitto", shipped_limits())
+    try:
+        broker.start()
+    except MosquittoError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+async def letters(mosquitto: Mosquitto) -> AsyncIterator[Inbox]:
+    inbox = Inbox()
+    watcher = MqttTransport(settings_for(mosquitto.url), "test-deadletters")
+    await watcher.start(["dsp/deadletter"], inbox)
+    yield inbox
+    await watcher.abort()
+
+
+def garbage(size: int, seed: int) -> bytes:
+    """`size` bytes of printable garbage that starts like XML."""
+    rand = random.Random(seed)
+    return b"<" + bytes(rand.randrange(0x21, 0x7F) for _ in range(size - 1))
+
+
+async def test_an_oversize_unparseable_message_is_dead_lettered_once_and_serves_everyone_else(
+    tmp_path: Path, estate: Estate, letters: Inbox
+) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    settings = gateway_settings(estate.url, tmp_path / "gw.sqlite3")
+    transport = MqttTransport(settings.broker, settings.gateway.client_id)
+    service = await GatewayService.start(settings, transport)
+    try:
+        limit = int(shipped_limits()["max_packet_size"])
+        # Unparseable, and "too large" for the gateway while still under the broker's packet limit.
+        big = [garbage(850_000, 1), garbage(settings.gateway.max_message_bytes + 10_000, 2)]
+        assert all(len(payload) < limit for payload in big)
+        for payload in big:
+            await estate.send(IMPORT_SUPPLIER, payload)
+        # Another user is served meanwhile, then a small marker follows the garbage on the same path.
+        await estate.send(GAS_SUPPLIER, request(CONSUMPTION_SRV, GAS_SUPPLIER, GAS_METER, 1))
+        await estate.send(IMPORT_SUPPLIER, b"<marker")
+        await letters.until(lambda messages: len(messages) == len(big) + 1)
+        assert await estate.answers.until_answered(rid(GAS_SUPPLIER, GAS_METER, 1), 2) == [
+            ResponseCode.ACKNOWLEDGED,
+            ResponseCode.SUCCESS,
+        ]
+        await estate.answers.until(lambda messages: len(messages) >= len(big) + 1 + 2)
+        envelopes = [json.loads(payload) for payload in letters.payloads]
+        assert [envelope["payload_bytes"] for envelope in envelopes] == [*map(len, big), len(b"<marker")]
+        assert all(len(payload) < limit for payload in letters.payloads)
+        assert [envelope["reason"] for envelope in envelopes[1:]] == ["too-large", "not-well-formed"]
+        invalid = [
+            message
+            for message in estate.answers.messages
+            if header(message.payload)[1] == ResponseCode.INVALID_REQUEST
+        ]
+        assert [message.topic for message in invalid] == [f"dsp/out/{IMPORT_SUPPLIER}"] * 3
+        # Never disconnected by the broker, so nothing was redelivered.
+        assert transport.reconnects == 0
+    finally:
+        await service.stop()
+    assert service.router.unreleased == 0
+
+
+# -- SIGTERM in every state -----------------------------------------------------------------------
+
+
+def daemon_config(tmp_path: Path, url: str, **gateway: object) -> Path:
+    config = tmp_path / "config.toml"
+    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in gateway.items())
+    config.write_text(
+        f'[broker]\nurl = "{url}"\nreconnect_min_seconds = 0.05\nreconnect_max_seconds = 0.5\n'
+        f'[store]\npath = "{tmp_path / "gw.sqlite3"}"\n'
+        f"[gateway]\nmetrics_port = 0\nstop_timeout_seconds = {STOP_TIMEOUT_SECONDS}\n{extra}"
+    )
+    return config
+
+
+async def stopped_in_time(daemon: Daemon) -> int:
+    """SIGTERM; the exit status, asserting it came within the stop timeout (and a margin for Python)."""
+    started = time.monotonic()
+    code = await daemon.signal(signal.SIGTERM)
+    assert time.monotonic() - started < STOP_TIMEOUT_SECONDS + 5, "".join(daemon.log)
+    return code
+
+
+async def test_sigterm_while_the_broker_is_unreachable(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    daemon = Daemon(daemon_config(tmp_path, mosquitto.url))
+    await daemon.start()
+    await asyncio.to_thread(mosquitto.stop)
+    try:
+        assert await stopped_in_time(daemon) == 0
+    finally:
+        await asyncio.to_thread(mosquitto.start)
+
+
+async def test_sigterm_before_the_broker_was_ever_reached(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    await asyncio.to_thread(mosquitto.stop)
+    daemon = Daemon(daemon_config(tmp_path, mosquitto.url))
+    await daemon.start(ready=b"broker-connect-failed")
+    try:
+        assert await stopped_in_time(daemon) == 0
+    finally:
+        await asyncio.to_thread(mosquitto.start)
+
+
+async def test_sigterm_while_a_commit_waits_for_the_store(
+    tmp_path: Path, mosquitto: Mosquitto, estate: Estate
+) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    daemon = Daemon(daemon_config(tmp_path, mosquitto.url))
+    await daemon.start()
+    # Another process holds the store's write lock: the daemon's commit waits (and retries) on it.
+    blocker = sqlite3.connect(tmp_path / "gw.sqlite3", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
+        await daemon.until_logged(b"store-busy")
+        # Stopped before its commit: the request is neither acknowledged nor forwarded.
+        assert await stopped_in_time(daemon) == EXIT_STOP_TIMEOUT
+        assert estate.devices.received == []
+    finally:
+        blocker.close()
+    # The request is still at the broker for the next process, which handles it.
+    restarted = Daemon(daemon.config)
+    await restarted.start()
+    try:
+        codes = await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 1), 2)
+        assert codes == [ResponseCode.ACKNOWLEDGED, ResponseCode.SUCCESS]
+    finally:
+        assert await stopped_in_time(restarted) == 0
+
+
+# -- the store at start ---------------------------------------------------------------------------
+
+
+async def test_a_corrupt_store_stops_the_daemon_with_a_clear_message(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    store = tmp_path / "gw.sqlite3"
+    await seed(store)
+    with sqlite3.connect(store) as db:  # a page of the devices table overwritten, as a bad disk would
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root = db.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'devices'").fetchone()[0]
+    with store.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xa5" * page_size)
+    daemon = Daemon(daemon_config(tmp_path, mosquitto.url))
+    with pytest.raises(RuntimeError, match="daemon exited"):
+        await daemon.start()
+    assert daemon.process is not None
+    assert await daemon.process.wait() == EXIT_STORE_CORRUPT
+    assert "the store is corrupt, refusing to start" in "".join(daemon.log)
+
+
+# -- a crash with silent devices --------------------------------------------------------------------
+
+
+def pending_rows(store: Path) -> int:
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return int(db.execute("SELECT count(*) FROM pending_requests").fetchone()[0])
+
+
+async def test_every_forward_of_a_killed_daemon_gets_exactly_one_e21(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    store = tmp_path / "gw.sqlite3"
+    await seed(store)
+    answers = Answers()
+    user = MqttTransport(settings_for(mosquitto.url), "test-users")
+    await user.start(["dsp/out/+"], answers)
+    commands = Inbox()  # the devices: they take every command and never answer
+    devices = MqttTransport(settings_for(mosquitto.url), "test-devices")
+    await devices.start(["dsp/device/+/cmd"], commands)
+    config = daemon_config(tmp_path, mosquitto.url, target_response_seconds=3.0)
+    daemon = Daemon(config)
+    await daemon.start()
+    total = 400
+    restarted = Daemon(config)
+    try:
+        for counter in range(1, total + 1):
+            await user.publish(
+                f"dsp/in/{IMPORT_SUPPLIER}", request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter)
+            )
+        await answers.until(lambda messages: len(messages) >= 50)
+        assert await daemon.signal(signal.SIGKILL) == -signal.SIGKILL
+        await restarted.start()
+        ids = [rid(IMPORT_SUPPLIER, METER, counter) for counter in range(1, total + 1)]
+        await answers.until(lambda _: all(ResponseCode.DEVICE_TIMEOUT in answers.codes(i) for i in ids))
+        async with asyncio.timeout(GUARD_SECONDS):  # the last removals ride on the next housekeeping tick
+            while pending_rows(store):  # noqa: ASYNC110 - another process's file: nothing to wait on
+                await asyncio.sleep(0.1)
+        assert await stopped_in_time(restarted) == 0
+    finally:
+        for process in (daemon.process, restarted.process):
+            if process is not None and process.returncode is None:
+                process.kill()
+        await devices.abort()
+        await user.abort()
+    forwarded = {str(header(message.payload)[0]) for message in commands.messages}
+    assert forwarded == set(ids)
+    assert {i: answers.codes(i).count(ResponseCode.DEVICE_TIMEOUT) for i in ids} == dict.fromkeys(ids, 1)
