@@ -298,6 +298,8 @@ class _Step:
     """A flag request waiting for its store read."""
     forwarded: ForwardedRequest | None = None
     """The forward this step made, durable with its commit."""
+    counted: bool = False
+    """The forward took a place under the forward limits (a repeat of a pending one does not)."""
     answered: RequestId | None = None
     """The forward a device response step answers: no longer pending once its commit is durable."""
     expired: tuple[RequestId, ...] = ()
@@ -459,7 +461,7 @@ class Router:
         forwarded = step.forwarded
         if forwarded is not None:
             # The E21 clock starts now, as the forward is released; a repeat forward restarts it.
-            if self._pending.pop(forwarded.request_id, None) is not None:
+            if self._pending.pop(forwarded.request_id, None) is not None and step.counted:
                 self._resolved(forwarded.request_id)
             self._pending[forwarded.request_id] = PendingRequest(
                 forwarded.srv, forwarded.service_reference, now.monotonic
@@ -507,7 +509,7 @@ class Router:
                 self._expired.append(step.answered)
             return
         self._restore_counters(step.counters)
-        if step.forwarded is not None:
+        if step.counted:
             self._resolved(request.request_id)
         step.effects.clear()
         step.effects.append(
@@ -640,7 +642,8 @@ class Router:
         step.counters[user] = request.request_id.counter
         facts = request_facts(request, self.view, self.settings.dcc_eui)
         decision = decide(request, facts, self.table)
-        busy = self._busy(user) if decision.action is Action.FORWARD else None
+        repeat = request.request_id in self._pending  # forwarded before a restart, routed again
+        busy = self._busy(user) if decision.action is Action.FORWARD and not repeat else None
         if busy is not None:
             self._refuse_busy(
                 step, user, request, admission=admission, counter_before=counter_before, busy=busy, now=now
@@ -711,7 +714,9 @@ class Router:
             step.effects.append(self._answer(originator, request, ResponseCode.ACKNOWLEDGED, now))
             deadline = now.wall + timedelta(seconds=self.settings.target_response_seconds)
             step.forwarded = ForwardedRequest(request_id, request.srv, request.service_reference, deadline)
-            self._outstanding_forward(originator)
+            if request_id not in self._pending:
+                step.counted = True
+                self._outstanding_forward(originator)
         elif decision.action is Action.LOCAL:
             entries = inventory_entries(request, self.view)
             payload = inventory_response_xml(request_id=request_id, at=now.wall, devices=entries)

@@ -580,3 +580,13 @@ def test_a_failed_forward_frees_its_place() -> None:
     desk.commit(error="disk I/O error")
     desk.send(IMPORT_SUPPLIER, read(1))
     assert desk.commands(desk.commit()) == [TOPICS.command(METER)]
+
+
+def test_a_forward_routed_again_after_a_restart_takes_no_second_place() -> None:
+    desk = Desk(max_forwards_per_user=1)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.restart()
+    again = desk.send(IMPORT_SUPPLIER, read(1), redelivered=True)
+    assert desk.commands(again) == [TOPICS.command(METER)]
+    desk.device_says(METER, meter_reading_answer(1))
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(2))) == [TOPICS.command(METER)]
