@@ -45,7 +45,7 @@ from rules.codes import ResponseCode
 from rules.domain import DeviceType, Eui, RequestId
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate
-from simulator.mosquitto import Mosquitto
+from simulator.mosquitto import Mosquitto, shipped_limits
 from simulator.traffic import load_templates, render
 
 if TYPE_CHECKING:
@@ -54,23 +54,12 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "faults.json"
-DEPLOY_CONFIG = ROOT / "deploy" / "mosquitto.conf"
-SHIPPED_LIMITS = ("max_packet_size", "max_inflight_messages", "max_queued_messages")
 SRV = "4.8.1"
 QUIET = 200
 QUIET_RATE = 20.0
 GUARD_SECONDS = 300.0
 SR = "{http://www.dccinterface.co.uk/ServiceUserGateway}"
 FIRST = frozenset({ResponseCode.ACKNOWLEDGED.value, ResponseCode.GATEWAY_BUSY.value})
-
-
-def shipped_limits() -> dict[str, str]:
-    limits: dict[str, str] = {}
-    for line in DEPLOY_CONFIG.read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key in SHIPPED_LIMITS:
-            limits[key] = value.strip()
-    return limits
 
 
 def header(payload: bytes) -> tuple[str, str]:

@@ -11,13 +11,13 @@ import os
 import pwd
 import shutil
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from simulator.server import LocalServer, ServerError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from pathlib import Path
 
 _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -30,8 +30,26 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
 }
 
 
+# The broker limits of the shipped configuration that tests and benchmarks run with.
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto.conf"
+SHIPPED_LIMITS = ("max_packet_size", "max_inflight_messages", "max_queued_messages")
+
+
 class MosquittoError(ServerError):
     pass
+
+
+def shipped_limits(config: Path = SHIPPED_CONFIG) -> dict[str, str]:
+    """SHIPPED_LIMITS as deploy/mosquitto.conf sets them (its listeners and accounts are not taken)."""
+    limits: dict[str, str] = {}
+    for line in config.read_text(encoding="utf-8").splitlines():
+        key, _, value = line.partition(" ")
+        if key in SHIPPED_LIMITS:
+            limits[key] = value.strip()
+    missing = set(SHIPPED_LIMITS) - set(limits)
+    if missing:
+        raise MosquittoError(f"{config} does not set {', '.join(sorted(missing))}")
+    return limits
 
 
 def mosquitto_binary() -> str:

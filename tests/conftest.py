@@ -13,14 +13,20 @@ from simulator.postgres import Postgres, PostgresError
 from tests.servers import running
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+def mosquitto_settings() -> Mapping[str, str]:
+    """Config lines for the `mosquitto` fixture's broker; a test module overrides this to change them."""
+    return {}
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path, mosquitto_settings: Mapping[str, str]) -> Iterator[Mosquitto]:
     """A started private Mosquitto (free port on 127.0.0.1, persistence in tmp_path), always stopped."""
-    with running(Mosquitto(tmp_path / "mosquitto")) as broker:
+    with running(Mosquitto(tmp_path / "mosquitto", mosquitto_settings)) as broker:
         yield broker
 
 

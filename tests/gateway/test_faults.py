@@ -14,7 +14,6 @@ import random
 import signal
 import sqlite3
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,7 +22,7 @@ from gateway.daemon import EXIT_STOP_TIMEOUT, EXIT_STORE_CORRUPT
 from gateway.mqtt import MqttTransport
 from gateway.service import GatewayService
 from rules.codes import ResponseCode
-from simulator.mosquitto import Mosquitto, MosquittoError
+from simulator.mosquitto import shipped_limits
 from tests.gateway.messages import CONSUMPTION_SRV, header, request
 from tests.gateway.test_daemon import Answers, Daemon, Estate, estate, gateway_settings, rid
 from tests.gateway.test_inventory import GAS_METER, GAS_SUPPLIER, IMPORT_SUPPLIER, METER
@@ -31,41 +30,23 @@ from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
 from tests.gateway.test_shell import seed
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from simulator.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.broker
 
 __all__ = ["estate"]  # the fixture, used by name below
 
-DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto.conf"
-SHIPPED_LIMITS = ("max_packet_size", "max_inflight_messages", "max_queued_messages")
 # Short, so a test that waits for the stop timeout stays short; the default is 30 s.
 STOP_TIMEOUT_SECONDS = 3.0
 
 
-def shipped_limits() -> dict[str, str]:
-    """The broker limits of the shipped configuration (the listeners and accounts are the test's own)."""
-    limits: dict[str, str] = {}
-    for line in DEPLOY_CONFIG.read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key in SHIPPED_LIMITS:
-            limits[key] = value.strip()
-    assert set(limits) == set(SHIPPED_LIMITS), limits
-    return limits
-
-
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """This module's broker: the private one of tests/conftest.py with the shipped limits."""
-    broker = Mosquitto(tmp_path / "mosquitto", shipped_limits())
-    try:
-        broker.start()
-    except MosquittoError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield broker
-    finally:
-        broker.stop()
+def mosquitto_settings() -> dict[str, str]:
+    """This module's broker (tests/conftest.py) runs with the shipped limits."""
+    return shipped_limits()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ MP169_CODES = {
     "E081507",
     "E081508",
     "E16920",
+    "E16921",
 }
 READER = etree.XMLParser(remove_comments=False, resolve_entities=False, no_network=True)
 
