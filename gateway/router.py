@@ -484,7 +484,9 @@ class Router:
         if step.forwarded is not None:
             # Its pending row went into the store with this commit: it leaves with the next one.
             self._expired.append(request.request_id)
-            self._resolved(request.request_id)
+            if step.counted:
+                self._resolved(request.request_id)
+                step.counted = False
         step.forwarded = None
         self._refuse_before_rules(
             step,
