@@ -68,13 +68,8 @@ class DeviceSession:
     transport: Transport
     flushed: Callable[[], Awaitable[None]]
 
-    def handler(self, shell: Shell, publishing: asyncio.Event) -> Callable[[Message], Awaitable[None]]:
-        """`publishing` is set once the request session, which every answer leaves on, is started:
-        this session starts first (so no device answer finds it unsubscribed), and what it is
-        redelivered at once waits for that."""
-
+    def handler(self, shell: Shell) -> Callable[[Message], Awaitable[None]]:
         async def handle(message: Message) -> None:
-            await publishing.wait()
             await shell.handle(message)
             await self.flushed()
 
@@ -169,12 +164,18 @@ class GatewayService:
             if devices is None:
                 await transport.start(topics.subscriptions(group), shell.handle)
             else:
-                publishing = asyncio.Event()
-                await devices.transport.start(
-                    topics.device_subscriptions(group), devices.handler(shell, publishing)
-                )
-                await transport.start(topics.request_subscriptions(group), shell.handle)
-                publishing.set()
+                # The request session first (every answer leaves on it; a second instance with the
+                # same client id is noticed on it as before), but no request is decided until the
+                # device session is subscribed: no device answer finds it missing.
+                subscribed = asyncio.Event()
+
+                async def handle_request(message: Message) -> None:
+                    await subscribed.wait()
+                    await shell.handle(message)
+
+                await transport.start(topics.request_subscriptions(group), handle_request)
+                await devices.transport.start(topics.device_subscriptions(group), devices.handler(shell))
+                subscribed.set()
         except BaseException:
             # Cancelled by a signal, or the broker refused or stayed unreachable: close what was
             # opened, or the store's thread outlives the event loop ("Event loop is closed").
