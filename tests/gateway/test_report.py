@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import aiosqlite
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -310,6 +310,7 @@ DAYS = ("04-28", "04-29", "04-30", "05-01", "05-02", "05-03", "05-04")
     st.datetimes(datetime(2024, 1, 1), datetime(2024, 12, 31), timezones=st.just(UTC)),  # noqa: DTZ001
     st.timedeltas(timedelta(seconds=1), timedelta(days=40)),
 )
+@example(datetime(2024, 1, 1, tzinfo=UTC), timedelta(hours=1))  # found by hypothesis: charted per minute
 def test_reads_tile_the_period_with_rows_only_for_partial_hours(since, length):
     period = Period(since, since + length)
     reads = plan_reads(period)
@@ -317,6 +318,9 @@ def test_reads_tile_the_period_with_rows_only_for_partial_hours(since, length):
     assert reads[-1].until == period.until
     for before, after in itertools.pairwise(reads):
         assert before.until == after.since
+    if period.granularity is Granularity.MINUTE:  # charted per minute: two hours at most, all rows
+        assert reads == (Read(None, period.since, period.until),)
+        return
     for read in reads:
         assert read.since < read.until
         if read.rollup is None:
