@@ -68,6 +68,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.budget import STAGES, LatencyBudget
 from gateway.config import BrokerSettings, Settings
 from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
@@ -100,6 +101,7 @@ TARGET_ADDED_P99_MS = 5.0
 RELAY, GATEWAY, BASELINE = "relay", "gateway", "baseline"
 GATEWAYS = frozenset({GATEWAY, BASELINE})
 BASELINE_CHECKOUT: list[Path] = []  # set from --baseline
+BUDGET = [False]  # set from --budget
 """BASELINE is the gateway of another checkout (--baseline DIR), e.g. the code before a redesign."""
 # Forwardable traffic only: no flag requests (store reads, answered locally), no bad input.
 MIX = TrafficMix(
@@ -296,10 +298,13 @@ def commit_summary(metrics: Metrics) -> dict[str, float]:
     }
 
 
-async def serve(kind: str, url: str, root: str, *, client_id: str, store: Path, profile: Path | None) -> None:
+async def serve(
+    kind: str, url: str, root: str, *, client_id: str, store: Path, profile: Path | None, budget_on: bool
+) -> None:
     """Run the relay or the gateway until a line arrives on stdin; then report on stdout."""
     configure_logging("warning")
     metrics = Metrics()
+    budget = LatencyBudget() if budget_on else None
     topics = topics_of(root)
     profiler = cProfile.Profile() if profile else None
     service: GatewayService | None = None
@@ -328,7 +333,7 @@ async def serve(kind: str, url: str, root: str, *, client_id: str, store: Path, 
             client_id=settings.gateway.client_id,
             receive_maximum=settings.gateway.inflight_window,
         )
-        service = await GatewayService.start(settings, transport, metrics=metrics)
+        service = await GatewayService.start(settings, transport, metrics=metrics, budget=budget)
     else:
         transport = MqttTransport(BrokerSettings(url=url), client_id, receive_maximum=WINDOW)
         inbound = f"{topics.inbound}/"
@@ -349,6 +354,7 @@ async def serve(kind: str, url: str, root: str, *, client_id: str, store: Path, 
     report = {
         "handler_errors": transport.handler_errors,
         "sqlite": {"committer": commit_summary(metrics)},
+        "budget": budget.table() if budget is not None else {},
     }
     if service is not None:
         await service.stop()
@@ -365,7 +371,15 @@ class Child:
 
     @classmethod
     async def spawn(
-        cls, kind: str, url: str, root: str, *, client_id: str, store: Path, profile: Path | None = None
+        cls,
+        kind: str,
+        url: str,
+        root: str,
+        *,
+        client_id: str,
+        store: Path,
+        profile: Path | None = None,
+        budget: bool = False,
     ) -> Child:
         """Start the child; `ready` waits until it is connected (its pid is known before that)."""
         serves = GATEWAY if kind == BASELINE else kind
@@ -373,6 +387,8 @@ class Child:
         command += ["--root", root, "--client-id", client_id, "--store", str(store)]
         if profile is not None:
             command += ["--profile-to", str(profile)]
+        if budget:
+            command += ["--budget-child"]
         # The baseline runs its own checkout's code (python -m puts the working directory first).
         checkout = BASELINE_CHECKOUT[0] if kind == BASELINE else ROOT
         process = await asyncio.create_subprocess_exec(
@@ -443,6 +459,7 @@ class LatencyRun:
     handler_errors: int
     cpu: dict[str, dict[str, float]]
     sqlite: dict[str, dict[str, float]]
+    budget: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def percentile(ordered: Sequence[int], share: float) -> float:
@@ -548,7 +565,13 @@ class Bench:
         cpu = CpuWindow({})
         try:
             child = await Child.spawn(
-                system, self.broker.url, root, client_id=client_id, store=store, profile=profile
+                system,
+                self.broker.url,
+                root,
+                client_id=client_id,
+                store=store,
+                profile=profile,
+                budget=BUDGET[0] and system == GATEWAY,
             )
             await child.ready()
             cpu.pids = self._pids(child)
@@ -600,6 +623,7 @@ class Bench:
             handler_errors=int(report.get("handler_errors", -1)),
             cpu=cpu.report((sink.last - begin) / 1e9, len(workload)),
             sqlite=report.get("sqlite") or {},
+            budget=report.get("budget") or {},
         )
 
 
@@ -853,6 +877,7 @@ def summary(
             **raw,
             "added": added,
         },
+        "latency_budget": latency_budget(latency_runs),
         "targets": {"ratio": TARGET_RATIO, "added_p99_ms": TARGET_ADDED_P99_MS},
         "meets": {"ratio": ratio >= TARGET_RATIO, "added_p99": added["p99_ms"] < TARGET_ADDED_P99_MS},
         "no_loss": no_loss,
@@ -866,6 +891,19 @@ def summary(
         "bench_seconds": round(seconds, 1),
         "throughput_runs": [asdict(run) for run in throughput_runs],
         "latency_runs": [asdict(run) for run in latency_runs],
+    }
+
+
+def latency_budget(runs: Sequence[LatencyRun]) -> dict[str, dict[str, float]]:
+    """Per stage, the median over the gateway's half-load runs of each run's p50 and p99."""
+    budgets = [run.budget for run in runs if run.system == GATEWAY and run.budget]
+    return {
+        stage: {
+            "p50_ms": round(_median([b[stage]["p50_ms"] for b in budgets]), 4),
+            "p99_ms": round(_median([b[stage]["p99_ms"] for b in budgets]), 4),
+        }
+        for stage in STAGES
+        if budgets and all(stage in b for b in budgets)
     }
 
 
@@ -921,6 +959,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{base.get('p50_ms')} / {base.get('p99_ms')} ms."
             ),
         ]
+    budget = result.get("latency_budget") or {}
+    if budget:
+        lines += ["", "Latency budget of the gateway at half load (gateway/budget.py), ms:", ""]
+        lines += ["| stage | p50 | p99 |", "|---|---:|---:|"]
+        lines += [f"| {stage} | {v['p50_ms']} | {v['p99_ms']} |" for stage, v in budget.items()]
     for regime, profile in (result.get("profile") or {}).items():
         title = (
             f"gateway profile at {regime} (cProfile own time, µs per request; "
@@ -959,6 +1002,12 @@ def main() -> int:
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--budget-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="record the gateway's latency budget per stage in its half-load runs (gateway/budget.py)",
+    )
     args = parser.parse_args()
     if args.serve:
         asyncio.run(
@@ -969,11 +1018,13 @@ def main() -> int:
                 client_id=args.client_id,
                 store=args.store,
                 profile=args.profile_to,
+                budget_on=args.budget_child,
             )
         )
         return 0
     if args.baseline is not None:
         BASELINE_CHECKOUT.append(args.baseline.resolve())
+    BUDGET[0] = args.budget
     quick = args.quick
     args.requests = args.requests or (5000 if quick else 20_000)
     args.rounds = args.rounds or (1 if quick else 5)

@@ -32,6 +32,7 @@ from rules.table import RulesTable, TableError, default_table, load_table
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from gateway.budget import LatencyBudget
     from gateway.config import Settings
     from gateway.store import FlagStore
     from gateway.transport import Message, Transport
@@ -101,9 +102,11 @@ class GatewayService:
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         devices: DeviceSession | None = None,
+        budget: LatencyBudget | None = None,
     ) -> GatewayService:
         """`devices`: a second session for device responses and alerts, so they never wait behind
-        requests at the broker or in `transport`'s in-flight window (`mp169 run` uses one)."""
+        requests at the broker or in `transport`'s in-flight window (`mp169 run` uses one).
+        `budget`: record where each message's time goes (benchmarks only)."""
         table = load_rules(settings)
         store = open_store(settings.store)
         if isinstance(store, SqliteStore):
@@ -156,6 +159,7 @@ class GatewayService:
             monotonic=monotonic,
             member=member,
             retry_seconds=settings.store.retry_seconds,
+            budget=budget,
         )
         shell.start()
         service = cls(settings, store, view, recorder, router, shell, transport, devices, clock, member)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
     from datetime import datetime
 
+    from gateway.budget import LatencyBudget
     from gateway.cluster import ClusterMember
     from gateway.metrics import Metrics
     from gateway.observers import Observer
@@ -85,6 +86,7 @@ class Shell:
         max_batch: int = 512,
         member: ClusterMember | None = None,
         retry_seconds: float = 30.0,
+        budget: LatencyBudget | None = None,
     ) -> None:
         self.router = router
         self._store = store
@@ -95,6 +97,8 @@ class Shell:
         self._monotonic = monotonic
         self._max_batch = max_batch
         self._retry_seconds = retry_seconds
+        self._budget = budget
+        self._feeding: int | None = None  # the ticket whose Received is being fed (for the budget)
         self._tickets = itertools.count()
         self._waiting: dict[int, asyncio.Future[None]] = {}
         # Each commit with the number of publishes queued before it (see `_handed_over`).
@@ -147,9 +151,19 @@ class Shell:
         ticket = next(self._tickets)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[ticket] = done
+        budget = self._budget
         try:
-            self._feed(Received(ticket, message.topic, message.payload, message.redelivered))
+            if budget is None:
+                self._feed(Received(ticket, message.topic, message.payload, message.redelivered))
+            else:
+                budget.received(ticket, time.perf_counter())
+                self._feeding = ticket
+                self._feed(Received(ticket, message.topic, message.payload, message.redelivered))
+                self._feeding = None
+                budget.decided(ticket, time.perf_counter())
             await done
+            if budget is not None:
+                budget.returned(ticket, time.perf_counter())
         except Exception as exc:
             log.exception("handling-failed", topic=message.topic)
             await self._deadletter_now(message, repr(exc))
@@ -200,12 +214,17 @@ class Shell:
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Publish | Acknowledge):
-                if isinstance(effect, Acknowledge) and effect.ticket == self._flag_ticket:
-                    self._flag_ticket = None
+                if isinstance(effect, Acknowledge):
+                    if effect.ticket == self._flag_ticket:
+                        self._flag_ticket = None
+                    if self._budget is not None:
+                        self._budget.released(effect.ticket, time.perf_counter())
                 self._outbox.put_nowait(effect)
                 if isinstance(effect, Publish):
                     self._queued_publishes += 1
             elif isinstance(effect, Commit):
+                if self._budget is not None and self._feeding is not None:
+                    self._budget.committing(self._feeding, effect.batch)
                 self._commits.put_nowait((effect, self._queued_publishes))
             elif isinstance(effect, ReadFlagSubject):
                 self._flag_ticket = effect.ticket
@@ -243,6 +262,8 @@ class Shell:
             plain = [commit for commit, _ in commits]
             batches = tuple(commit.batch for commit in plain)
             started = time.perf_counter()
+            if self._budget is not None:
+                self._budget.commit_started(batches, started)
             try:
                 # E21 answers leave before their forwards leave the store: repeated after a crash, never lost.
                 await self._handed_over(
@@ -255,6 +276,8 @@ class Shell:
                 log.critical("store-commit-failed", error=f"{type(exc).__name__}: {exc}", batch=len(batches))
                 self._feed(CommitFailed(batches, f"{type(exc).__name__}: {exc}"))
             else:
+                if self._budget is not None:
+                    self._budget.commit_done(batches, time.perf_counter())
                 if self._metrics is not None:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
@@ -322,6 +345,8 @@ class Shell:
         done = self._waiting.get(ticket)
         if done is None or done.done():  # its handler was cancelled by a stopping transport
             return
+        if self._budget is not None:
+            self._budget.acknowledged(ticket, time.perf_counter())
         if error is None:
             done.set_result(None)
         else:
