@@ -140,6 +140,20 @@ async def seed(estate: Estate, path: Path) -> RoutingView:
         return await RoutingView.load(store)
 
 
+async def seed_baseline(seed_number: int, premises: int, path: Path) -> None:
+    """The same estate in a store made by the baseline checkout's own code (its schema version)."""
+    script = (
+        "import asyncio, sys; from pathlib import Path; from bench.gateway_mqtt import seed; "
+        "from simulator.estate import generate_estate; "
+        "asyncio.run(seed(generate_estate(int(sys.argv[1]), int(sys.argv[2])), Path(sys.argv[3])))"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(seed_number), str(premises), str(path), cwd=BASELINE_CHECKOUT[0]
+    )
+    if await process.wait() != 0:
+        raise RuntimeError(f"the baseline checkout {BASELINE_CHECKOUT[0]} could not seed its store")
+
+
 def forwardable(estate: Estate, view: RoutingView, seed_number: int, count: int) -> list[Request]:
     """`count` requests of the traffic mix that the packaged rules forward (decided as the router
     does, in stream order, so RequestID counters rise per originator)."""
@@ -483,7 +497,11 @@ class Bench:
         root = f"b{self.runs}"
         store = self.folder / f"{root}.sqlite3"
         if system in GATEWAYS:
-            shutil.copyfile(self.store_template, store)  # a fresh store: RequestID counters from zero
+            # A fresh store (RequestID counters from zero), made by the code that will open it.
+            template = (
+                self.store_template.with_suffix(".baseline") if system == BASELINE else self.store_template
+            )
+            shutil.copyfile(template, store)
         return root, f"{root}-{system}", store
 
     async def _clients(self, root: str, sink: Sink, users: Users) -> tuple[MqttTransport, MqttTransport]:
@@ -754,6 +772,8 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         estate = generate_estate(args.seed, args.premises)
         template = folder / "estate.sqlite3"
         view = await seed(estate, template)
+        if BASELINE_CHECKOUT:
+            await seed_baseline(args.seed, args.premises, template.with_suffix(".baseline"))
         workload = forwardable(estate, view, args.seed, args.requests)
         broker = Mosquitto(folder / "broker", {"max_inflight_messages": str(WINDOW)})
         broker.start()
