@@ -127,11 +127,12 @@ PARSE_ERROR_REASONS: Final[dict[str, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class ParseError:
-    """Why a document was not accepted; `request_id` is set when the Header's RequestID was readable."""
+    """Why a document was not accepted; `request_id` and `srv` are set when the Header's were readable."""
 
     reason: str
     detail: str
     request_id: RequestId | None = None
+    srv: str | None = None
 
 
 _NS: Final = "{" + NAMESPACE + "}"
@@ -583,16 +584,18 @@ def _service_request(  # noqa: C901, PLR0911, PLR0912 - one check per Header fie
     request_id = parse_request_id(request_id_text)
     if request_id is None:
         return _bad_request_id(request_id_text)
+    srv = (srv or "").strip(_XML_BLANKS)  # read now: every later error names the SRV it is for
     if command_variant_text is None:
-        return ParseError("missing-field", "Header/CommandVariant", request_id)
+        return ParseError("missing-field", "Header/CommandVariant", request_id, srv or None)
     command_variant_text = command_variant_text.strip(_XML_BLANKS)
     command_variant = _COMMAND_VARIANTS.get(command_variant_text)
     if command_variant is None:
-        return ParseError("bad-command-variant", _clip(f"{command_variant_text!r} is not 1 to 8"), request_id)
+        return ParseError(
+            "bad-command-variant", _clip(f"{command_variant_text!r} is not 1 to 8"), request_id, srv or None
+        )
     service_reference = (service_reference or "").strip(_XML_BLANKS)
     if not service_reference:
-        return ParseError("missing-field", "Header/ServiceReference", request_id)
-    srv = (srv or "").strip(_XML_BLANKS)
+        return ParseError("missing-field", "Header/ServiceReference", request_id, srv or None)
     if not srv:
         return ParseError("missing-field", "Header/ServiceReferenceVariant", request_id)
     if first_in_sequence is not None and first_in_sequence.strip(_XML_BLANKS) not in _XS_BOOLEAN:
@@ -600,9 +603,9 @@ def _service_request(  # noqa: C901, PLR0911, PLR0912 - one check per Header fie
     if preceding is not None and parse_request_id(preceding) is None:
         return _bad_header(f"PrecedingServiceRequestID {preceding.strip()!r} is not a RequestID")
     if body_element is None:
-        return ParseError("missing-field", "Body content", request_id)
+        return ParseError("missing-field", "Body content", request_id, srv)
     if not body_element:
-        return ParseError("wrong-namespace", "the Body element is not in the DUIS namespace", request_id)
+        return ParseError("wrong-namespace", "the Body element is not in the DUIS namespace", request_id, srv)
     scheduled_srv: str | None = None
     flag = None
     concerned: tuple[Eui, ...] = (request_id.target,)
@@ -610,12 +613,12 @@ def _service_request(  # noqa: C901, PLR0911, PLR0912 - one check per Header fie
         if command_variant == NON_DEVICE_COMMAND_VARIANT:
             named = _named_devices(element)
             if isinstance(named, ParseError):
-                return ParseError(named.reason, named.detail, request_id)
+                return ParseError(named.reason, named.detail, request_id, srv)
             concerned, scheduled_srv = named
         if srv in _FLAG_BODIES:
             parsed_flag = _flag(element, body_element, srv)
             if isinstance(parsed_flag, ParseError):
-                return ParseError(parsed_flag.reason, parsed_flag.detail, request_id)
+                return ParseError(parsed_flag.reason, parsed_flag.detail, request_id, srv)
             flag = parsed_flag
     # Positional: keyword arguments cost a third more on this path (field order is ServiceRequest's).
     return ServiceRequest(

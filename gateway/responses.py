@@ -3,8 +3,11 @@
 Shape (DUIS V5.4 complexType Response): Header with RequestID (absent when the request had no readable
 one), ResponseCode and ResponseDateTime, then Body/ResponseMessage with ServiceReference,
 ServiceReferenceVariant and optional content. The human-readable reason travels as an XML comment at the
-end of the Header, so the document keeps the schema's shape. The gateway does not sign its responses
-(ds:Signature is optional in the schema).
+end of the Header, so the document keeps the schema's shape. Every document is valid against DUIS V5.4,
+or against its MP169 extension where it carries an MP169 code, 8.15 or the inventory flag
+(gateway/schema.py): so an answer needs an SRV the schema defines, and a request whose SRV is not one
+gets no answer (`answerable`), only the dead letter, as DCC sends no DUIS answer to a request that is
+not valid DUIS.
 
 Built from string templates, not a tree: one response is built per request on the hot path. Every value
 is escaped, and characters XML cannot carry are replaced by U+FFFD.
@@ -21,12 +24,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from gateway.schema import service_reference_variants
 from rules.codes import ResponseCode
 from rules.domain import READ_INVENTORY_SRV
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from gateway.duis import ParseError
     from rules.domain import Eui, RequestId
 
 SCHEMA_VERSION: Final = "5.4"
@@ -59,25 +64,47 @@ def response_xml(  # noqa: PLR0913 - keyword-only: the fields of one DUIS respon
     request_id: RequestId | None,
     code: ResponseCode | str,
     service_reference: str | None,
-    srv: str | None,
+    srv: str,
     at: datetime,
     reason: str | None = None,
     payload: bytes | None = None,
 ) -> bytes:
     """An sr:Response answering `request_id` with `code` for `srv`.
 
-    `service_reference` defaults to the SRV's first two components (4.8.1 -> 4.8). Without an SRV (the
-    request had none readable) the Body is left empty: there is nothing to echo. `payload` is an XML
+    `service_reference` defaults to the SRV's first two components (4.8.1 -> 4.8). `payload` is an XML
     fragment in the sr namespace (prefix `sr`) placed after ServiceReferenceVariant.
     """
-    if payload is not None and srv is None:
-        raise ValueError("a response payload needs an SRV: it lives in ResponseMessage")
     head, tail = _frame(
         request_id=request_id, code=code, service_reference=service_reference, srv=srv, at=at, reason=reason
     )
     if payload is None:
         return (head + tail).encode()
     return head.encode() + payload + tail.encode()
+
+
+def answerable(srv: str | None) -> bool:
+    """Can an answer for this SRV be valid DUIS? Only if the schema (with MP169) defines the SRV."""
+    return srv in service_reference_variants()
+
+
+def unreadable_request_answer(error: ParseError, user: Eui, at: datetime) -> bytes | None:
+    """The E4 answer to a request that did not parse, or None where no valid answer can be made.
+
+    Valid needs the RequestID (and it must be the topic user's own: a user is never told about a
+    request in another's name) and an SRV the schema defines, both read from the Header before parsing
+    stopped. The ServiceReference is the SRV's own, not the request's (which may be what was wrong).
+    """
+    if error.request_id is None or error.request_id.originator != user or not answerable(error.srv):
+        return None
+    assert error.srv is not None  # answerable() is False for None
+    return response_xml(
+        request_id=error.request_id,
+        code=ResponseCode.INVALID_REQUEST,
+        service_reference=None,
+        srv=error.srv,
+        at=at,
+        reason=f"{error.reason}: {error.detail}",
+    )
 
 
 def inventory_response_xml(
@@ -126,7 +153,7 @@ def _frame(  # noqa: PLR0913 - the fields of one DUIS response
     request_id: RequestId | None,
     code: ResponseCode | str,
     service_reference: str | None,
-    srv: str | None,
+    srv: str,
     at: datetime,
     reason: str | None,
 ) -> tuple[str, str]:
@@ -139,8 +166,6 @@ def _frame(  # noqa: PLR0913 - the fields of one DUIS response
         f"{_PROLOG}{request_id_element}<sr:ResponseCode>{_escape(str(code))}</sr:ResponseCode>"
         f"<sr:ResponseDateTime>{_date_time(at)}</sr:ResponseDateTime>{comment}</sr:Header><sr:Body>"
     )
-    if srv is None:
-        return head, "</sr:Body></sr:Response>"
     reference = service_reference or service_reference_of(srv)
     head += (
         f"<sr:ResponseMessage><sr:ServiceReference>{_escape(reference)}</sr:ServiceReference>"

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.facts import alert_recipients, inventory_entries, request_facts
 from gateway.flags import evaluate_flag_request
-from gateway.responses import inventory_response_xml, response_xml
+from gateway.responses import answerable, inventory_response_xml, response_xml, unreadable_request_answer
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, decide, decide_device_message
@@ -601,11 +601,9 @@ class Router:
         except ValueError:
             self._deadletter(step, event, "bad-topic", f"topic user is not an EUI-64: {topic_user!r}", now)
             return
-        parsed = parse_request(event.payload, max_bytes=self.settings.max_message_bytes)
-        if isinstance(parsed, ParseError):
-            self._unparseable(step, user, event, parsed, now)
+        request = self._read_request(step, user, event, now)
+        if request is None:
             return
-        request = parsed
         counter_before = self._counters.get(user)
         admission = self._admit(user, request, event.redelivered)
         if admission is Admission.SPOOFED:
@@ -778,23 +776,25 @@ class Router:
             )
         )
 
+    def _read_request(self, step: _Step, user: Eui, event: Received, now: Instant) -> ServiceRequest | None:
+        """The request; None if it is not a DUIS Service Request (dead-lettered, answered where it can be)."""
+        parsed = parse_request(event.payload, max_bytes=self.settings.max_message_bytes)
+        if not isinstance(parsed, ParseError) and not answerable(parsed.srv):
+            # An SRV DUIS does not define: no valid DUIS document can answer it.
+            parsed = ParseError(
+                "unknown-srv", f"SRV {parsed.srv!r} is not one DUIS defines", parsed.request_id
+            )
+        if isinstance(parsed, ParseError):
+            self._unparseable(step, user, event, parsed, now)
+            return None
+        return parsed
+
     def _unparseable(self, step: _Step, user: Eui, event: Received, error: ParseError, now: Instant) -> None:
         self._deadletter(step, event, error.reason, error.detail, now)
-        # The sender of garbage on its own topic still gets a clear DUIS answer.
-        request_id = error.request_id if error.request_id and error.request_id.originator == user else None
-        step.effects.append(
-            Publish(
-                self.topics.out(user),
-                response_xml(
-                    request_id=request_id,
-                    code=ResponseCode.INVALID_REQUEST,
-                    service_reference=None,
-                    srv=None,
-                    at=now.wall,
-                    reason=f"{error.reason}: {error.detail}",
-                ),
-            )
-        )
+        # The sender of garbage on its own topic still gets a DUIS answer where a valid one can be made.
+        answer = unreadable_request_answer(error, user, now.wall)
+        if answer is not None:
+            step.effects.append(Publish(self.topics.out(user), answer))
         step.effects.append(RequestUnreadable(now.wall, user, error.reason, error.detail))
 
     def _answer(
@@ -934,6 +934,8 @@ class Router:
         originator = request_id.originator
         if verdict.delivery is Delivery.WITHHOLD:
             # The request still gets its one final answer: the refusal, not the data.
+            if response.srv is None:  # decide_device_message withholds by the rule of the SRV
+                raise ValueError(f"response to {request_id} withheld without an SRV")
             payload = response_xml(
                 request_id=request_id,
                 code=ResponseCode.CONSUMER_CHOICE,

@@ -4,8 +4,11 @@ DUIS V5.4 codes are reused where their meaning fits. The codes MP169 needs and D
 (the consumer-choice refusal and the 8.15 flag Service Request outcomes) follow DUIS's own
 numbering patterns: a generic code for a refusal that applies to any SRV, and E<SR><nn> codes
 (E0815nn) for the outcomes of Service Reference 8.15, as DUIS does for E0802nn (8.2) and others.
-They are not in the V5.4 schema's ResponseCode enumeration; a DUIS release implementing MP169
-would add them. The README's "DUIS response codes" table is generated from RESPONSE_CODE_MEANINGS.
+Conditions DUIS has no code for get five-digit E169nn codes, a length DUIS never uses (E16910-E16919:
+signature verification; E16920-E16929: the gateway itself, store and load). None is in the V5.4 schema's ResponseCode
+enumeration: the MP169 extension of the schema (`rules/duis/schema/DUIS Schema V5.4 MP169.xsd`)
+enumerates every one, as a DUIS release implementing MP169 would. The README's "DUIS response codes"
+table is generated from RESPONSE_CODE_MEANINGS.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class ResponseCode(StrEnum):
     FLAG_RADIO_TELESWITCH = "E081506"
     FLAG_NO_WAN = "E081507"
     FLAG_DEVICE_TYPE = "E081508"
+    SIGNATURE_MISSING = "E16910"
+    SIGNATURE_INVALID = "E16911"
+    CERTIFICATE_UNKNOWN = "E16912"
+    SIGNER_NOT_ORIGINATOR = "E16913"
+    CERTIFICATE_NOT_CURRENT = "E16914"
     STORE_FAILED = "E16920"
     GATEWAY_BUSY = "E16921"
 
@@ -85,6 +93,19 @@ RESPONSE_CODE_MEANINGS: dict[ResponseCode, str] = {
         "Flag set refused: network-managed site without WAN coverage, where the meter must communicate."
     ),
     ResponseCode.FLAG_DEVICE_TYPE: "Flag request refused: only an ESME or GSME carries the flag.",
+    ResponseCode.SIGNATURE_MISSING: "The Service Request carries no XML signature (ds:Signature).",
+    ResponseCode.SIGNATURE_INVALID: (
+        "The Service Request's XML signature does not verify, or is not DUIS's form (enveloped, "
+        "exclusive C14N, ECDSA P-256 with SHA-256, one Reference URI=\"\", X509IssuerSerial)."
+    ),
+    ResponseCode.CERTIFICATE_UNKNOWN: (
+        "The signing certificate named by X509IssuerSerial is not in the gateway's certificate library."
+    ),
+    ResponseCode.SIGNER_NOT_ORIGINATOR: (
+        "The signing certificate belongs to another organisation: its EUI (x500UniqueIdentifier) is "
+        "not the RequestID originator."
+    ),
+    ResponseCode.CERTIFICATE_NOT_CURRENT: "The signing certificate has expired or is not yet valid.",
     ResponseCode.STORE_FAILED: (
         "The gateway could not make the request durable (store failure): it was not acted on and left "
         "no trace; send it again."

@@ -36,13 +36,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from gateway.duis import ParseError, parse_device_message, parse_request, parse_request_id
+from gateway.duis import ParseError, parse_device_message, parse_request
+from gateway.responses import answerable
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.domain import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
@@ -198,26 +198,13 @@ def deadletter_original(payload: bytes) -> bytes:
         return payload
 
 
-_ANSWER_HEADER = re.compile(
-    rb"<sr:Header>(?:<sr:RequestID>([^<]*)</sr:RequestID>)?<sr:ResponseCode>([^<]*)</sr:ResponseCode>"
-)
-
-
-def read_answer(payload: bytes) -> DeviceMessage | ParseError:
-    """An answer on dsp/out: a device message, or the gateway's own answer with an empty Body.
-
-    The gateway answers unreadable input (no SRV to echo) with a Header and an empty Body, which
-    parse_device_message rightly refuses as a device message; its Header is all the checks need.
-    """
-    message = parse_device_message(payload)
-    if not isinstance(message, ParseError):
-        return message
-    header = _ANSWER_HEADER.search(payload)
-    if header is None:
-        return message
-    request_id = parse_request_id(header.group(1).decode()) if header.group(1) is not None else None
-    code = header.group(2).decode()
-    return DeviceMessage(DeviceMessageKind.RESPONSE, code, request_id, None, None, raw=payload)
+def read_request(payload: bytes) -> ServiceRequest | ParseError:
+    """A request as the gateway reads it: one whose SRV DUIS does not define is not a Service Request
+    (it is dead-lettered, unanswered, as no valid DUIS document can answer it)."""
+    parsed = parse_request(payload)
+    if isinstance(parsed, ParseError) or answerable(parsed.srv):
+        return parsed
+    return ParseError("unknown-srv", f"SRV {parsed.srv!r} is not one DUIS defines", parsed.request_id)
 
 
 def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
@@ -232,7 +219,7 @@ def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
     for index, event in enumerate(events):
         if event.kind is EventKind.REQUEST:
             user = _topic_eui(event.topic, -1)
-            parsed = parse_request(event.payload)
+            parsed = read_request(event.payload)
             requests.append(RequestRecord(index, event.t, user, event.payload, event.scenario, parsed))
         elif event.kind is EventKind.COMMAND:
             device = _topic_eui(event.topic, depth)
@@ -246,7 +233,9 @@ def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
             )
         elif event.kind is EventKind.ANSWER:
             user = _topic_eui(event.topic, -1)
-            answers.append(MessageRecord(index, event.t, user, event.payload, read_answer(event.payload)))
+            answers.append(
+                MessageRecord(index, event.t, user, event.payload, parse_device_message(event.payload))
+            )
         elif event.kind is EventKind.DEADLETTER:
             deadletters.append((index, event.t, deadletter_original(event.payload)))
     by_key: dict[str, list[MessageRecord]] = defaultdict(list)

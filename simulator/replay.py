@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gateway.duis import ParseError, parse_request
+from gateway.duis import ParseError, parse_device_message
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.domain import DeviceMessage, DeviceMessageKind
@@ -39,7 +39,7 @@ from simulator.invariants import (
     check_analysis,
     classify,
     deadletter_original,
-    read_answer,
+    read_request,
 )
 from simulator.recording import InventoryChange, StreamItem
 
@@ -134,7 +134,7 @@ class _Tracker:
 
     def expect(self, topic: str, payload: bytes) -> None:
         user = topic.rsplit("/", 1)[-1]
-        parsed = parse_request(payload)
+        parsed = read_request(payload)
         self.expected += 1
         self.remaining += 1
         self.done.clear()
@@ -154,7 +154,7 @@ class _Tracker:
             return
         if kind is not EventKind.ANSWER:
             return
-        message = read_answer(payload)
+        message = parse_device_message(payload)
         if isinstance(message, ParseError) or message.kind is not DeviceMessageKind.RESPONSE:
             return
         user = topic.rsplit("/", 1)[-1]

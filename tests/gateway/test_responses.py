@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import pytest
@@ -13,51 +12,32 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway.duis import NAMESPACE, parse_device_message
-from gateway.responses import InventoryEntry, inventory_response_xml, response_xml, service_reference_of
+from gateway.duis import NAMESPACE, ParseError, parse_device_message
+from gateway.responses import (
+    InventoryEntry,
+    answerable,
+    inventory_response_xml,
+    response_xml,
+    service_reference_of,
+    unreadable_request_answer,
+)
+from gateway.schema import SCHEMA_DIR, DuisSchema, Validity, load_schema, validate
 from rules.codes import ResponseCode
 from rules.domain import DeviceMessage, DeviceMessageKind, Eui, RequestId
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "duis" / "schema"
 SR = "{" + NAMESPACE + "}"
 REQUEST_ID = RequestId(Eui("90-B3-D5-1F-30-01-00-00"), Eui("00-DB-12-34-56-78-90-A0"), 1234)
 AT = datetime(2026, 3, 1, 12, 30, 5, 250_000, tzinfo=UTC)
-MP169_CODES = {
-    "E169",
-    "E081501",
-    "E081502",
-    "E081503",
-    "E081504",
-    "E081505",
-    "E081506",
-    "E081507",
-    "E081508",
-    "E16920",
-    "E16921",
-}
 READER = etree.XMLParser(remove_comments=False, resolve_entities=False, no_network=True)
 
 
-def load_duis_schema(directory: Path) -> etree.XMLSchema:
-    """The DUIS V5.4 schema, from copies whose names have no spaces (lxml does not resolve the import of
-    'MMC Schema V5.4.xsd' otherwise)."""
-    for source in SCHEMA_DIR.iterdir():
-        text = source.read_bytes().replace(
-            b'schemaLocation="MMC Schema V5.4.xsd"', b'schemaLocation="MMC.xsd"'
-        )
-        target = {"DUIS Schema V5.4.xsd": "DUIS.xsd", "MMC Schema V5.4.xsd": "MMC.xsd"}.get(
-            source.name, source.name
-        )
-        (directory / target).write_bytes(text)
-    return etree.XMLSchema(etree.parse(str(directory / "DUIS.xsd")))
-
-
 @pytest.fixture(scope="module")
-def schema(tmp_path_factory: pytest.TempPathFactory) -> etree.XMLSchema:
-    return load_duis_schema(tmp_path_factory.mktemp("duis-schema"))
+def schema() -> etree.XMLSchema:
+    """Plain DUIS V5.4."""
+    return load_schema(DuisSchema.V54)
 
 
 def schema_errors(schema: etree.XMLSchema, document: bytes) -> list[str]:
@@ -78,11 +58,6 @@ def v54_response_codes() -> set[str]:
 
 STANDARD_CODES = [code for code in ResponseCode if code.value in v54_response_codes()]
 EXTENSION_CODES = [code for code in ResponseCode if code.value not in v54_response_codes()]
-
-
-def test_the_codes_outside_duis_v54_are_exactly_the_mp169_ones() -> None:
-    assert {code.value for code in EXTENSION_CODES} == MP169_CODES
-    assert len(STANDARD_CODES) + len(EXTENSION_CODES) == len(ResponseCode)
 
 
 @pytest.mark.parametrize("code", STANDARD_CODES)
@@ -108,6 +83,7 @@ def test_responses_with_mp169_codes_differ_only_in_the_code(
     assert schema_errors(schema, document) == ["Element 'ResponseCode'"]
     standard = document.replace(f">{code.value}<".encode(), b">E4<")
     assert schema_errors(schema, standard) == []
+    assert validate(document) == Validity(valid=True, schema=DuisSchema.MP169)
 
 
 def test_flag_request_answers_add_only_the_8_15_numbers(schema: etree.XMLSchema) -> None:
@@ -119,6 +95,7 @@ def test_flag_request_answers_add_only_the_8_15_numbers(schema: etree.XMLSchema)
         "Element 'ServiceReference'",
         "Element 'ServiceReferenceVariant'",
     ]
+    assert validate(document).valid
 
 
 def test_the_response_shape(schema: etree.XMLSchema) -> None:
@@ -160,14 +137,51 @@ def test_a_response_reads_back_as_the_device_message_it_describes() -> None:
     )
 
 
-def test_without_request_id_or_srv(schema: etree.XMLSchema) -> None:
+def test_without_request_id(schema: etree.XMLSchema) -> None:
     no_request_id = response_xml(request_id=None, code="E4", service_reference="4.8", srv="4.8.1", at=AT)
     assert schema_errors(schema, no_request_id) == []
     assert b"RequestID" not in no_request_id
-    # Nothing readable to echo: an empty Body, the one shape outside the schema (Body needs a choice).
-    nothing = response_xml(request_id=None, code="E4", service_reference=None, srv=None, at=AT, reason="x")
-    assert etree.fromstring(nothing, READER)[1].tag == f"{SR}Body"
-    assert len(etree.fromstring(nothing, READER)[1]) == 0
+
+
+USER = REQUEST_ID.originator
+
+
+@pytest.mark.parametrize("srv", ["4.8.1", "8.15.1"])
+def test_an_unreadable_request_with_a_request_id_and_a_duis_srv_gets_a_valid_e4(srv: str) -> None:
+    error = ParseError("missing-field", "Body content", REQUEST_ID, srv)
+    answer = unreadable_request_answer(error, USER, AT)
+    assert answer is not None
+    assert validate(answer).valid
+    root = etree.fromstring(answer, READER)
+    assert [root[0][0].text, root[0][1].text] == [str(REQUEST_ID), "E4"]
+    assert root[1][0][1].text == srv
+    assert root[1][0][0].text == service_reference_of(srv)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ParseError("not-well-formed", "truncated"),
+        ParseError("missing-field", "Header/ServiceReferenceVariant", REQUEST_ID),
+        ParseError("unknown-srv", "SRV '99.9.9'", REQUEST_ID, "99.9.9"),
+        ParseError(
+            "missing-field",
+            "Body content",
+            RequestId(Eui("90-B3-D5-1F-30-01-00-09"), REQUEST_ID.target, 7),
+            "4.8.1",
+        ),
+    ],
+    ids=["nothing-readable", "no-srv", "srv-not-duis", "someone-elses-request-id"],
+)
+def test_no_answer_where_no_valid_one_can_be_made(error: ParseError) -> None:
+    assert unreadable_request_answer(error, USER, AT) is None
+
+
+def test_answerable_srvs_are_the_schemas() -> None:
+    assert answerable("4.8.1")
+    assert answerable("8.15.2")
+    assert not answerable("99.9.9")
+    assert not answerable(None)
 
 
 def test_payload_sits_after_the_srv() -> None:
@@ -178,13 +192,11 @@ def test_payload_sits_after_the_srv() -> None:
     message = etree.fromstring(document, READER)[1][0]
     assert [child.tag for child in message][-1] == f"{SR}DSPScheduleID"
     assert message[-1].text == "42"
-    with pytest.raises(ValueError, match="needs an SRV"):
-        response_xml(request_id=None, code="E4", service_reference=None, srv=None, at=AT, payload=payload)
 
 
 def test_naive_times_are_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
-        response_xml(request_id=None, code="E4", service_reference=None, srv=None, at=datetime(2026, 1, 1))  # noqa: DTZ001
+        response_xml(request_id=None, code="E4", service_reference=None, srv="4.8.1", at=datetime(2026, 1, 1))  # noqa: DTZ001
 
 
 @pytest.mark.parametrize(
@@ -241,6 +253,7 @@ EXTENSION = re.compile(rb"<sr:ReducedCommunications(\w+)>[^<]*</sr:ReducedCommun
 def test_inventory_follows_dsp_inventory_plus_the_mp169_flag(schema: etree.XMLSchema) -> None:
     document = inventory_response_xml(request_id=REQUEST_ID, at=AT, devices=ENTRIES)
     assert schema_errors(schema, EXTENSION.sub(b"", document)) == []
+    assert validate(document) == Validity(valid=True, schema=DuisSchema.MP169)
     root = etree.fromstring(document, READER)
     assert root[0][1].text == "I0"
     inventory = root.find(f"{SR}Body/{SR}ResponseMessage/{SR}DSPInventory")

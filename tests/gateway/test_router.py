@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -267,15 +268,30 @@ def test_the_flag_and_the_counters_survive_a_restart(desk: Desk) -> None:
         (b"\xff\xfe garbage", "invalid-encoding"),
     ],
 )
-def test_bad_input_is_dead_lettered_with_its_reason_and_answered(
-    desk: Desk, payload: bytes, reason: str
-) -> None:
+def test_bad_input_is_dead_lettered_with_its_reason(desk: Desk, payload: bytes, reason: str) -> None:
     out = desk.send(IMPORT_SUPPLIER, payload)
     letters = [json.loads(p.payload) for p in out if p.topic == TOPICS.deadletter]
     assert len(letters) == 1
     assert letters[0]["reason"] == reason
     assert base64.b64decode(letters[0]["payload_base64"]) == payload
+    # No RequestID to answer: no valid DUIS answer can be made, the dead letter is the only trace.
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == []
+
+
+def test_an_unparseable_request_with_a_readable_header_is_answered_e4(desk: Desk) -> None:
+    payload = re.sub(rb"(?s)<sr:Body>.*</sr:Body>", b"<sr:Body/>", read(5))
+    out = desk.send(IMPORT_SUPPLIER, payload)
+    assert [json.loads(p.payload)["reason"] for p in out if p.topic == TOPICS.deadletter] == ["missing-field"]
     assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.INVALID_REQUEST]
+
+
+def test_a_request_for_an_srv_duis_lacks_is_dead_lettered_unanswered(desk: Desk) -> None:
+    payload = read(5).replace(b">4.8.1<", b">99.9.9<")
+    assert payload != read(5)
+    out = desk.send(IMPORT_SUPPLIER, payload)
+    assert [json.loads(p.payload)["reason"] for p in out if p.topic == TOPICS.deadletter] == ["unknown-srv"]
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == []
+    assert desk.commands(out) == []
 
 
 @settings(max_examples=30, deadline=None)

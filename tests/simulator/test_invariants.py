@@ -244,7 +244,7 @@ def test_d_accepts_a_dead_letter_or_an_error_answer():
     log.raw_request(b"\x00garbage")
     log.deadletter(b"\x00garbage")
     log.raw_request(b"<not-closed", scenario="malformed/truncated")
-    log.answer(None, "E4", None, user=SUPPLIER)
+    log.answer(None, "E4", "4.8.1", user=SUPPLIER)
     unknown, _ = log.request("4.6.1", 1, scenario="malformed/unknown-srv")
     log.answer(unknown, "E4", "4.6.1")
     result = check_malformed_handled(log.analysis())
@@ -257,7 +257,7 @@ def test_d_fails_when_malformed_input_is_ignored_or_reaches_a_device():
     log = Log()
     log.raw_request(b"\x00garbage")
     log.deadletter(b"something else")
-    log.answer(None, "E4", None, user=OTHER)  # another user's answer does not count
+    log.answer(None, "E4", "4.8.1", user=OTHER)  # another user's answer does not count
     result = check_malformed_handled(log.analysis())
     assert not result.passed
     assert "no dead letter" in result.counterexamples[0]
