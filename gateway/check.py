@@ -1,7 +1,9 @@
 """`mp169 check`: decide DUIS Service Request files offline, as the gateway would, one JSON line per file.
 
 Every device a request concerns is taken as known, SMETS2 and Commissioned, and flagged iff `--flagged`;
-the requester's roles are checked only when `--roles` is given.
+the requester's roles are checked only when `--roles` is given. The decision is the one for a verified
+signature; `signature` says whether it is (against `--certs DIR`, else the configured certificate
+library, as `mp169 verify`), and `signature_code` what the gateway would answer if not.
 A file that cannot be read or parsed is a `reject` with the reason; the exit status is 1 if any file
 was rejected, else 0. `-` reads one document from standard input (reported as file "-").
 """
@@ -14,17 +16,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.config import GatewaySettings
+from gateway.config import ConfigError, GatewaySettings
 from gateway.duis import DEFAULT_MAX_BYTES, ParseError, parse_request
+from gateway.signing import CertificateError, verify
+from gateway.verify import library_from, signature_fields
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
 from rules.domain import DeviceStatus, DeviceType, Eui, Role, parse_eui
 from rules.table import default_table
 
 if TYPE_CHECKING:
+    from gateway.signing import CertificateLibrary
     from rules.table import RulesTable
 
 EXIT_REJECTED = 1
+EXIT_USAGE = 2
 DEFAULT_DCC_EUI = parse_eui(str(GatewaySettings.model_fields["dcc_eui"].default))
 
 
@@ -47,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="the requester's User Roles, e.g. 'IS GS' or IS,GS (default: roles not checked)",
     )
+    parser.add_argument("--certs", type=Path, metavar="DIR", help="directory of organisation certificates")
     parser.add_argument(
         "--dcc-eui",
         type=_eui,
@@ -73,6 +80,11 @@ def _eui(text: str) -> Eui:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        library = library_from(args.certs)
+    except (CertificateError, ConfigError, OSError) as exc:
+        sys.stderr.write(f"mp169 check: {exc}\n")
+        return EXIT_USAGE
     table = default_table()
     rejected = False
     for path in args.files:
@@ -88,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 flagged=args.flagged,
                 roles=args.roles,
                 dcc_eui=args.dcc_eui,
+                library=library,
             )
         rejected = rejected or outcome["decision"] == Action.REJECT.value
         sys.stdout.write(json.dumps(outcome) + "\n")
@@ -112,11 +125,13 @@ def check(  # noqa: PLR0913 - keyword-only: the assumptions the offline decision
     flagged: bool,
     roles: frozenset[Role] | None,
     dcc_eui: Eui,
+    library: CertificateLibrary,
 ) -> dict[str, object]:
-    """The decision for one request document, as a JSON-ready mapping (pure)."""
+    """The decision for one request document, as a JSON-ready mapping (pure but for the clock)."""
     request = parse_request(data)
     if isinstance(request, ParseError):
         return _rejected(name, request)
+    verification = verify(data, library)
     # The device type does not change a routing decision (the flag handler, not decide, checks it).
     devices = {
         eui: DeviceFacts(
@@ -143,6 +158,8 @@ def check(  # noqa: PLR0913 - keyword-only: the assumptions the offline decision
         "response_code": decision.response_code.value,
         "reason": decision.reason,
         "detail": decision.detail,
+        "signature": signature_fields(verification),
+        "signature_code": None if verification.code is None else verification.code.value,
     }
 
 
@@ -161,4 +178,6 @@ def _rejected(name: str, error: ParseError) -> dict[str, object]:
         "response_code": ResponseCode.INVALID_REQUEST.value,
         "reason": error.reason,
         "detail": error.detail,
+        "signature": None,
+        "signature_code": None,
     }

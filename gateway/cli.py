@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "gateway.admin",  # mp169 inventory import, users import, flags show
     "gateway.daemon",  # mp169 run
     "gateway.report.cli",  # mp169 report
+    "gateway.pki",  # mp169 pki init
+    "gateway.verify",  # mp169 verify
     "simulator.cli",  # mp169 simulate ..., record, replay
     "simulator.demo",  # mp169 demo
 )

@@ -167,6 +167,20 @@ class OutcomeSettings(_Section):
     retention_days: Annotated[int, Field(ge=1)] = 400
 
 
+class SigningSettings(_Section):
+    """XML signatures (gateway/signing.py). Empty paths: the packaged DCC Boxed test material
+    (rules/duis/smki-test/), so DCC's sample users verify out of the box."""
+
+    certificates: str = ""
+    """Directory of organisation certificates (*.pem): the certificate library requests are verified by."""
+    dsp_key: str = ""
+    """The DSP's XML-signing private key (PKCS#8, DER or PEM): every document sent to users is signed."""
+    dsp_certificate: str = ""
+    """The certificate of `dsp_key`: its issuer and serial go in each signature's KeyInfo."""
+    verify: bool = True
+    """False skips request verification (benchmarks only): the daemon warns at start and a metric shows it."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -175,6 +189,7 @@ class Settings(BaseModel):
     gateway: GatewaySettings = GatewaySettings()
     store: StoreSettings = StoreSettings()
     outcomes: OutcomeSettings = OutcomeSettings()
+    signing: SigningSettings = SigningSettings()
 
     @model_validator(mode="after")
     def _shared_group_needs_postgres(self) -> Settings:

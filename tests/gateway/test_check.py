@@ -10,6 +10,7 @@ import pytest
 
 from gateway import cli
 from gateway.check import EXIT_REJECTED
+from gateway.signing import PACKAGED_PKI, OrgCertificate, SigningKey, sign
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 REQUESTS = RULES / "duis" / "requests"
@@ -31,6 +32,8 @@ FIELDS = {
     "response_code",
     "reason",
     "detail",
+    "signature",
+    "signature_code",
 }
 
 
@@ -69,7 +72,42 @@ def test_unflagged_samples_are_forwarded(capsys: pytest.CaptureFixture[str]) -> 
         "response_code": "I99",
         "reason": "forwarded",
         "detail": "",
+        # DCC's templates carry placeholder signatures: the gateway would answer E16912.
+        "signature": {
+            "valid": False,
+            "signer": None,
+            "serial": "1234567890",
+            "reason": "certificate-unknown",
+            "detail": "no certificate CN=U1, OU=07 / 1234567890 in the library",
+        },
+        "signature_code": "E16912",
     }
+
+
+def test_a_signed_request_is_reported_verified(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    signed = tmp_path / "signed.xml"
+    signed.write_bytes(sign(PROFILE.read_bytes(), *supplier_credentials()))
+    status, [row] = run(capsys, signed)
+    assert status == 0
+    assert row["signature"] == {
+        "valid": True,
+        "signer": "90-B3-D5-1F-30-01-00-00",
+        "serial": str(supplier_credentials()[1].serial),
+        "reason": "verified",
+        "detail": "signed by 90-B3-D5-1F-30-01-00-00",
+    }
+    assert row["signature_code"] is None
+    # Against a library without the signer's certificate.
+    (tmp_path / "empty").mkdir()
+    _, [row] = run(capsys, "--certs", tmp_path / "empty", signed)
+    assert row["signature_code"] == "E16912"
+
+
+def supplier_credentials() -> tuple[SigningKey, OrgCertificate]:
+    name = PACKAGED_PKI / "xml-sign-90B3D51F30010000-ds"
+    return SigningKey.from_file(name.with_suffix(".key")), OrgCertificate.from_pem(
+        name.with_suffix(".pem").read_bytes()
+    )
 
 
 def test_flagged_consumption_requests_are_refused_and_the_rest_forwarded(
