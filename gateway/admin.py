@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 
-from gateway.config import ConfigError, Configuration, StoreSettings, load_configuration
+from gateway.config import ConfigError, Configuration, StoreSettings, load_configuration, load_settings
 from gateway.inventory import InventoryFileError, parse_inventory, parse_users
 from gateway.options import config_option
+from gateway.signing import PACKAGED_PKI, CertificateError, certificate_library
 from gateway.storage import open_store
 from gateway.terminal import Column, FittedTable, print_fitted
 from rules.codes import ResponseCode
@@ -103,7 +104,27 @@ def import_inventory(args: argparse.Namespace) -> int:
 
 
 def import_users(args: argparse.Namespace) -> int:
-    return _import(args, "users", parse_users, lambda store, records: store.upsert_users(records))
+    return _import(
+        args, "users", parse_users, lambda store, records: store.upsert_users(records), _report_certificates
+    )
+
+
+def _report_certificates(args: argparse.Namespace, users: list[UserRecord]) -> None:
+    """Where each user's certificate comes from: the configured library, by the EUI in the certificate."""
+    settings = load_settings(args.config).signing
+    try:
+        library = certificate_library(settings)
+    except (CertificateError, OSError) as exc:
+        _error(f"signing.certificates: {exc}")
+        return
+    source = settings.certificates or str(PACKAGED_PKI)
+    missing = [user.user_id for user in users if not library.for_eui(user.user_id)]
+    sys.stdout.write(
+        f"certificates from {source}: {len(users) - len(missing):,} of {len(users):,} users have one\n"
+    )
+    if missing:
+        shown = ", ".join(missing[:_SHOWN_PROBLEMS]) + (" ..." if len(missing) > _SHOWN_PROBLEMS else "")
+        _error(f"no certificate for {len(missing):,} user(s), whose requests are refused E16912: {shown}")
 
 
 def _import(
@@ -111,6 +132,7 @@ def _import(
     noun: str,
     parse: Callable[[Iterable[str]], list[_Record]],
     upsert: Callable[[FlagStore, list[_Record]], Awaitable[UpsertCounts]],
+    after: Callable[[argparse.Namespace, list[_Record]], None] | None = None,
 ) -> int:
     source: Path = args.file
     try:
@@ -150,6 +172,8 @@ def _import(
         f"{counts.updated:,} updated, {counts.unchanged:,} unchanged\n"
     )
     _warn_dangling(dangling, total)
+    if after is not None:
+        after(args, records)
     return 0
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from gateway import admin
 from gateway.cli import main
+from gateway.pki import init_pki
+from gateway.signing import PACKAGED_PKI
 from gateway.store import CommitBatch, SqliteStore
 from rules.domain import DeviceStatus, Eui, FlagEvent, Tariff
 from simulator.estate import generate_estate, write_estate
@@ -150,7 +152,19 @@ def test_users_import(
 ) -> None:
     users = write(tmp_path, "u.csv", users_csv(USERS))
     assert run("users", "import", str(users), "--config", str(config)) == 0
-    assert f"imported {len(USERS)} users" in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert f"imported {len(USERS)} users" in output.out
+    # The packaged library has DCC's test organisations only: each user is named as having none.
+    assert f"certificates from {PACKAGED_PKI}: 0 of {len(USERS)} users have one" in output.out
+    assert f"no certificate for {len(USERS)} user(s), whose requests are refused E16912" in output.err
+    layout = init_pki(tmp_path / "pki", [user.user_id for user in USERS[:1]])
+    with_certificates = write(
+        tmp_path, "c.toml", config.read_text() + f'[signing]\ncertificates = "{layout.certificates}"\n'
+    )
+    assert run("users", "import", str(users), "--config", str(with_certificates)) == 0
+    output = capsys.readouterr()
+    assert f"1 of {len(USERS)} users have one" in output.out
+    assert f"refused E16912: {', '.join(user.user_id for user in USERS[1:])}" in output.err
     bad = write(tmp_path, "bad.csv", "user_id,roles\n90-B3-D5-1F-30-01-00-01,SUPPLIER\n")
     assert run("users", "import", str(bad), "--config", str(config)) == 1
     assert f"{bad}:2: roles: unknown role 'SUPPLIER'" in capsys.readouterr().err
