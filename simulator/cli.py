@@ -26,6 +26,8 @@ from gateway.options import (
     interactive_configuration,
     interactive_settings,
 )
+from gateway.pki import PkiLayout
+from gateway.signing import CertificateError
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from rules.domain import DeviceRecord, parse_eui
@@ -33,7 +35,7 @@ from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, read_estate, records_from_rows, write_estate
 from simulator.recording import RecordingError, read_recording, record, write_stream
 from simulator.renumber import renumber, stale_requests
-from simulator.replay import ReplayResult, print_summary, replay
+from simulator.replay import ReplayResult, Signatures, print_summary, replay
 from simulator.traffic import TrafficMix, generate_traffic
 
 if TYPE_CHECKING:
@@ -129,6 +131,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="raise the stream's RequestID counters above those the store already accepted "
         "(to replay a stream again into the same store; otherwise its requests are answered E11)",
+    )
+    replayer.add_argument(
+        "--pki",
+        type=Path,
+        metavar="DIR",
+        help="a `mp169 pki init` directory: sign each request with its user's key, verify every answer "
+        "against the DSP's certificate (the answers-signed invariant)",
     )
     replayer.add_argument("--no-progress", action="store_true", help="no progress bar")
     replayer.set_defaults(handler=_replay)
@@ -288,10 +297,11 @@ def _replay(args: argparse.Namespace) -> int:
     if configuration is None:
         return EXIT_USAGE
     settings = configuration.settings
-    recording = _replay_stream(args)
-    if isinstance(recording, str):
-        error("replay", recording)
+    inputs = _replay_stream(args)
+    if isinstance(inputs, str):
+        error("replay", inputs)
         return EXIT_USAGE
+    recording, signatures = inputs
     try:
         # The stream's Change of Supplier rows go to the running gateway's store: never to a new one.
         store_path = configuration.existing_store()
@@ -327,6 +337,7 @@ def _replay(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 topics=topics,
                 console=Console(stderr=True),
+                signatures=signatures,
             ),
             stop,
         )
@@ -345,16 +356,20 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if result.passed else EXIT_INVARIANT_FAILED
 
 
-def _replay_stream(args: argparse.Namespace) -> Recording | str:
-    """The recording to replay, or what is wrong with the arguments."""
+def _replay_stream(args: argparse.Namespace) -> tuple[Recording, Signatures | None] | str:
+    """The recording to replay and the users' keys (--pki), or what is wrong with the arguments."""
     if args.speed is not None and args.speed <= 0:
         return "--speed must be positive"
     if args.window < 0:
         return "--window must not be negative"
     try:
-        return read_recording(args.file)
+        recording = read_recording(args.file)
     except (OSError, RecordingError) as exc:
         return str(exc)
+    try:
+        return recording, None if args.pki is None else Signatures.from_pki(PkiLayout(args.pki))
+    except (OSError, CertificateError) as exc:
+        return f"--pki {args.pki}: {exc}"
 
 
 async def _store_counters(path: Path) -> dict[Eui, int]:

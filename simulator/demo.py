@@ -31,18 +31,22 @@ from gateway.interrupt import EXIT_INTERRUPTED, stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.mqtt import MqttTransport, TransportFailedError
 from gateway.options import DEFAULT_CONNECT_TIMEOUT_SECONDS, EXIT_BROKER, EXIT_USAGE, broker_url_problem
+from gateway.pki import PkiLayout, init_pki
 from gateway.report.compute import Period, Report
 from gateway.report.load import load_report
 from gateway.report.render_text import short_report
 from gateway.service import GatewayService
+from gateway.signed_transport import SigningTransport
+from gateway.signing import dsp_credentials
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport
+from rules.domain import DCC_EUI
 from rules.table import TableError, default_table, load_table
 from simulator.clock import TICK_SECONDS, SimulatedClock
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate, records_from_rows
 from simulator.recording import PublishItem, RecordingError, read_recording, write_stream
-from simulator.replay import ReplayResult, print_summary, replay
+from simulator.replay import ReplayResult, Signatures, print_summary, replay
 from simulator.traffic import TrafficMix, generate_traffic
 
 if TYPE_CHECKING:
@@ -104,9 +108,21 @@ class DemoResult:
     database: Path
 
 
-def demo_settings(database: Path, rules: Path | None = None, broker: str | None = None) -> Settings:
+def demo_settings(
+    database: Path, rules: Path | None = None, broker: str | None = None, pki: PkiLayout | None = None
+) -> Settings:
+    signing = (
+        {}
+        if pki is None
+        else {
+            "certificates": str(pki.certificates),
+            "dsp_key": str(pki.key(DCC_EUI)),
+            "dsp_certificate": str(pki.certificate(DCC_EUI)),
+        }
+    )
     return Settings.model_validate(
         {
+            "signing": signing,
             # A demo leaves no session behind on a real broker (session expiry 0).
             "broker": {"url": broker or BrokerSettings().url, "session_expiry_seconds": 0},
             "store": {"path": str(database)},
@@ -215,12 +231,19 @@ async def _run(
     if options.save_traffic is not None and options.recording is None:
         meta = {"seed": options.seed, "premises": options.premises, "requests": options.requests}
         write_stream(items, options.save_traffic, meta=meta)
+    # A test PKI for the estate: each user signs its requests, the gateway signs every answer.
+    pki = init_pki(database.parent / "pki", [user.user_id for user in estate.users])
 
-    settings = demo_settings(database, options.rules, options.broker)
+    settings = demo_settings(database, options.rules, options.broker, pki)
     connect, clock = _connector(settings, options)
     started = clock.wall()
+    dsp_key, dsp_certificate = dsp_credentials(settings.signing)
+    # Every document to users signed with the DSP key, by the transport until the router's shell does it.
+    gateway_transport = SigningTransport(
+        connect(settings.gateway.client_id), dsp_key, dsp_certificate, outbound=settings.topics.outbound
+    )
     service = await GatewayService.start(
-        settings, connect(settings.gateway.client_id), clock=clock.wall, monotonic=clock.monotonic
+        settings, gateway_transport, clock=clock.wall, monotonic=clock.monotonic
     )
     devices = DeviceSimulator(connect("mp169-devices"), prepared.devices, devices=estate.devices)
     flag_targets = set(_flagged_by(items))
@@ -257,6 +280,7 @@ async def _run(
             console=console,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
+            signatures=Signatures.from_pki(pki),
         )
     finally:
         await devices.stop()

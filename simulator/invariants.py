@@ -41,8 +41,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from lxml import etree
+
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.responses import answerable
+from gateway.signing import DS, parse_document, verify
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.domain import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
@@ -50,6 +53,8 @@ from rules.table import Category, RulesTable
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
+
+    from gateway.signing import CertificateLibrary
 
 PROTECTED_SRV_CATEGORIES = frozenset({Category.FIRMWARE, Category.SECURITY, Category.SAFETY, Category.SUPPLY})
 PROTECTED_ALERT_CATEGORIES = PROTECTED_SRV_CATEGORIES | {Category.POWER_OUTAGE}
@@ -168,6 +173,7 @@ class Analysis:
     """Per device: (from index, to index or None, RequestID of the 8.15.1) intervals of the flag."""
     answers_by_key: Mapping[str, tuple[MessageRecord, ...]]
     answer_indices_by_payload: Mapping[bytes, tuple[int, ...]]
+    """Keyed by `unsigned_content`: a relayed message is the same document once the DSP signed it."""
     command_request_ids: frozenset[str]
     command_payloads: frozenset[bytes]
 
@@ -179,7 +185,11 @@ class Analysis:
         return None
 
     def delivered_after(self, payload: bytes, index: int) -> bool:
-        return any(position > index for position in self.answer_indices_by_payload.get(payload, ()))
+        return any(position > index for position in self.relayed_at(payload))
+
+    def relayed_at(self, payload: bytes) -> tuple[int, ...]:
+        """Where the document `payload` went out on dsp/out (signed or not)."""
+        return self.answer_indices_by_payload.get(unsigned_content(payload), ())
 
 
 def _topic_eui(topic: str, position: int) -> Eui | None:
@@ -196,6 +206,17 @@ def deadletter_original(payload: bytes) -> bytes:
         return base64.b64decode(envelope["payload_base64"], validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error):
         return payload
+
+
+def unsigned_content(payload: bytes) -> bytes:
+    """A document's identity whether or not the DSP signed it on the way out: its canonical form (C14N)
+    without the root's ds:Signature; not-XML payloads are their own identity."""
+    root = parse_document(payload)
+    if isinstance(root, str):
+        return payload
+    for signature in root.findall(f"{{{DS}}}Signature"):
+        root.remove(signature)
+    return etree.tostring(root, method="c14n")
 
 
 def read_request(payload: bytes) -> ServiceRequest | ParseError:
@@ -241,7 +262,7 @@ def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
     by_key: dict[str, list[MessageRecord]] = defaultdict(list)
     by_payload: dict[bytes, list[int]] = defaultdict(list)
     for answer in answers:
-        by_payload[answer.payload].append(answer.index)
+        by_payload[unsigned_content(answer.payload)].append(answer.index)
         message = answer.parsed
         if isinstance(message, DeviceMessage) and message.request_id is not None and answer.eui is not None:
             by_key[f"{answer.eui}|{message.request_id}"].append(answer)
@@ -530,7 +551,7 @@ def check_no_consumption_data_from_flagged(
         found.checked += 1
         # What counts is the flag when the gateway relayed it: its relay of anything it decided
         # after a flag-set follows the set's acknowledgement, and its clear takes effect at its own.
-        for position in analysis.answer_indices_by_payload.get(up.payload, ()):
+        for position in analysis.relayed_at(up.payload):
             flag_request = analysis.flagged_by(up.eui, position) if position > up.index else None
             if flag_request is not None:
                 what = message.alert_code or f"scheduled {message.srv}"
@@ -571,6 +592,20 @@ def check_all(
 ) -> tuple[InvariantResult, ...]:
     analysis = analyse(events, topics)
     return check_analysis(analysis, table, limit=limit)
+
+
+def check_answers_signed(analysis: Analysis, dsp: CertificateLibrary, *, limit: int = 10) -> InvariantResult:
+    """Every document on dsp/out verifies against the DSP's certificate, as DCC's responses do."""
+    found = _Collector(limit)
+    for answer in analysis.answers:
+        found.checked += 1
+        verification = verify(answer.payload, dsp)
+        found.counts[verification.reason] += 1
+        if not verification.valid:
+            found.fail(
+                f"answer at t={answer.t:.3f}s to {answer.eui}: {verification.reason}: {verification.detail}"
+            )
+    return found.result("answers-signed", "every answer to users is signed by the DSP and verifies")
 
 
 def check_analysis(analysis: Analysis, table: RulesTable, *, limit: int = 10) -> tuple[InvariantResult, ...]:

@@ -25,9 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gateway.duis import ParseError, parse_device_message
+from gateway.signing import CertificateLibrary, OrgCertificate, SigningKey, sign
 from gateway.topics import Topics
 from rules.codes import ResponseCode
-from rules.domain import DeviceMessage, DeviceMessageKind
+from rules.domain import DCC_EUI, DeviceMessage, DeviceMessageKind, Eui
 from rules.table import RulesTable, default_table
 from simulator.invariants import (
     ACKNOWLEDGED,
@@ -37,6 +38,7 @@ from simulator.invariants import (
     InvariantResult,
     analyse,
     check_analysis,
+    check_answers_signed,
     classify,
     deadletter_original,
     read_request,
@@ -44,6 +46,7 @@ from simulator.invariants import (
 from simulator.recording import InventoryChange, StreamItem
 
 if TYPE_CHECKING:
+    from gateway.pki import PkiLayout
     from gateway.transport import Message, Transport
 
 ApplyInventory = Callable[[Sequence[Mapping[str, str]]], Awaitable[None]]
@@ -108,6 +111,39 @@ class ReplayResult:
     def passed(self) -> bool:
         """Every invariant held and checked something: a check that saw nothing proves nothing."""
         return all(result.passed and not result.vacuous for result in self.invariants)
+
+
+@dataclass(frozen=True, slots=True)
+class Signatures:
+    """The simulated users' signing credentials, and the library the DSP's answers must verify against."""
+
+    users: Mapping[Eui, tuple[SigningKey, OrgCertificate]]
+    dsp: CertificateLibrary
+
+    def sign(self, topic: str, payload: bytes) -> bytes:
+        """The request signed by the user whose topic it goes to; as it is if that user has no key or
+        the payload is not XML (malformed input is sent as generated)."""
+        credentials = self.users.get(Eui(topic.rsplit("/", 1)[-1]))
+        if credentials is None:
+            return payload
+        try:
+            return sign(payload, *credentials)
+        except ValueError:
+            return payload
+
+    @classmethod
+    def from_pki(cls, layout: PkiLayout, dsp_eui: Eui = DCC_EUI) -> Signatures:
+        """Every user's key and certificate in a `mp169 pki init` directory; the DSP's certificate."""
+        users = {
+            Eui(path.stem): (
+                SigningKey.from_file(path),
+                OrgCertificate.from_pem(layout.certificate(Eui(path.stem)).read_bytes()),
+            )
+            for path in sorted(layout.keys.glob("*.key"))
+            if path.stem != dsp_eui
+        }
+        dsp = OrgCertificate.from_pem(layout.certificate(dsp_eui).read_bytes())
+        return cls(users, CertificateLibrary([dsp]))
 
 
 # -- waiting for answers -------------------------------------------------------------------------
@@ -204,8 +240,10 @@ class _Run:
         monotonic: Callable[[], float],
         bar: Progress,
         sleep: Callable[[float], Awaitable[None]],
+        signatures: Signatures | None,
     ) -> None:
         self.topics = topics
+        self.signatures = signatures
         self.monotonic = monotonic
         self.sleep = sleep
         self.bar = bar
@@ -253,11 +291,11 @@ class _Run:
             elif item.topic.startswith(inbound):
                 if window is not None:
                     await self.tracker.room(window, patience)
-                self.events.append(
-                    Event(self.now(), EventKind.REQUEST, item.topic, item.payload, item.scenario)
-                )
-                self.tracker.expect(item.topic, item.payload)
-                await transport.publish(item.topic, item.payload)
+                # Signed at the point of sending, as a DCC user's adapter does (templates stay unsigned).
+                payload = self.signatures.sign(item.topic, item.payload) if self.signatures else item.payload
+                self.events.append(Event(self.now(), EventKind.REQUEST, item.topic, payload, item.scenario))
+                self.tracker.expect(item.topic, payload)
+                await transport.publish(item.topic, payload)
             else:
                 self.skipped += 1
             self.bar.update(self._publishing, advance=1)
@@ -285,6 +323,7 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
     console: Console | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    signatures: Signatures | None = None,
 ) -> ReplayResult:
     """Publish `items` through `transport`, observe the gateway's reactions, check the invariants.
 
@@ -296,6 +335,8 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
     answer_timeout: seconds to wait, after the last publish, for the answers still due.
     settle_seconds: extra time to keep observing once all are answered (catches duplicate answers).
     before_wait: awaited after the last publish (the demo executes DCC schedules there).
+    signatures: sign each request with its sender's key; verify each answer against the DSP's
+      certificate (the `answers-signed` invariant). None: neither.
     """
     if speed is not None and speed <= 0:
         raise ValueError("speed must be positive (None: as fast as possible)")
@@ -311,7 +352,7 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
         console=console,
         disable=not progress,
     )
-    run = _Run(topics, monotonic, bar, sleep)
+    run = _Run(topics, monotonic, bar, sleep, signatures)
     subscriptions = [
         f"{topics.outbound}/+",
         f"{topics.devices}/+/cmd",
@@ -345,7 +386,10 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
         duration=run.now(),
         completed=run.tracker.remaining <= 0,
     )
-    return ReplayResult(summary, check_analysis(analysis, table), tuple(run.events))
+    invariants = check_analysis(analysis, table)
+    if signatures is not None:
+        invariants = (*invariants, check_answers_signed(analysis, signatures.dsp))
+    return ReplayResult(summary, invariants, tuple(run.events))
 
 
 # -- the summary -----------------------------------------------------------------------------------

@@ -8,7 +8,16 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway.config import SigningSettings
 from gateway.responses import response_xml
+from gateway.signing import (
+    PACKAGED_PKI,
+    CertificateLibrary,
+    OrgCertificate,
+    SigningKey,
+    dsp_credentials,
+    sign,
+)
 from rules.domain import DCC_EUI, Eui, RequestId
 from rules.table import default_table
 from simulator.devices import device_alert_xml
@@ -17,12 +26,14 @@ from simulator.invariants import (
     EventKind,
     analyse,
     check_all,
+    check_answers_signed,
     check_malformed_handled,
     check_no_consumption_data_from_flagged,
     check_no_consumption_to_flagged,
     check_one_final_answer,
     check_protected_traffic_delivered,
     check_spoofed_not_forwarded,
+    unsigned_content,
 )
 from simulator.traffic import load_templates, render
 
@@ -307,3 +318,48 @@ def test_check_all_names_every_invariant():
         "spoofed-not-forwarded",
     ]
     assert all(r.passed for r in results)
+
+
+# -- answers signed by the DSP ----------------------------------------------------------------------
+
+DSP_KEY, DSP_CERTIFICATE = dsp_credentials(SigningSettings())
+DSP_LIBRARY = CertificateLibrary([DSP_CERTIFICATE])
+
+
+def test_answers_signed_holds_when_each_answer_verifies_against_the_dsp() -> None:
+    log = Log()
+    request_id, _ = log.request("4.8.1", 1)
+    log.out(sign(log.answer(request_id, "I99", "4.8.1"), DSP_KEY, DSP_CERTIFICATE))
+    log.events.pop(-2)  # keep only the signed copy of the answer
+    result = check_answers_signed(log.analysis(), DSP_LIBRARY)
+    assert (result.passed, result.checked, result.counts) == (True, 1, {"verified": 1})
+
+
+def test_answers_signed_fails_on_unsigned_and_foreign_answers() -> None:
+    log = Log()
+    request_id, _ = log.request("4.8.1", 1)
+    log.answer(request_id, "I99", "4.8.1")  # unsigned
+    other_key = SigningKey.from_file(PACKAGED_PKI / "xml-sign-90B3D51F30010000-ds.key")
+    other = OrgCertificate.from_pem((PACKAGED_PKI / "xml-sign-90B3D51F30010000-ds.pem").read_bytes())
+    log.out(
+        sign(
+            response_xml(request_id=request_id, code="I0", service_reference=None, srv="4.8.1", at=AT),
+            other_key,
+            other,
+        )
+    )
+    result = check_answers_signed(log.analysis(), DSP_LIBRARY)
+    assert not result.passed
+    assert result.counts == {"signature-missing": 1, "certificate-unknown": 1}
+
+
+def test_a_relayed_message_counts_as_delivered_once_the_dsp_signed_it() -> None:
+    log = Log()
+    payload = alert("8F35", 1)  # a security alert, from a flagged meter
+    log.flag(1)
+    log.up(payload)
+    log.out(sign(payload, DSP_KEY, DSP_CERTIFICATE))
+    result = check_protected_traffic_delivered(log.analysis(), TABLE)
+    assert (result.passed, result.checked) == (True, 1)
+    assert unsigned_content(sign(payload, DSP_KEY, DSP_CERTIFICATE)) == unsigned_content(payload)
+    assert unsigned_content(b"\x00 not xml") == b"\x00 not xml"
