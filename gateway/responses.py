@@ -107,6 +107,16 @@ def unreadable_request_answer(error: ParseError, user: Eui, at: datetime) -> byt
     )
 
 
+def flag_status_payload(device_id: Eui, *, flagged: bool) -> bytes:
+    """The content of an accepted 8.15.1 / 8.15.2 answer: the device's flag after the request."""
+    return (
+        f"<sr:ReducedCommunicationsStatus><sr:DeviceID>{_escape(device_id)}</sr:DeviceID>"
+        "<sr:ReducedCommunicationsConsumerChoice>"
+        f"{'true' if flagged else 'false'}</sr:ReducedCommunicationsConsumerChoice>"
+        "</sr:ReducedCommunicationsStatus>"
+    ).encode()
+
+
 def inventory_response_xml(
     *, request_id: RequestId, at: datetime, devices: Sequence[InventoryEntry]
 ) -> bytes:

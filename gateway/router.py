@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.facts import alert_recipients, inventory_entries, request_facts
 from gateway.flags import evaluate_flag_request
-from gateway.responses import answerable, inventory_response_xml, response_xml, unreadable_request_answer
+from gateway.responses import (
+    answerable,
+    flag_status_payload,
+    inventory_response_xml,
+    response_xml,
+    unreadable_request_answer,
+)
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, decide, decide_device_message
@@ -797,8 +803,15 @@ class Router:
             step.effects.append(Publish(self.topics.out(user), answer))
         step.effects.append(RequestUnreadable(now.wall, user, error.reason, error.detail))
 
-    def _answer(
-        self, user: Eui, request: ServiceRequest, code: ResponseCode, now: Instant, reason: str | None = None
+    def _answer(  # noqa: PLR0913 - the fields of one DUIS response
+        self,
+        user: Eui,
+        request: ServiceRequest,
+        code: ResponseCode,
+        now: Instant,
+        reason: str | None = None,
+        *,
+        payload: bytes | None = None,
     ) -> Publish:
         """A DUIS response to `request` on `user`'s topic."""
         return Publish(
@@ -810,6 +823,7 @@ class Router:
                 srv=request.srv,
                 at=now.wall,
                 reason=reason,
+                payload=payload,
             ),
         )
 
@@ -856,7 +870,12 @@ class Router:
         if verdict.accepted and verdict.changed:
             step.flag_change = (instruction.device_id, instruction.set)
         reason = f"{verdict.reason}: {verdict.detail}"
-        step.effects.append(self._answer(request_id.originator, request, verdict.code, now, reason))
+        status = (
+            flag_status_payload(instruction.device_id, flagged=instruction.set) if verdict.accepted else None
+        )
+        step.effects.append(
+            self._answer(request_id.originator, request, verdict.code, now, reason, payload=status)
+        )
         step.effects.append(
             RequestDecided(
                 at=now.wall,

@@ -16,6 +16,7 @@ from gateway.duis import NAMESPACE, ParseError, parse_device_message
 from gateway.responses import (
     InventoryEntry,
     answerable,
+    flag_status_payload,
     inventory_response_xml,
     response_xml,
     service_reference_of,
@@ -96,6 +97,23 @@ def test_flag_request_answers_add_only_the_8_15_numbers(schema: etree.XMLSchema)
         "Element 'ServiceReferenceVariant'",
     ]
     assert validate(document).valid
+
+
+def test_an_accepted_flag_answer_carries_the_flag_after_the_request() -> None:
+    document = response_xml(
+        request_id=REQUEST_ID,
+        code="I0",
+        service_reference=None,
+        srv="8.15.1",
+        at=AT,
+        payload=flag_status_payload(Eui("00-DB-12-34-56-78-90-A0"), flagged=True),
+    )
+    assert validate(document) == Validity(valid=True, schema=DuisSchema.MP169)
+    status = etree.fromstring(document, READER).find(
+        f"{SR}Body/{SR}ResponseMessage/{SR}ReducedCommunicationsStatus"
+    )
+    assert status is not None
+    assert [child.text for child in status] == ["00-DB-12-34-56-78-90-A0", "true"]
 
 
 def test_the_response_shape(schema: etree.XMLSchema) -> None:
