@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from gateway.duis import parse_request
+from gateway.schema import DuisSchema, load_schema, validate
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
 from rules.domain import DeviceStatus, DeviceType, Eui, ServiceRequest
 from rules.table import default_table
-from tests.gateway.test_responses import load_duis_schema, schema_errors
+from tests.gateway.test_responses import schema_errors
 
 RULES = Path(__file__).resolve().parent.parent / "rules"
 SAMPLES = sorted((RULES / "duis" / "requests").glob("*.XML"))
@@ -113,9 +114,10 @@ def test_flag_request_examples_are_handled_by_the_gateway(path: Path, flagged: b
     assert decision.action is Action.LOCAL
 
 
-def test_flag_request_examples_are_duis_v54_but_for_the_mp169_parts(tmp_path: Path) -> None:
-    schema = load_duis_schema(tmp_path)
+def test_flag_request_examples_are_duis_v54_but_for_the_mp169_parts() -> None:
+    schema = load_schema(DuisSchema.V54)
     for path in FLAG_SAMPLES:
+        assert validate(path.read_bytes()).schema is DuisSchema.MP169
         body = "SetReducedCommunications" if "8.15.1" in path.name else "RemoveReducedCommunications"
         assert schema_errors(schema, path.read_bytes()) == [
             "Element 'ServiceReference'",
