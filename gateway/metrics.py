@@ -106,6 +106,17 @@ class Metrics:
             "Failed attempts to write a batch of outcome records (each retried).",
             registry=self.registry,
         )
+        self.signature_verification = Gauge(
+            "mp169_signature_verification_enabled",
+            "1 if inbound Service Requests' XML signatures are verified; 0 if configuration turned it off.",
+            registry=self.registry,
+        )
+        self.signature_checks = Counter(
+            "mp169_signature_checks",
+            "Inbound Service Requests' signature checks, by result (verified, or why not).",
+            ["result"],
+            registry=self.registry,
+        )
 
         # labels() costs a lock and a dict build per call; the hot path reuses the children.
         self._request_counters: dict[tuple[str, str], Counter] = {}

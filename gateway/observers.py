@@ -141,8 +141,9 @@ class OutcomeObserver:
     def __call__(self, observation: Observation) -> None:
         recorder = self._recorder
         if isinstance(observation, RequestDecided):
-            # A spoofed request is not the claimed originator's: it stays out of that user's outcomes.
-            if observation.admission is Admission.SPOOFED:
+            # A spoofed or unsigned request is not proven the claimed originator's: it stays out of that
+            # user's outcomes.
+            if observation.admission in {Admission.SPOOFED, Admission.UNSIGNED}:
                 return
             request_id = observation.request_id
             recorder.record_decision(

@@ -52,6 +52,7 @@ from rules.domain import FLAG_SRVS, DeviceMessageKind, FlagEvent, ForwardedReque
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from gateway.signing import Verification
     from gateway.view import RoutingView
     from rules.decide import RequestFacts
     from rules.domain import DeviceMessage, DeviceRecord, Eui, RequestId, Role, ServiceRequest
@@ -84,6 +85,8 @@ class Received:
     topic: str
     payload: bytes
     redelivered: bool = False
+    verification: Verification | None = None
+    """The signature check of an inbound Service Request (the shell runs it); None: not checked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,7 @@ class Admission(StrEnum):
     ANSWERED = "answered"  # redelivered within this process: already answered
     DUPLICATE = "duplicate"  # counter not above the originator's highest: refused
     SPOOFED = "spoofed"  # originator is not the topic's user: refused, answered to the topic's user
+    UNSIGNED = "unsigned"  # its signature is not the originator's: refused, answered to the topic's user
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,7 +612,7 @@ class Router:
             self._deadletter(step, event, "bad-topic", f"topic user is not an EUI-64: {topic_user!r}", now)
             return
         request = self._read_request(step, user, event, now)
-        if request is None:
+        if request is None or self._refused_signature(step, user, request, event.verification, now):
             return
         counter_before = self._counters.get(user)
         admission = self._admit(user, request, event.redelivered)
@@ -761,7 +765,8 @@ class Router:
         detail: str,
         now: Instant,
     ) -> None:
-        """Answer a request refused before any rule applies (spoofed originator, repeated RequestID)."""
+        """Answer a request refused before any rule applies (bad signature, spoofed originator, repeated
+        RequestID)."""
         step.effects.append(self._answer(user, request, code, now, f"{reason}: {detail}"))
         step.effects.append(
             RequestDecided(
@@ -781,6 +786,25 @@ class Router:
                 admission=admission,
             )
         )
+
+    def _refused_signature(
+        self, step: _Step, user: Eui, request: ServiceRequest, verification: Verification | None, now: Instant
+    ) -> bool:
+        """Refuse a request whose signature the shell found wanting; False if valid or not checked."""
+        if verification is None or verification.valid:
+            return False
+        # Not proven the originator's: never forwarded, never a flag change, no counter moved.
+        self._refuse_before_rules(
+            step,
+            user,
+            request,
+            admission=Admission.UNSIGNED,
+            code=verification.code or ResponseCode.SIGNATURE_INVALID,
+            reason=verification.reason,
+            detail=verification.detail,
+            now=now,
+        )
+        return True
 
     def _read_request(self, step: _Step, user: Eui, event: Received, now: Instant) -> ServiceRequest | None:
         """The request; None if it is not a DUIS Service Request (dead-lettered, answered where it can be)."""

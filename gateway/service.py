@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from gateway import signing
 from gateway.cluster import ClusterMember
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
@@ -22,6 +26,7 @@ from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.postgres import PostgresStore
 from gateway.router import Router, RouterSettings
 from gateway.shell import Clock, Shell
+from gateway.signing import certificate_library, dsp_credentials
 from gateway.storage import open_store
 from gateway.store import SqliteStore
 from gateway.topics import Topics
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 
     from gateway.budget import LatencyBudget
     from gateway.config import Settings
+    from gateway.signing import Verification
     from gateway.store import FlagStore
     from gateway.transport import Message, Transport
 
@@ -51,6 +57,38 @@ _REQUEST_ID_MEMORY_MIN = timedelta(days=1)
 # SQLite's own wait for a lock held by another process, per attempt; the shell retries beyond it
 # (store.retry_seconds) and logs each retry, so a stall is visible.
 _STORE_BUSY_WAIT_MS = 1000
+
+
+@dataclass(frozen=True)
+class Signatures:
+    """What the shell signs and verifies with, from the [signing] settings (gateway/signing.py)."""
+
+    verify: Callable[[bytes], Verification] | None
+    """None: verification turned off (benchmarks only; warned at start, shown in the metrics)."""
+    sign: Callable[[bytes], bytes]
+    executor: ThreadPoolExecutor
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Signatures:
+        """Reads the certificate library and the DSP's key: a bad file stops the start, naming it."""
+        key, certificate = dsp_credentials(settings.signing)
+        verify: Callable[[bytes], Verification] | None = None
+        if settings.signing.verify:
+            library = certificate_library(settings.signing)
+            verify = functools.partial(
+                signing.verify, library=library, max_bytes=settings.gateway.max_message_bytes
+            )
+            log.info("signature-verification", certificates=len(library), signer=str(certificate.eui))
+        else:
+            log.warning(
+                "signature-verification-off",
+                detail="signing.verify = false: inbound Service Requests are not verified (benchmarks only)",
+            )
+        return cls(
+            verify=verify,
+            sign=functools.partial(signing.sign, key=key, certificate=certificate),
+            executor=ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mp169-xmldsig"),
+        )
 
 
 def load_rules(settings: Settings) -> RulesTable:
@@ -86,6 +124,7 @@ class GatewayService:
     router: Router
     shell: Shell
     transport: Transport
+    signatures: Signatures
     devices: DeviceSession | None = None
     """The session device responses and alerts arrive on, when not `transport`'s."""
     _clock: Clock = utc_now
@@ -149,6 +188,8 @@ class GatewayService:
             counters=await store.load_request_counters(),
             pending=await store.load_pending(),
         )
+        signatures = Signatures.from_settings(settings)
+        metrics.signature_verification.set(1 if signatures.verify is not None else 0)
         shell = Shell(
             router,
             store=store,
@@ -160,9 +201,14 @@ class GatewayService:
             member=member,
             retry_seconds=settings.store.retry_seconds,
             budget=budget,
+            verify=signatures.verify,
+            sign=signatures.sign,
+            executor=signatures.executor,
         )
         shell.start()
-        service = cls(settings, store, view, recorder, router, shell, transport, devices, clock, member)
+        service = cls(
+            settings, store, view, recorder, router, shell, transport, signatures, devices, clock, member
+        )
         group = settings.topics.shared_group
         try:
             if devices is None:
@@ -188,6 +234,7 @@ class GatewayService:
             await shell.stop()
             if member is not None:
                 await member.stop()
+            signatures.executor.shutdown(wait=True)
             await recorder.close()
             await store.close()
             raise
@@ -239,6 +286,7 @@ class GatewayService:
         await self.shell.stop()
         if self.member is not None:
             await self.member.stop()
+        self.signatures.executor.shutdown(wait=True)
         await self.recorder.close()
         await self.store.close()
         log.info("gateway-stopped")

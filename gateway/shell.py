@@ -16,6 +16,12 @@ while its lease is not confirmed, arriving messages wait, in arrival order, unde
 commit that carries a flag request is made alone, and the router hears of it only once every live
 instance has applied its flag epoch, so the supplier's answer leaves after that; and the member
 acknowledges an epoch only after `settled()`: every message decided before it was applied is out.
+XML signatures (gateway/signing.py) are CPU work the shell keeps off the event loop and off the
+router's serial path: with `verify`, each inbound Service Request's signature is checked in the
+executor as soon as it arrives, concurrently with others, and the request reaches the router with its
+`Verification` in arrival order (a message waits only for the messages before it). With `sign`, every
+document published to users is signed in the executor as soon as the router produces it, and handed to
+the transport in the order produced.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
@@ -48,6 +55,7 @@ from rules.domain import utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+    from concurrent.futures import Executor
     from datetime import datetime
 
     from gateway.budget import LatencyBudget
@@ -55,6 +63,7 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.observers import Observer
     from gateway.router import Effect, Event, Observation
+    from gateway.signing import Verification
     from gateway.store import CommitResult, FlagStore
     from gateway.transport import Message
     from rules.domain import Eui
@@ -87,6 +96,9 @@ class Shell:
         member: ClusterMember | None = None,
         retry_seconds: float = 30.0,
         budget: LatencyBudget | None = None,
+        verify: Callable[[bytes], Verification] | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.router = router
         self._store = store
@@ -106,7 +118,7 @@ class Shell:
         self._queued_publishes = 0
         self._handed_publishes = 0
         self._handed = asyncio.Event()
-        self._outbox: asyncio.Queue[Publish | Acknowledge] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Publish | _Signing | Acknowledge] = asyncio.Queue()
         self._publish_error: Exception | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -119,6 +131,13 @@ class Shell:
         """The flag request being read and committed: the router holds the messages after it."""
         if member is not None:
             member.attach(self.settled, self._open_gate)
+        self._verify = verify
+        self._sign = sign
+        self._executor = executor
+        self._requests = f"{router.topics.inbound}/"
+        self._users = f"{router.topics.outbound}/"
+        self._fed: asyncio.Future[None] | None = None
+        """Set once the latest message so far reached the router: the next one waits for it."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -149,18 +168,15 @@ class Shell:
         if metrics is not None:
             metrics.inflight.inc()
         ticket = next(self._tickets)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         self._waiting[ticket] = done
         budget = self._budget
         try:
-            if budget is None:
-                self._feed(Received(ticket, message.topic, message.payload, message.redelivered))
+            if self._verify is None:
+                self._received(Received(ticket, message.topic, message.payload, message.redelivered))
             else:
-                budget.received(ticket, time.perf_counter())
-                self._feeding = ticket
-                self._feed(Received(ticket, message.topic, message.payload, message.redelivered))
-                self._feeding = None
-                budget.decided(ticket, time.perf_counter())
+                await self._verified_in_order(ticket, message, self._verify)
             await done
             if budget is not None:
                 budget.returned(ticket, time.perf_counter())
@@ -201,6 +217,38 @@ class Shell:
         if self._gate and member is not None and member.confirmed and not self._gate[0].done():
             self._gate[0].set_result(None)
 
+    async def _verified_in_order(
+        self, ticket: int, message: Message, verify: Callable[[bytes], Verification]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        previous, fed = self._fed, loop.create_future()
+        self._fed = fed
+        try:
+            verification = None
+            if message.topic.startswith(self._requests):
+                verification = await loop.run_in_executor(self._executor, verify, message.payload)
+                if self._metrics is not None:
+                    self._metrics.signature_checks.labels(result=verification.reason).inc()
+            if previous is not None:
+                await previous
+            self._received(
+                Received(ticket, message.topic, message.payload, message.redelivered, verification)
+            )
+        finally:
+            fed.set_result(None)  # even if cancelled: the messages after this one go on
+
+    def _received(self, received: Received) -> None:
+        """Feed a message to the router, marking the latency budget's stages when one is kept."""
+        budget = self._budget
+        if budget is None:
+            self._feed(received)
+            return
+        budget.received(received.ticket, time.perf_counter())
+        self._feeding = received.ticket
+        self._feed(received)
+        self._feeding = None
+        budget.decided(received.ticket, time.perf_counter())
+
     def tick(self) -> None:
         """Time passed: the router answers forwarded requests that are past their target (E21)."""
         self._feed(TimePassed())
@@ -213,15 +261,14 @@ class Shell:
 
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, Publish | Acknowledge):
-                if isinstance(effect, Acknowledge):
-                    if effect.ticket == self._flag_ticket:
-                        self._flag_ticket = None
-                    if self._budget is not None:
-                        self._budget.released(effect.ticket, time.perf_counter())
+            if isinstance(effect, Publish):
+                self._queue_publish(effect)
+            elif isinstance(effect, Acknowledge):
+                if effect.ticket == self._flag_ticket:
+                    self._flag_ticket = None
+                if self._budget is not None:
+                    self._budget.released(effect.ticket, time.perf_counter())
                 self._outbox.put_nowait(effect)
-                if isinstance(effect, Publish):
-                    self._queued_publishes += 1
             elif isinstance(effect, Commit):
                 if self._budget is not None and self._feeding is not None:
                     self._budget.committing(self._feeding, effect.batch)
@@ -233,6 +280,15 @@ class Shell:
                 task.add_done_callback(self._tasks.discard)
             else:
                 self._observe(effect)
+
+    def _queue_publish(self, publish: Publish) -> None:
+        """Into the outbox in order; a document to a user is signed in the executor meanwhile."""
+        if self._sign is not None and publish.topic.startswith(self._users):
+            signed = asyncio.get_running_loop().run_in_executor(self._executor, self._sign, publish.payload)
+            self._outbox.put_nowait(_Signing(publish.topic, signed))
+        else:
+            self._outbox.put_nowait(publish)
+        self._queued_publishes += 1
 
     def _observe(self, observation: Observation) -> None:
         request_id = getattr(observation, "request_id", None)
@@ -322,13 +378,15 @@ class Shell:
             try:
                 if isinstance(item, Acknowledge):
                     self._acknowledge(item.ticket)
+                elif isinstance(item, _Signing):
+                    await self._publish(item.topic, await item.payload)
                 else:
                     await self._publish(item.topic, item.payload)
             except Exception as exc:
                 log.exception("publish-failed", topic=getattr(item, "topic", None))
                 self._publish_error = exc
             finally:
-                if isinstance(item, Publish):
+                if isinstance(item, Publish | _Signing):
                     self._handed_publishes += 1
                     self._handed.set()
                 self._outbox.task_done()
@@ -385,6 +443,14 @@ def _taken(commits: Sequence[Commit], result: CommitResult) -> frozenset[int]:
 
 class LeaseLostError(RuntimeError):
     """This instance's cluster lease lapsed: it may not publish what it decided."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Signing:
+    """A publish to a user whose signed payload the executor is making."""
+
+    topic: str
+    payload: asyncio.Future[bytes]
 
 
 def _joined(commits: Sequence[Commit], *, grouped: bool) -> CommitBatch:

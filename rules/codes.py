@@ -5,10 +5,10 @@ DUIS V5.4 codes are reused where their meaning fits. The codes MP169 needs and D
 numbering patterns: a generic code for a refusal that applies to any SRV, and E<SR><nn> codes
 (E0815nn) for the outcomes of Service Reference 8.15, as DUIS does for E0802nn (8.2) and others.
 Conditions DUIS has no code for get five-digit E169nn codes, a length DUIS never uses (E16910-E16919:
-signature verification; E16920-E16929: the gateway itself, store and load). None is in the V5.4 schema's ResponseCode
-enumeration: the MP169 extension of the schema (`rules/duis/schema/DUIS Schema V5.4 MP169.xsd`)
-enumerates every one, as a DUIS release implementing MP169 would. The README's "DUIS response codes"
-table is generated from RESPONSE_CODE_MEANINGS.
+signature verification; E16920-E16929: the gateway itself, store and load). None is in the V5.4
+schema's ResponseCode enumeration: the MP169 extension of the schema
+(`rules/duis/schema/DUIS Schema V5.4 MP169.xsd`) enumerates every one, as a DUIS release implementing
+MP169 would. The README's "DUIS response codes" table is generated from RESPONSE_CODE_MEANINGS.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ RESPONSE_CODE_MEANINGS: dict[ResponseCode, str] = {
     ResponseCode.SIGNATURE_MISSING: "The Service Request carries no XML signature (ds:Signature).",
     ResponseCode.SIGNATURE_INVALID: (
         "The Service Request's XML signature does not verify, or is not DUIS's form (enveloped, "
-        "exclusive C14N, ECDSA P-256 with SHA-256, one Reference URI=\"\", X509IssuerSerial)."
+        'exclusive C14N, ECDSA P-256 with SHA-256, one Reference URI="", X509IssuerSerial).'
     ),
     ResponseCode.CERTIFICATE_UNKNOWN: (
         "The signing certificate named by X509IssuerSerial is not in the gateway's certificate library."

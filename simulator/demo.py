@@ -36,8 +36,6 @@ from gateway.report.compute import Period, Report
 from gateway.report.load import load_report
 from gateway.report.render_text import short_report
 from gateway.service import GatewayService
-from gateway.signed_transport import SigningTransport
-from gateway.signing import dsp_credentials
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport
 from rules.domain import DCC_EUI
@@ -231,19 +229,15 @@ async def _run(
     if options.save_traffic is not None and options.recording is None:
         meta = {"seed": options.seed, "premises": options.premises, "requests": options.requests}
         write_stream(items, options.save_traffic, meta=meta)
-    # A test PKI for the estate: each user signs its requests, the gateway signs every answer.
+    # A test PKI for the estate: each user signs its requests, the gateway verifies them and signs
+    # every answer with the DSP key.
     pki = init_pki(database.parent / "pki", [user.user_id for user in estate.users])
 
     settings = demo_settings(database, options.rules, options.broker, pki)
     connect, clock = _connector(settings, options)
     started = clock.wall()
-    dsp_key, dsp_certificate = dsp_credentials(settings.signing)
-    # Every document to users signed with the DSP key, by the transport until the router's shell does it.
-    gateway_transport = SigningTransport(
-        connect(settings.gateway.client_id), dsp_key, dsp_certificate, outbound=settings.topics.outbound
-    )
     service = await GatewayService.start(
-        settings, gateway_transport, clock=clock.wall, monotonic=clock.monotonic
+        settings, connect(settings.gateway.client_id), clock=clock.wall, monotonic=clock.monotonic
     )
     devices = DeviceSimulator(connect("mp169-devices"), prepared.devices, devices=estate.devices)
     flag_targets = set(_flagged_by(items))

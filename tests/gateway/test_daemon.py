@@ -2,7 +2,8 @@
 
 In-process tests run `GatewayService` on an `MqttTransport`; the crash test runs `mp169 run` as a
 child process and SIGKILLs it mid-stream. Waiting is event-driven (GUARD_SECONDS only turns a hang
-into a failure).
+into a failure). The users hold keys from a fresh test PKI and sign what they send, as DCC users do;
+the gateway verifies against that PKI's certificates and signs its answers with its DSP key.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections import defaultdict
@@ -20,11 +22,15 @@ import pytest
 
 from gateway.config import Settings
 from gateway.mqtt import MqttTransport
+from gateway.pki import PkiLayout, init_pki
 from gateway.service import GatewayService
+from gateway.signing import CertificateLibrary, OrgCertificate, sign, verify
 from rules.codes import ResponseCode
+from rules.domain import DCC_EUI
 from simulator.devices import DeviceConfig, DeviceSimulator
+from simulator.replay import Signatures
 from tests.gateway.messages import CONSUMPTION_SRV, SECURITY_SRV, flag_request, header, request
-from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER
+from tests.gateway.test_inventory import GAS_SUPPLIER, IMPORT_SUPPLIER, METER, USERS
 from tests.gateway.test_mqtt import GUARD_SECONDS, Inbox, settings_for
 from tests.gateway.test_shell import seed
 
@@ -65,29 +71,46 @@ class Estate:
     user: MqttTransport
     devices: DeviceSimulator
     url: str
+    pki: PkiLayout
+    signatures: Signatures
 
-    async def send(self, user: Eui, payload: bytes) -> None:
+    async def send(self, user: Eui, payload: bytes, *, signer: Eui | None = None) -> None:
+        """Publish on `user`'s topic, signed by `signer` (default: `user`); `raw` sends as it is."""
+        key, certificate = self.signatures.users[signer or user]
+        await self.raw(user, sign(payload, key, certificate))
+
+    async def raw(self, user: Eui, payload: bytes) -> None:
         await self.user.publish(f"dsp/in/{user}", payload)
 
 
 @pytest.fixture
-async def estate(mosquitto: Mosquitto) -> AsyncIterator[Estate]:
+async def estate(mosquitto: Mosquitto, tmp_path: Path) -> AsyncIterator[Estate]:
+    pki = init_pki(tmp_path / "pki", [user.user_id for user in USERS])
     answers = Answers()
     user = MqttTransport(settings_for(mosquitto.url), "test-users")
     await user.start(["dsp/out/+"], answers)
     devices = DeviceSimulator(MqttTransport(settings_for(mosquitto.url), "test-devices"), DeviceConfig())
     await devices.start()
-    yield Estate(answers, user, devices, mosquitto.url)
+    yield Estate(answers, user, devices, mosquitto.url, pki, Signatures.from_pki(pki))
     await devices.transport.abort()
     await user.abort()
 
 
-def gateway_settings(url: str, store: Path, **gateway: object) -> Settings:
+def signing_settings(pki: PkiLayout) -> dict[str, str]:
+    return {
+        "certificates": str(pki.certificates),
+        "dsp_key": str(pki.key(DCC_EUI)),
+        "dsp_certificate": str(pki.certificate(DCC_EUI)),
+    }
+
+
+def gateway_settings(url: str, store: Path, pki: PkiLayout, **gateway: object) -> Settings:
     return Settings.model_validate(
         {
             "broker": {"url": url, "reconnect_min_seconds": 0.05, "reconnect_max_seconds": 0.5},
             "store": {"path": str(store)},
             "gateway": {"metrics_port": 0, **gateway},
+            "signing": signing_settings(pki),
         }
     )
 
@@ -95,7 +118,7 @@ def gateway_settings(url: str, store: Path, **gateway: object) -> Settings:
 @pytest.fixture
 async def service(tmp_path: Path, estate: Estate) -> AsyncIterator[GatewayService]:
     await seed(tmp_path / "gw.sqlite3")
-    settings = gateway_settings(estate.url, tmp_path / "gw.sqlite3")
+    settings = gateway_settings(estate.url, tmp_path / "gw.sqlite3", estate.pki)
     transport = MqttTransport(settings.broker, settings.gateway.client_id)
     running = await GatewayService.start(settings, transport)
     yield running
@@ -137,7 +160,10 @@ async def test_requests_are_forwarded_answered_and_refused_over_mqtt(
 
 
 async def test_a_spoofed_originator_never_reaches_the_device(estate: Estate, service: GatewayService) -> None:
-    await estate.send(GAS_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
+    # The originator's own signed request, replayed on another user's topic.
+    await estate.send(
+        GAS_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1), signer=IMPORT_SUPPLIER
+    )
     await estate.answers.until(lambda messages: len(messages) == 1)
     [message] = estate.answers.messages
     assert message.topic == f"dsp/out/{GAS_SUPPLIER}"
@@ -153,11 +179,16 @@ async def test_garbage_goes_to_the_dead_letter_topic(estate: Estate, service: Ga
     watcher = MqttTransport(settings_for(estate.url), "test-deadletters")
     await watcher.start(["dsp/deadletter"], letters)
     try:
-        await estate.send(IMPORT_SUPPLIER, b"<unclosed")
+        await estate.raw(IMPORT_SUPPLIER, b"<unclosed")
         await letters.until(lambda messages: len(messages) == 1)
         assert b'"reason": "not-well-formed"' in letters.payloads[0]
+        # No RequestID, so no valid answer: the next answer on the user's topic is the next request's.
+        await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
         await estate.answers.until(lambda messages: len(messages) == 1)
-        assert header(estate.answers.payloads[0])[1] == ResponseCode.INVALID_REQUEST
+        assert header(estate.answers.payloads[0]) == (
+            rid(IMPORT_SUPPLIER, METER, 1),
+            ResponseCode.ACKNOWLEDGED,
+        )
     finally:
         await watcher.abort()
 
@@ -173,6 +204,50 @@ async def test_every_request_is_answered_across_a_broker_restart(
     for counter in range(1, 101):
         codes = await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, counter))
         assert ResponseCode.DUPLICATE_REQUEST_ID not in codes
+
+
+async def test_unsigned_and_wrongly_signed_requests_are_refused_end_to_end(
+    estate: Estate, service: GatewayService
+) -> None:
+    read = request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1)
+    await estate.raw(IMPORT_SUPPLIER, read)  # the template's placeholder signature: no such certificate
+    await estate.raw(IMPORT_SUPPLIER, strip_signature(request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2)))
+    await estate.send(
+        IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 3), signer=GAS_SUPPLIER
+    )
+    signed = sign(
+        request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 4), *estate.signatures.users[IMPORT_SUPPLIER]
+    )
+    await estate.raw(IMPORT_SUPPLIER, signed.replace(b":4<", b":5<"))  # tampered after signing
+    # An unsigned flag-set changes nothing: the read after it is forwarded.
+    await estate.raw(IMPORT_SUPPLIER, strip_signature(flag_request(IMPORT_SUPPLIER, 6, METER, set_flag=True)))
+    await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 7))
+    expected = {
+        1: ResponseCode.CERTIFICATE_UNKNOWN,
+        2: ResponseCode.SIGNATURE_MISSING,
+        3: ResponseCode.SIGNER_NOT_ORIGINATOR,
+        5: ResponseCode.SIGNATURE_INVALID,
+    }
+    for counter, code in expected.items():
+        assert await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, counter)) == [code]
+    assert await estate.answers.until_answered(rid(IMPORT_SUPPLIER, service.dcc_eui, 6)) == [
+        ResponseCode.SIGNATURE_MISSING
+    ]
+    assert await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 7), 2) == [
+        ResponseCode.ACKNOWLEDGED,
+        ResponseCode.SUCCESS,
+    ]
+    assert [counter_of(command.request_id) for command in estate.devices.received] == [7]
+    assert not service.view.is_flagged(METER)
+    # Every answer is the gateway's, signed with its DSP key.
+    dsp = CertificateLibrary([OrgCertificate.from_pem(estate.pki.certificate(DCC_EUI).read_bytes())])
+    assert {verify(payload, dsp).reason for payload in estate.answers.payloads} == {"verified"}
+
+
+def strip_signature(payload: bytes) -> bytes:
+    stripped = re.sub(rb"(?s)<ds:Signature.*</ds:Signature>", b"", payload)
+    assert stripped != payload
+    return stripped
 
 
 class Daemon:
@@ -233,11 +308,13 @@ async def test_a_killed_daemon_loses_no_acknowledged_request(
 ) -> None:
     await seed(tmp_path / "gw.sqlite3")
     config = tmp_path / "config.toml"
+    signing = "".join(f'{key} = "{value}"\n' for key, value in signing_settings(estate.pki).items())
     config.write_text(
         f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_seconds = 0.05\nreconnect_max_seconds = 0.5\n'
         f'[store]\npath = "{tmp_path / "gw.sqlite3"}"\n'
         # Every request is forwarded: none is refused for the forward limit (tests/gateway/test_faults.py).
         "[gateway]\nmetrics_port = 0\nmax_forwards_per_user = 3000\n"
+        f"[signing]\n{signing}"
     )
     daemon = Daemon(config)
     await daemon.start()

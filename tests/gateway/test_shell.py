@@ -10,6 +10,8 @@ import asyncio
 import errno
 import subprocess
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -23,6 +25,7 @@ from gateway.outcomes.queries import read_records
 from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.router import Router, RouterSettings
 from gateway.shell import Shell
+from gateway.signing import Verification
 from gateway.store import CommitBatch, CommitResult, SqliteStore, connect
 from gateway.topics import Topics
 from gateway.transport import Message
@@ -42,12 +45,14 @@ from tests.gateway.messages import (
 from tests.gateway.test_inventory import IMPORT_SUPPLIER, METER, USERS, premise
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from concurrent.futures import Executor
 
     from gateway.observers import Observer
     from rules.domain import Eui
 
 TOPICS = Topics()
+GUARD_SECONDS = 20  # only turns a hang into a failure
 
 
 async def seed(path: Path) -> None:
@@ -75,7 +80,13 @@ class Running:
 
 
 async def start(
-    path: Path, *, store: SqliteStore | None = None, observers: tuple[Observer, ...] = ()
+    path: Path,
+    *,
+    store: SqliteStore | None = None,
+    observers: tuple[Observer, ...] = (),
+    verify: Callable[[bytes], Verification] | None = None,
+    sign: Callable[[bytes], bytes] | None = None,
+    executor: Executor | None = None,
 ) -> Running:
     store = store or SqliteStore(path)
     await store.open()
@@ -101,6 +112,9 @@ async def start(
         metrics=metrics,
         clock=lambda: AT,
         monotonic=lambda: seconds[0],
+        verify=verify,
+        sign=sign,
+        executor=executor,
     )
     shell.start()
     return Running(store, shell, metrics, published, seconds)
@@ -137,6 +151,91 @@ async def test_concurrent_handlers_are_decided_in_arrival_order_around_a_flag(ru
     topics = [t for t, _ in running.published]
     assert topics.index(TOPICS.command(METER)) < topics.index(TOPICS.out(IMPORT_SUPPLIER), 1)
     assert set(await running.store.load_flags()) == {METER}
+
+
+# -- signatures ---------------------------------------------------------------------------------------
+
+
+def verified(payload: bytes) -> Verification:
+    return Verification("verified", "signed by the originator", IMPORT_SUPPLIER, 1)
+
+
+async def test_signatures_are_checked_concurrently_and_requests_decided_in_arrival_order(
+    tmp_path: Path,
+) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    third_checked = threading.Event()
+
+    def verify(payload: bytes) -> Verification:
+        if b":1<" in payload:  # the first request's check finishes only after the third's
+            assert third_checked.wait(GUARD_SECONDS)
+        elif b":3<" in payload:
+            third_checked.set()
+        return verified(payload)
+
+    with ThreadPoolExecutor(3) as executor:
+        running = await start(tmp_path / "gw.sqlite3", verify=verify, executor=executor)
+        try:
+            await asyncio.gather(
+                running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1)),
+                running.send(IMPORT_SUPPLIER, flag_request(IMPORT_SUPPLIER, 2, METER, set_flag=True)),
+                running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 3)),
+            )
+        finally:
+            await stop(running)
+    # Decided as they arrived: the read before the flag forwarded, the one after refused.
+    assert [t for t, _ in running.published if t.endswith("/cmd")] == [TOPICS.command(METER)]
+    assert running.answers_to(IMPORT_SUPPLIER) == [
+        ResponseCode.ACKNOWLEDGED,
+        ResponseCode.SUCCESS,
+        ResponseCode.CONSUMER_CHOICE,
+    ]
+    assert running.metrics.signature_checks.labels(result="verified")._value.get() == 3
+
+
+async def test_a_request_failing_its_signature_check_is_answered_and_moves_nothing(tmp_path: Path) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    forged = request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 5)
+
+    def verify(payload: bytes) -> Verification:
+        if payload == forged:
+            return Verification("signer-not-originator", "signed by someone else", METER, 7)
+        return verified(payload)
+
+    with ThreadPoolExecutor(1) as executor:
+        running = await start(tmp_path / "gw.sqlite3", verify=verify, executor=executor)
+        try:
+            assert running.answers_to(IMPORT_SUPPLIER, await running.send(IMPORT_SUPPLIER, forged)) == [
+                ResponseCode.SIGNER_NOT_ORIGINATOR
+            ]
+            assert [t for t, _ in running.published if t.endswith("/cmd")] == []
+            # Its RequestID counter was not taken: the genuine request with it is forwarded.
+            genuine = forged.replace(b"</sr:Body>", b" </sr:Body>")
+            out = await running.send(IMPORT_SUPPLIER, genuine)
+            assert [t for t, _ in out if t.endswith("/cmd")] == [TOPICS.command(METER)]
+            assert await running.store.load_request_counters() == {IMPORT_SUPPLIER: 5}
+        finally:
+            await stop(running)
+
+
+async def test_documents_to_users_are_signed_and_published_in_order(tmp_path: Path) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+
+    def sign(payload: bytes) -> bytes:
+        return b"signed:" + payload
+
+    with ThreadPoolExecutor(2) as executor:
+        running = await start(tmp_path / "gw.sqlite3", verify=verified, sign=sign, executor=executor)
+        try:
+            out = await running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 1))
+        finally:
+            await stop(running)
+    [(command_topic, command), (answer_topic, answer)] = out
+    assert command_topic == TOPICS.command(METER)
+    assert not command.startswith(b"signed:")  # the request goes to the device as the user signed it
+    assert answer_topic == TOPICS.out(IMPORT_SUPPLIER)
+    assert answer.startswith(b"signed:")
+    assert response_code(answer.removeprefix(b"signed:")) == ResponseCode.ACKNOWLEDGED
 
 
 class GatedStore(SqliteStore):

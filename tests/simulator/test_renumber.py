@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from gateway.pki import init_pki
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.transport import MemoryBroker, MemoryTransport
@@ -17,7 +18,7 @@ from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate
 from simulator.recording import InventoryChange, PublishItem
 from simulator.renumber import renumber, stale_requests
-from simulator.replay import ReplayResult, print_summary, replay
+from simulator.replay import ReplayResult, Signatures, print_summary, replay
 from simulator.traffic import Traffic, generate_traffic
 from tests.gateway.messages import header
 
@@ -65,13 +66,14 @@ def test_renumbering_raises_each_originator_above_the_store_keeping_order_and_re
 
 
 async def replay_into(database: Path, traffic: Traffic, items: Sequence[StreamItem]) -> ReplayResult:
-    """A replay as `mp169 replay` makes it, with alerts from the meters the stream flags."""
-    settings = demo_settings(database)
+    """A replay as `mp169 replay --pki` makes it, with alerts from the meters the stream flags."""
+    estate = generate_estate(SEED, PREMISES)
+    pki = init_pki(database.parent / "pki", [user.user_id for user in estate.users])
+    settings = demo_settings(database, pki=pki)
     broker = MemoryBroker()
     service = await GatewayService.start(settings, MemoryTransport(broker, "gateway"))
-    estate = generate_estate(SEED, PREMISES).devices
-    devices = DeviceSimulator(MemoryTransport(broker, "devices"), DeviceConfig(), devices=estate)
-    flagged = [device for device in estate if device.device_id in traffic.flag_devices]
+    devices = DeviceSimulator(MemoryTransport(broker, "devices"), DeviceConfig(), devices=estate.devices)
+    flagged = [device for device in estate.devices if device.device_id in traffic.flag_devices]
     await devices.start()
 
     async def alerts() -> None:
@@ -85,6 +87,7 @@ async def replay_into(database: Path, traffic: Traffic, items: Sequence[StreamIt
             topics=service.router.topics,
             before_wait=alerts,
             settle_seconds=0.3,
+            signatures=Signatures.from_pki(pki),
         )
     finally:
         await devices.stop()
