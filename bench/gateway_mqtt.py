@@ -339,6 +339,9 @@ async def serve(
                     "client_id": client_id,
                     "inflight_window": WINDOW,
                 },
+                # The simulated estate's requests are unsigned: this measures routing (and the DSP's
+                # signature on every answer); bench/signing.py measures verification per message.
+                "signing": {"verify": False},
             }
         )
         # As gateway.daemon.serve builds it.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from gateway.config import ConfigError, GatewaySettings
 from gateway.duis import DEFAULT_MAX_BYTES, ParseError, parse_request
 from gateway.signing import CertificateError, verify
-from gateway.verify import library_from, signature_fields
+from gateway.verify import add_certs_argument, library_from, signature_fields
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
 from rules.domain import DeviceStatus, DeviceType, Eui, Role, parse_eui
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="the requester's User Roles, e.g. 'IS GS' or IS,GS (default: roles not checked)",
     )
-    parser.add_argument("--certs", type=Path, metavar="DIR", help="directory of organisation certificates")
+    add_certs_argument(parser)
     parser.add_argument(
         "--dcc-eui",
         type=_eui,

@@ -71,20 +71,7 @@ def make_ca(at: dt.datetime, name: str = "MP169 test CA") -> Credential:
     certificate = (
         _builder(subject, subject, key.public_key(), at)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(certifies=True), critical=True)
         .sign(key, hashes.SHA256())
     )
     return Credential(key, certificate)
@@ -105,23 +92,25 @@ def make_organisation(
     certificate = (
         _builder(subject, ca.certificate.subject, key.public_key(), at, validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(certifies=False), critical=True)
         .sign(ca.key, hashes.SHA256())
     )
     return Credential(key, certificate)
+
+
+def _key_usage(*, certifies: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; an organisation certificate signs documents."""
+    return x509.KeyUsage(
+        digital_signature=not certifies,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=certifies,
+        crl_sign=certifies,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _builder(

@@ -30,11 +30,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    parser.add_argument("--certs", type=Path, metavar="DIR", help="directory of organisation certificates")
+    add_certs_argument(parser)
     parser.add_argument(
         "--config", type=Path, default=None, help="configuration file (default ./config.toml)"
     )
     parser.set_defaults(handler=run)
+
+
+def add_certs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--certs",
+        type=Path,
+        metavar="DIR",
+        help="directory of organisation certificates (default: configured)",
+    )
 
 
 def library_from(certs: Path | None, config: Path | None = None) -> CertificateLibrary:
