@@ -186,7 +186,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    command.add_argument("directory", type=Path, metavar="DIR")
+    command.add_argument(
+        "directory", type=Path, metavar="DIR", help="where to write the CA, certificates and keys"
+    )
     command.add_argument("--users", type=Path, help="users CSV (as `mp169 simulate estate` writes it)")
     command.add_argument("--dsp-eui", type=_eui, default=DCC_EUI, help=f"the DSP's EUI (default {DCC_EUI})")
     command.set_defaults(handler=run_init)
