@@ -30,6 +30,7 @@ from gateway.metrics import Metrics, MetricsServer
 from gateway.mqtt import MqttTransport
 from gateway.options import EXIT_BROKER, EXIT_USAGE, broker_options, config_option, configuration_of, error
 from gateway.service import DeviceSession, GatewayService
+from gateway.signing import CertificateError
 from gateway.store import StoreCorruptError
 from gateway.systemd import notify
 
@@ -159,6 +160,9 @@ async def serve(
                 "with sqlite3 .recover) before starting the gateway again.",
             )
             return EXIT_STORE_CORRUPT
+        except CertificateError as exc:
+            error("run", str(exc))
+            return EXIT_USAGE
         if service is None:
             log.info("daemon-stopped", connected=False)
             return 0

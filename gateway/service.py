@@ -147,6 +147,8 @@ class GatewayService:
         requests at the broker or in `transport`'s in-flight window (`mp169 run` uses one).
         `budget`: record where each message's time goes (benchmarks only)."""
         table = load_rules(settings)
+        # Before anything is opened: a bad key or certificate file stops the start, naming it.
+        signatures = Signatures.from_settings(settings)
         store = open_store(settings.store)
         if isinstance(store, SqliteStore):
             store.busy_timeout_ms = _STORE_BUSY_WAIT_MS
@@ -188,7 +190,6 @@ class GatewayService:
             counters=await store.load_request_counters(),
             pending=await store.load_pending(),
         )
-        signatures = Signatures.from_settings(settings)
         metrics.signature_verification.set(1 if signatures.verify is not None else 0)
         shell = Shell(
             router,

@@ -408,16 +408,31 @@ _PACKAGED_DSP: Final = "dsp-xml-sign-90B3D51F30000002-ds"
 
 
 def certificate_library(settings: SigningSettings) -> CertificateLibrary:
-    """The configured organisation certificates (default: the packaged DCC Boxed test ones)."""
-    return CertificateLibrary.from_directory(
-        Path(settings.certificates) if settings.certificates else PACKAGED_PKI
-    )
+    """The configured organisation certificates (default: the packaged DCC Boxed test ones).
+
+    Raises CertificateError naming the setting and the file that cannot serve."""
+    directory = Path(settings.certificates) if settings.certificates else PACKAGED_PKI
+    if not directory.is_dir():
+        raise CertificateError(f"signing.certificates: {directory} is not a directory")
+    try:
+        return CertificateLibrary.from_directory(directory)
+    except (CertificateError, OSError) as exc:
+        raise CertificateError(f"signing.certificates: {exc}") from exc
 
 
 def dsp_credentials(settings: SigningSettings) -> tuple[SigningKey, OrgCertificate]:
-    """The DSP's signing key and certificate (default: the packaged DCC Boxed test DSP's)."""
+    """The DSP's signing key and certificate (default: the packaged DCC Boxed test DSP's).
+
+    Raises CertificateError naming the setting and the file that cannot serve."""
     key = Path(settings.dsp_key) if settings.dsp_key else PACKAGED_PKI / f"{_PACKAGED_DSP}.key"
     certificate = (
         Path(settings.dsp_certificate) if settings.dsp_certificate else PACKAGED_PKI / f"{_PACKAGED_DSP}.pem"
     )
-    return SigningKey.from_file(key), OrgCertificate.from_pem(certificate.read_bytes())
+    try:
+        signing_key = SigningKey.from_file(key)
+    except (CertificateError, OSError) as exc:
+        raise CertificateError(f"signing.dsp_key: {key}: {exc}") from exc
+    try:
+        return signing_key, OrgCertificate.from_pem(certificate.read_bytes())
+    except (CertificateError, OSError) as exc:
+        raise CertificateError(f"signing.dsp_certificate: {certificate}: {exc}") from exc
