@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from gateway.duis import ParseError, parse_device_message, parse_request
+from gateway.duis import ParseError, parse_device_message, parse_request, parse_request_tree
 from gateway.facts import alert_recipients, inventory_entries, request_facts
 from gateway.flags import evaluate_flag_request
 from gateway.responses import (
@@ -808,7 +808,12 @@ class Router:
 
     def _read_request(self, step: _Step, user: Eui, event: Received, now: Instant) -> ServiceRequest | None:
         """The request; None if it is not a DUIS Service Request (dead-lettered, answered where it can be)."""
-        parsed = parse_request(event.payload, max_bytes=self.settings.max_message_bytes)
+        verified = event.verification.root if event.verification is not None else None
+        parsed = (
+            parse_request(event.payload, max_bytes=self.settings.max_message_bytes)
+            if verified is None
+            else parse_request_tree(verified, event.payload)  # parsed once, by the signature check
+        )
         if not isinstance(parsed, ParseError) and not answerable(parsed.srv):
             # An SRV DUIS does not define: no valid DUIS document can answer it.
             parsed = ParseError(

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gateway.router import Effect, Event, Observation
+    from gateway.signing import Verification
     from rules.domain import DeviceRecord, Eui, ForwardedRequest, RequestId, UserRecord
 
 TOPICS = Topics()
@@ -190,13 +191,29 @@ class Desk:
 
     # -- messages -------------------------------------------------------------------------------
 
-    def receive(self, topic: str, payload: bytes, *, redelivered: bool = False) -> list[Publish]:
+    def receive(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        redelivered: bool = False,
+        verification: Verification | None = None,
+    ) -> list[Publish]:
         start = len(self.published)
-        self.feed(Received(next(self._tickets), topic, payload, redelivered))
+        self.feed(Received(next(self._tickets), topic, payload, redelivered, verification))
         return self.published[start:]
 
-    def send(self, user: Eui, payload: bytes, *, redelivered: bool = False) -> list[Publish]:
-        return self.receive(TOPICS.inbound + f"/{user}", payload, redelivered=redelivered)
+    def send(
+        self,
+        user: Eui,
+        payload: bytes,
+        *,
+        redelivered: bool = False,
+        verification: Verification | None = None,
+    ) -> list[Publish]:
+        return self.receive(
+            TOPICS.inbound + f"/{user}", payload, redelivered=redelivered, verification=verification
+        )
 
     def device_says(self, device: Eui, payload: bytes) -> list[Publish]:
         return self.receive(f"{TOPICS.devices}/{device}/up", payload)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lxml import etree
 
 import gateway.router
 from gateway.router import (
@@ -22,6 +23,7 @@ from gateway.router import (
     RequestDecided,
     RequestTimedOut,
 )
+from gateway.signing import Verification, document_parser
 from rules.codes import ResponseCode
 from rules.domain import RequestId
 from rules.table import default_table
@@ -606,3 +608,27 @@ def test_a_forward_routed_again_after_a_restart_takes_no_second_place() -> None:
     assert desk.commands(again) == [TOPICS.command(METER)]
     desk.device_says(METER, meter_reading_answer(1))
     assert desk.commands(desk.send(IMPORT_SUPPLIER, read(2))) == [TOPICS.command(METER)]
+
+
+# -- signatures (the shell checks them; the router acts on the verdict) -------------------------------
+
+
+def test_a_request_whose_signature_failed_is_answered_and_changes_nothing(desk: Desk) -> None:
+    forged = Verification("signature-missing", "no ds:Signature", None, None)
+    out = desk.send(
+        IMPORT_SUPPLIER, flag_request(IMPORT_SUPPLIER, 5, METER, set_flag=True), verification=forged
+    )
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.SIGNATURE_MISSING]
+    # No flag was set and the RequestID counter was not taken: the next read with it is forwarded.
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, read(5))) == [TOPICS.command(METER)]
+
+
+def test_a_verified_request_is_read_from_the_verifiers_tree(desk: Desk) -> None:
+    payload = read(5)
+    tree = etree.fromstring(read(6), document_parser())  # deliberately another document: proves which is read
+    verified = Verification("verified", "", IMPORT_SUPPLIER, 1, tree)
+    out = desk.send(IMPORT_SUPPLIER, payload, verification=verified)
+    [command] = [p for p in out if p.topic == TOPICS.command(METER)]
+    assert command.payload == payload  # forwarded as received
+    [answer] = [p for p in out if p.topic == TOPICS.out(IMPORT_SUPPLIER)]
+    assert f"{IMPORT_SUPPLIER}:{METER}:6".encode() in answer.payload
