@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, GatewaySettings
 from gateway.duis import DEFAULT_MAX_BYTES, ParseError, parse_request
+from gateway.options import eui_argument
 from gateway.signing import CertificateError, verify
 from gateway.verify import add_certs_argument, library_from, signature_fields
 from rules.codes import ResponseCode
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_certs_argument(parser)
     parser.add_argument(
         "--dcc-eui",
-        type=_eui,
+        type=eui_argument,
         default=DEFAULT_DCC_EUI,
         help=f"target EUI of non-device requests (default {DEFAULT_DCC_EUI})",
     )
@@ -70,13 +71,6 @@ def parse_roles(text: str) -> frozenset[Role]:
     except ValueError as exc:
         known = " ".join(role.value for role in Role)
         raise argparse.ArgumentTypeError(f"{exc} (roles: {known})") from exc
-
-
-def _eui(text: str) -> Eui:
-    try:
-        return parse_eui(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:

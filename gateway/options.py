@@ -25,12 +25,21 @@ from gateway.config import (
     validation_problems,
 )
 from gateway.logging import configure_logging
+from rules.domain import Eui, parse_eui
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 EXIT_USAGE = 2
 EXIT_BROKER = 3
 """The broker stayed unreachable past --connect-timeout, or another client took the session over
 (for `mp169 run`, whose unit does not restart it on this status: it would take the session back)."""
+
+
+def eui_argument(text: str) -> Eui:
+    """An EUI-64 on the command line (argparse `type=`), in DUIS form."""
+    try:
+        return parse_eui(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def config_option(parser: argparse.ArgumentParser) -> None:

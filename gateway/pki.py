@@ -30,7 +30,8 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from gateway.inventory import InventoryFileError, parse_users
-from rules.domain import DCC_EUI, Eui, parse_eui, utc_now
+from gateway.options import eui_argument
+from rules.domain import DCC_EUI, Eui, utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -190,15 +191,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "directory", type=Path, metavar="DIR", help="where to write the CA, certificates and keys"
     )
     command.add_argument("--users", type=Path, help="users CSV (as `mp169 simulate estate` writes it)")
-    command.add_argument("--dsp-eui", type=_eui, default=DCC_EUI, help=f"the DSP's EUI (default {DCC_EUI})")
+    command.add_argument(
+        "--dsp-eui", type=eui_argument, default=DCC_EUI, help=f"the DSP's EUI (default {DCC_EUI})"
+    )
     command.set_defaults(handler=run_init)
-
-
-def _eui(text: str) -> Eui:
-    try:
-        return parse_eui(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def run_init(args: argparse.Namespace) -> int:
