@@ -18,13 +18,14 @@ from gateway.postgres import PostgresStore
 from gateway.service import GatewayService
 from rules.codes import ResponseCode
 from tests.gateway.messages import CONSUMPTION_SRV, flag_request, header, request
-from tests.gateway.test_daemon import Estate, estate, rid
+from tests.gateway.test_daemon import Estate, estate, rid, signing_settings
 from tests.gateway.test_inventory import IMPORT_SUPPLIER, METER, USERS, premise
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
     from pathlib import Path
 
+    from gateway.pki import PkiLayout
     from gateway.transport import Handler
 
 pytestmark = pytest.mark.broker
@@ -57,7 +58,7 @@ class Recorded:
         await self.inner.stop()
 
 
-def instance_settings(broker_url: str, store_url: str, tmp_path: Path, name: str) -> Settings:
+def instance_settings(broker_url: str, store_url: str, tmp_path: Path, name: str, pki: PkiLayout) -> Settings:
     return Settings.model_validate(
         {
             "broker": {"url": broker_url, "reconnect_min_seconds": 0.05, "reconnect_max_seconds": 0.5},
@@ -65,6 +66,7 @@ def instance_settings(broker_url: str, store_url: str, tmp_path: Path, name: str
             "outcomes": {"path": str(tmp_path / f"{name}-outcomes.sqlite3")},
             "topics": {"shared_group": "gw"},
             "gateway": {"metrics_port": 0, "client_id": name},
+            "signing": signing_settings(pki),
         }
     )
 
@@ -79,7 +81,7 @@ async def group(
     log: list[Published] = []
     services = []
     for name in ("gw-1", "gw-2"):
-        settings = instance_settings(estate.url, postgres_url, tmp_path, name)
+        settings = instance_settings(estate.url, postgres_url, tmp_path, name, estate.pki)
         transport = Recorded(MqttTransport(settings.broker, name), name, log)
         services.append(await GatewayService.start(settings, transport))
     yield services, log
