@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.facts import alert_recipients, inventory_entries, request_facts
+from gateway.redact import without_consumption_payload
 from gateway.flags import evaluate_flag_request
 from gateway.responses import inventory_response_xml, response_xml
 from gateway.topics import Topics
@@ -304,8 +305,8 @@ class _Step:
     """The forward a device response step answers: no longer pending once its commit is durable."""
     expired: tuple[RequestId, ...] = ()
     """The deferred E21 removals this step's commit carries (re-deferred if it fails)."""
-    flag_change: tuple[Eui, bool] | None = None
-    """(device, set) of an accepted flag request that changes the flag; applied when durable."""
+    flag_change: tuple[Eui, bool, datetime] | None = None
+    """(device, set, when) of an accepted flag request that changes the flag; applied when durable."""
 
     @property
     def durable(self) -> bool:
@@ -467,9 +468,9 @@ class Router:
                 forwarded.srv, forwarded.service_reference, now.monotonic
             )
         if step.flag_change is not None:
-            device, set_flag = step.flag_change
+            device, set_flag, at = step.flag_change
             if set_flag:
-                self.view.set_flag(device)
+                self.view.set_flag(device, at)
             else:
                 self.view.clear_flag(device)
 
@@ -615,7 +616,7 @@ class Router:
                 user,
                 request,
                 admission=admission,
-                code=ResponseCode.USER_NOT_AUTHORISED,
+                code=ResponseCode.ORIGINATOR_MISMATCH,
                 reason="originator-mismatch",
                 detail=f"RequestID originator {request.request_id.originator} is not the user of topic "
                 f"{event.topic}",
@@ -854,7 +855,7 @@ class Router:
             at=now.wall,
         )
         if verdict.accepted and verdict.changed:
-            step.flag_change = (instruction.device_id, instruction.set)
+            step.flag_change = (instruction.device_id, instruction.set, now.wall)
         reason = f"{verdict.reason}: {verdict.detail}"
         step.effects.append(self._answer(request_id.originator, request, verdict.code, now, reason))
         step.effects.append(
@@ -977,14 +978,17 @@ class Router:
                 self._routed(now, device, alert, verdict.delivery, verdict.reason, category=category)
             )
             return
-        recipients = alert_recipients(device, verdict, self.view)
+        recipients = alert_recipients(device, alert, verdict, self.view)
         if not recipients:
-            self._deadletter(step, event, "no-recipient", f"no responsible supplier for {device}", now)
+            self._deadletter(step, event, "no-recipient", f"no recipient for the alert from {device}", now)
             step.effects.append(
                 self._routed(now, device, alert, Delivery.REJECT, "no-recipient", category=category)
             )
             return
-        step.effects.extend(Publish(self.topics.out(user), event.payload) for user in recipients)
+        payload = event.payload
+        if verdict.delivery is Delivery.REDACT:
+            payload = without_consumption_payload(payload)
+        step.effects.extend(Publish(self.topics.out(user), payload) for user in recipients)
         step.effects.append(
             self._routed(
                 now, device, alert, verdict.delivery, verdict.reason, category=category, recipients=recipients

@@ -5,35 +5,41 @@ router sets and clears flags write-through as flag Service Requests commit, and 
 applies inventory and user upserts made since (by `mp169 inventory import` in another process).
 
 Memory, for a million devices: no object per device. Devices live in an open-addressing hash table
-of three flat arrays indexed by slot: the EUI as a 64-bit integer, the number of the device's
-profile, and its comms hub's EUI as an integer. A profile is everything else routing needs (device
-type, SMETS generation, status, suppliers, tariff, WAN, network operator); devices share it (a
-simulated estate of a million devices has about 22,000). Flags are a set of integers. The MPxN is
-not held: read it from the store (`FlagStore.get_device`).
+of four flat arrays indexed by slot: the EUI as a 64-bit integer, the number of the device's
+profile, its comms hub's EUI as an integer, and a premises link (for a comms hub, the first device
+joined to it; for any other device, the next device joined to the same hub; 0 ends the chain), so the
+devices of a premises are found without an index object per premises. A profile is everything else
+routing needs (device type, SMETS generation, status, suppliers, distributor, transporter, tariff,
+WAN); devices share it (a simulated estate of a million devices has about 22,000). Flags are a dict
+from integer to the time the flag was set. The MPxN is not held: read it from the store
+(`FlagStore.get_device`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from array import array
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeAlias
 
 from rules.decide import DeviceFacts
 from rules.domain import (
     ELECTRICITY_DEVICES,
     GAS_DEVICES,
+    DeviceParties,
     DeviceRecord,
     DeviceStatus,
     DeviceType,
     Eui,
     Role,
     Tariff,
+    device_parties,
     eui_to_int,
     int_to_eui,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
+    from datetime import datetime
 
     from gateway.store import FlagStore
     from rules.domain import UserRecord
@@ -56,6 +62,7 @@ class _Profile:
     tariff: Tariff
     wan: bool
     network_operator: Eui | None
+    gas_transporter: Eui | None
 
     @property
     def responsible_suppliers(self) -> tuple[Eui, ...]:
@@ -70,12 +77,20 @@ class _Profile:
 
 
 _ProfileKey = tuple[
-    DeviceType, int, DeviceStatus, Eui | None, Eui | None, Eui | None, Tariff, bool, Eui | None
+    DeviceType, int, DeviceStatus, Eui | None, Eui | None, Eui | None, Tariff, bool, Eui | None, Eui | None
 ]
 """_Profile's fields as a tuple: the key that finds a device's shared profile (hashed in C, fast)."""
 
 
-def _facts_constructor() -> Callable[[Eui, DeviceType, int, DeviceStatus, bool], DeviceFacts]:
+_FactsParts = tuple[DeviceType, int, DeviceStatus, DeviceParties]
+
+
+_FactsConstructor: TypeAlias = (
+    "Callable[[Eui, DeviceType, int, DeviceStatus, DeviceParties, Eui | None], DeviceFacts]"
+)
+
+
+def _facts_constructor() -> _FactsConstructor:
     """DeviceFacts(...) at about half the cost, for the hot path.
 
     A frozen dataclass's __init__ sets each field through object.__setattr__, which is most of a
@@ -87,23 +102,31 @@ def _facts_constructor() -> Callable[[Eui, DeviceType, int, DeviceStatus, bool],
     if names != _FACTS_FIELDS or slots != set(names) or hasattr(DeviceFacts, "__post_init__"):
         return DeviceFacts
     new = DeviceFacts.__new__
-    set_id, set_type, set_smets, set_status, set_flagged = (vars(DeviceFacts)[name].__set__ for name in names)
+    set_id, set_type, set_smets, set_status, set_parties, set_flagged = (
+        vars(DeviceFacts)[name].__set__ for name in names
+    )
 
-    def construct(
-        eui: Eui, device_type: DeviceType, smets: int, status: DeviceStatus, flagged: bool
+    def construct(  # noqa: PLR0913, PLR0917 - DeviceFacts' fields, positional as its constructor's
+        eui: Eui,
+        device_type: DeviceType,
+        smets: int,
+        status: DeviceStatus,
+        parties: DeviceParties,
+        flagged_meter: Eui | None,
     ) -> DeviceFacts:
         facts = new(DeviceFacts)
         set_id(facts, eui)
         set_type(facts, device_type)
         set_smets(facts, smets)
         set_status(facts, status)
-        set_flagged(facts, flagged)
+        set_parties(facts, parties)
+        set_flagged(facts, flagged_meter)
         return facts
 
     return construct
 
 
-_FACTS_FIELDS = ("device_id", "device_type", "smets", "status", "flagged")
+_FACTS_FIELDS = ("device_id", "device_type", "smets", "status", "parties", "flagged_meter")
 _new_facts = _facts_constructor()
 
 
@@ -113,7 +136,7 @@ class _EuiTable:
     The all-zero EUI is not a device (the inventory refuses it). Devices are never removed.
     """
 
-    __slots__ = ("_count", "_keys", "_mask", "_shift", "hubs", "profiles")
+    __slots__ = ("_count", "_keys", "_mask", "_shift", "hubs", "links", "profiles")
 
     def __init__(self, capacity: int = 0) -> None:
         # At most half full: probes stay short.
@@ -127,6 +150,7 @@ class _EuiTable:
         self._keys = array("Q", bytes(8 * size))
         self.profiles = array("I", bytes(4 * size))
         self.hubs = array("Q", bytes(8 * size))
+        self.links = array("Q", bytes(8 * size))
 
     def __len__(self) -> int:
         return self._count
@@ -144,7 +168,8 @@ class _EuiTable:
                 return slot
             slot = (slot + 1) & mask
 
-    def put(self, key: int, profile: int, hub: int) -> None:
+    def put(self, key: int, profile: int, hub: int, link: int | None = None) -> int:
+        """Insert or update `key`; returns its slot. `link` None keeps the slot's premises link."""
         if key == 0:
             raise ValueError("the all-zero EUI is not a device")
         if 2 * (self._count + 1) > len(self._keys):
@@ -163,13 +188,16 @@ class _EuiTable:
             slot = (slot + 1) & mask
         self.profiles[slot] = profile
         self.hubs[slot] = hub
+        if link is not None:
+            self.links[slot] = link
+        return slot
 
     def _grow(self) -> None:
-        keys, profiles, hubs = self._keys, self.profiles, self.hubs
+        keys, profiles, hubs, links = self._keys, self.profiles, self.hubs, self.links
         self._allocate(64 - self._shift + 1)
-        for key, profile, hub in zip(keys, profiles, hubs, strict=True):
+        for key, profile, hub, link in zip(keys, profiles, hubs, links, strict=True):
             if key:
-                self.put(key, profile, hub)
+                self.put(key, profile, hub, link)
 
 
 class RoutingView:
@@ -179,10 +207,14 @@ class RoutingView:
         self._devices = _EuiTable(capacity)
         self._profiles: list[_Profile] = []
         # Per profile number, what DeviceFacts takes from the profile: one index on the hot path.
-        self._facts_parts: list[tuple[DeviceType, int, DeviceStatus]] = []
+        self._facts_parts: list[_FactsParts] = []
         self._profile_numbers: dict[_ProfileKey, int] = {}
         self._user_ids: dict[Eui, Eui] = {}
-        self._flags: set[int] = set()
+        # Flagged devices and when the flag was set (None: not known, as for a flag set before this
+        # process by a store that kept no time).
+        self._flags: dict[int, datetime | None] = {}
+        # Devices joined to a comms hub the view does not hold yet: linked when it arrives.
+        self._waiting: dict[int, list[int]] = {}
         self._roles: dict[Eui, frozenset[Role]] = {}
         self._seq = 0
 
@@ -195,8 +227,8 @@ class RoutingView:
         async for batch in store.load_devices():
             view.apply_devices(batch)
         view.apply_users(await store.load_users())
-        for device in await store.load_flags():
-            view.set_flag(device)
+        for device, state in (await store.load_flags()).items():
+            view.set_flag(device, state.set_at)
         view._seq = seq
         return view
 
@@ -220,7 +252,7 @@ class RoutingView:
     def apply_devices(self, records: Iterable[DeviceRecord]) -> None:
         """Insert or update devices (an update keeps the device's flag: flags follow the device)."""
         numbers = self._profile_numbers
-        put = self._devices.put
+        table = self._devices
         for record in records:
             key = (
                 record.device_type,
@@ -232,35 +264,79 @@ class RoutingView:
                 record.tariff,
                 record.wan,
                 record.network_operator,
+                record.gas_transporter,
             )
             number = numbers.get(key)
             if number is None:
-                number = self._add_profile(key)
+                number = self._add_profile(key, device_parties(record))
+            device = eui_to_int(record.device_id)
             hub = 0 if record.comms_hub_id is None else eui_to_int(record.comms_hub_id)
-            put(eui_to_int(record.device_id), number, hub)
+            known = table.find(device)
+            old_hub = table.hubs[known] if known >= 0 else 0
+            if known >= 0 and old_hub == hub:
+                table.put(device, number, hub)
+                continue
+            if old_hub:
+                self._unlink(device, old_hub)
+            table.put(device, number, hub)
+            if hub:
+                self._link(device, hub)
+            if known < 0:
+                for member in self._waiting.pop(device, ()):
+                    self._link(member, device)
 
-    def _add_profile(self, key: _ProfileKey) -> int:
-        device_type, smets, status, importer, exporter, gas, tariff, wan, operator = key
+    def _link(self, device: int, hub: int) -> None:
+        """Put `device` at the head of `hub`'s premises chain (or wait for the hub to arrive)."""
+        table = self._devices
+        hub_slot = table.find(hub)
+        if hub_slot < 0:
+            self._waiting.setdefault(hub, []).append(device)
+            return
+        table.links[table.find(device)] = table.links[hub_slot]
+        table.links[hub_slot] = device
+
+    def _unlink(self, device: int, hub: int) -> None:
+        table = self._devices
+        waiting = self._waiting.get(hub)
+        if waiting is not None:
+            waiting.remove(device)
+            return
+        previous = table.find(hub)
+        slot = table.find(device)
+        while previous >= 0:
+            following = table.links[previous]
+            if following == device:
+                table.links[previous] = table.links[slot]
+                table.links[slot] = 0
+                return
+            previous = table.find(following) if following else -1
+
+    def _add_profile(self, key: _ProfileKey, parties: DeviceParties) -> int:
+        device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter = key
         # One string object per User ID, however many profiles name it.
         share = self._user_ids.setdefault
-        importer, exporter, gas, operator = (
-            None if user is None else share(user, user) for user in (importer, exporter, gas, operator)
+        importer, exporter, gas, operator, transporter = (
+            None if user is None else share(user, user)
+            for user in (importer, exporter, gas, operator, transporter)
         )
-        shared = (device_type, smets, status, importer, exporter, gas, tariff, wan, operator)
+        shared = (device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter)
         number = self._profile_numbers[shared] = len(self._profiles)
         self._profiles.append(_Profile(*shared))
-        self._facts_parts.append((device_type, smets, status))
+        self._facts_parts.append((device_type, smets, status, parties))
         return number
 
     def apply_users(self, records: Iterable[UserRecord]) -> None:
         for record in records:
             self._roles[record.user_id] = record.roles
 
-    def set_flag(self, eui: Eui) -> None:
-        self._flags.add(eui_to_int(eui))
+    def set_flag(self, eui: Eui, at: datetime | None = None) -> None:
+        """Flag `eui`, set at `at` (kept from an earlier set of the same flag when None)."""
+        key = eui_to_int(eui)
+        if at is not None or key not in self._flags:
+            self._flags[key] = at
 
     def clear_flag(self, eui: Eui) -> None:
-        self._flags.discard(eui_to_int(eui))
+        self._flags.pop(eui_to_int(eui), None)
 
     # -- reads (the hot path) ---------------------------------------------------------------------
 
@@ -273,11 +349,56 @@ class RoutingView:
     def device_facts(self, eui: Eui) -> DeviceFacts | None:
         """What the routing decision needs about a device, or None if it is not in the inventory."""
         key = eui_to_int(eui)
-        slot = self._devices.find(key)
+        table = self._devices
+        slot = table.find(key)
         if slot < 0:
             return None
-        device_type, smets, status = self._facts_parts[self._devices.profiles[slot]]
-        return _new_facts(eui, device_type, smets, status, key in self._flags)
+        device_type, smets, status, parties = self._facts_parts[table.profiles[slot]]
+        flags = self._flags
+        flagged: Eui | None = None
+        if key in flags:
+            flagged = eui
+        elif device_type is DeviceType.GPF and flags:
+            flagged = self._flagged_gas_meter(table.hubs[slot])
+        return _new_facts(eui, device_type, smets, status, parties, flagged)
+
+    def _flagged_gas_meter(self, hub: int) -> Eui | None:
+        """A flagged GSME joined to `hub`: the meter whose data the hub's GPF holds."""
+        for member in self._members(hub):
+            if member in self._flags and self._type_of(member) is DeviceType.GSME:
+                return int_to_eui(member)
+        return None
+
+    def _type_of(self, key: int) -> DeviceType | None:
+        slot = self._devices.find(key)
+        return None if slot < 0 else self._profiles[self._devices.profiles[slot]].device_type
+
+    def _members(self, hub: int) -> Iterator[int]:
+        table = self._devices
+        slot = table.find(hub) if hub else -1
+        while slot >= 0:
+            member = table.links[slot]
+            if not member:
+                return
+            yield member
+            slot = table.find(member)
+
+    def premises(self, eui: Eui) -> tuple[Eui, ...]:
+        """The devices of `eui`'s premises: its comms hub first, then every device joined to that hub
+        (newest first); only `eui` for a device joined to no hub the view holds; empty if unknown."""
+        key = eui_to_int(eui)
+        table = self._devices
+        slot = table.find(key)
+        if slot < 0:
+            return ()
+        hub = key if self._type_of(key) is DeviceType.CHF else table.hubs[slot]
+        if not hub or table.find(hub) < 0:
+            return (eui,)
+        return (int_to_eui(hub), *(int_to_eui(member) for member in self._members(hub)))
+
+    def flag_set_at(self, eui: Eui) -> datetime | None:
+        """When the device's flag was set (None: not flagged, or the time is not known)."""
+        return self._flags.get(eui_to_int(eui))
 
     def device(self, eui: Eui) -> DeviceRecord | None:
         """The device's inventory entry as the view holds it: `mpxn` is always None (not held here)."""
@@ -299,6 +420,7 @@ class RoutingView:
             tariff=profile.tariff,
             wan=profile.wan,
             network_operator=profile.network_operator,
+            gas_transporter=profile.gas_transporter,
         )
 
     def roles(self, user: Eui) -> frozenset[Role]:
