@@ -139,9 +139,11 @@ MIGRATIONS: tuple[str, ...] = (
         deadline TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
-    # 5: the gas transporter of the device's MPRN (DUIS E4: the GT's relationship to gas devices).
+    # 5: the gas transporter of the device's MPRN (DUIS E4: the GT's relationship to gas devices); the
+    # not-responsible-supplier refusal's code is E081509, no longer DUIS's E3 (which means user status).
     """
     ALTER TABLE devices ADD COLUMN gas_transporter TEXT;
+    UPDATE flag_history SET outcome = 'E081509' WHERE outcome = 'E3';
     """,
 )
 

@@ -99,7 +99,7 @@ def test_malformed_file_is_rejected_with_its_reason(
     assert (rows[1]["file"], rows[1]["decision"], rows[1]["response_code"], rows[1]["reason"]) == (
         str(truncated),
         "reject",
-        "E4",
+        "E16902",
         "not-well-formed",
     )
     assert rows[1]["detail"]

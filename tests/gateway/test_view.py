@@ -13,7 +13,7 @@ from gateway.storage import open_store
 from gateway.store import CommitBatch, FlagStore, SqliteStore
 from gateway.view import RoutingView
 from rules.decide import DeviceFacts
-from rules.domain import DeviceStatus, DeviceType, Eui, Role, Tariff, UserRecord, int_to_eui
+from rules.domain import DeviceStatus, DeviceType, Eui, Role, Tariff, UserRecord, device_parties, int_to_eui
 from tests.gateway.test_inventory import (
     DISTRIBUTOR,
     EXPORT_SUPPLIER,
@@ -54,11 +54,17 @@ async def test_load_gives_device_facts_roles_and_flags(store: FlagStore) -> None
     view = await RoutingView.load(store)
     assert len(view) == 4
     assert view.device_facts(METER) == DeviceFacts(
-        METER, DeviceType.ESME, 2, DeviceStatus.COMMISSIONED, False
+        METER, DeviceType.ESME, 2, DeviceStatus.COMMISSIONED, device_parties(esme())
     )
     assert view.device_facts(GAS_METER) == DeviceFacts(
-        GAS_METER, DeviceType.GSME, 2, DeviceStatus.COMMISSIONED, True
+        GAS_METER, DeviceType.GSME, 2, DeviceStatus.COMMISSIONED, device_parties(gsme()), GAS_METER
     )
+    # The GPF holds the flagged GSME's data: reads through it are the GSME's.
+    proxy = view.device_facts(GAS_PROXY)
+    assert proxy is not None
+    assert (proxy.device_type, proxy.flagged_meter) == (DeviceType.GPF, GAS_METER)
+    assert set(view.premises(METER)) == {HUB, METER, GAS_METER, GAS_PROXY}
+    assert view.premises(METER)[0] == HUB
     assert view.device_facts(Eui("00-DB-12-00-00-00-00-01")) is None
     assert view.roles(IMPORT_SUPPLIER) == frozenset({Role.IMPORT_SUPPLIER, Role.GAS_SUPPLIER})
     assert view.roles(Eui("90-B3-D5-1F-30-09-09-09")) == frozenset()
