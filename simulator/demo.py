@@ -257,6 +257,7 @@ async def _run(
             console=console,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
+            estate=estate,
         )
     finally:
         await devices.stop()

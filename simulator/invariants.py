@@ -25,10 +25,20 @@ counterexamples. The definitions (docs/simulator.md repeats them):
   RequestID when it has one, else an answer without RequestID on the sender's topic; and never
   reached a device.
 - (e) no-consumption-data-from-flagged: nothing a device sent that carries consumption (an alert the
-  table withholds, such as 8F0A, or a DCC-scheduled execution of a consumption SRV) reached a
-  dsp/out topic while the device was flagged (at the position of the relayed copy in the log).
+  table withholds or redacts, such as 8F0A, or a DCC-scheduled execution of a consumption SRV) reached
+  a dsp/out topic unchanged while the meter whose data it is was flagged (at the position of the
+  relayed copy in the log).
 - (f) spoofed-not-forwarded: a request published on one user's topic with another originator never
   reached /cmd.
+- (g) authorised-access: no request reached a device its originator was not authorised for (DUIS E4:
+  registered for the device in an eligible role, or eligible in a role with no device relationship),
+  judged by the inventory as it stood when the command was seen; and no unsolicited alert reached a
+  user not registered for the device that sent it (an answer or alert carrying a RequestID goes to
+  that request's originator). Checked only when the analysis is given the estate.
+
+"Flagged" is judged by whose data it is: a device's flag covers the device itself, and a GSME's also
+its GPF (the GPF holds the GSME's registers, profiles and prepayment values), when the analysis is
+given the estate (the comms hub relations); without it, only the addressed device counts.
 """
 
 from __future__ import annotations
@@ -40,13 +50,25 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.duis import ParseError, parse_device_message, parse_request, parse_request_id
 from gateway.topics import Topics
 from rules.codes import ResponseCode
-from rules.domain import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
+from rules.domain import (
+    ROLES_WITHOUT_DEVICE_RELATIONSHIP,
+    DeviceMessage,
+    DeviceMessageKind,
+    DeviceRecord,
+    DeviceType,
+    Eui,
+    Role,
+    ServiceRequest,
+    device_parties,
+    parse_eui,
+)
 from rules.table import Category, RulesTable
+from simulator.estate import Estate, records_from_rows
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -61,7 +83,7 @@ class EventKind(StrEnum):
     REQUEST = "request"
     """Published by the replay on dsp/in/<user>."""
     INVENTORY = "inventory"
-    """An inventory change the replay applied."""
+    """An inventory change the replay applied; the payload is its rows as JSON."""
     COMMAND = "command"
     """Observed on dsp/device/<eui>/cmd: reached the device."""
     UP = "up"
@@ -170,13 +192,27 @@ class Analysis:
     answer_indices_by_payload: Mapping[bytes, tuple[int, ...]]
     command_request_ids: frozenset[str]
     command_payloads: frozenset[bytes]
+    inventory: Mapping[Eui, tuple[tuple[int, DeviceRecord], ...]] = field(default_factory=dict)
+    """Per device: (log position, inventory row from then on), oldest first; empty without an estate."""
+    roles: Mapping[Eui, frozenset[Role]] = field(default_factory=dict)
+    owners: Mapping[Eui, Eui] = field(default_factory=dict)
+    """The meter whose consumption data a GPF returns: the GSME on its comms hub."""
 
     def flagged_by(self, device: Eui, index: int) -> str | None:
-        """The 8.15.1 RequestID flagging `device` at log position `index`, or None."""
-        for start, end, flag_request in self.flag_intervals.get(device, ()):
+        """The 8.15.1 RequestID flagging the meter whose data `device` holds at log position `index`."""
+        for start, end, flag_request in self.flag_intervals.get(self.owners.get(device, device), ()):
             if start < index and (end is None or index < end):
                 return flag_request
         return None
+
+    def device_at(self, device: Eui, index: int) -> DeviceRecord | None:
+        """The device's inventory row at log position `index` (None: not in the inventory then)."""
+        found = None
+        for position, record in self.inventory.get(device, ()):
+            if position > index:
+                break
+            found = record
+        return found
 
     def delivered_after(self, payload: bytes, index: int) -> bool:
         return any(position > index for position in self.answer_indices_by_payload.get(payload, ()))
@@ -220,8 +256,8 @@ def read_answer(payload: bytes) -> DeviceMessage | ParseError:
     return DeviceMessage(DeviceMessageKind.RESPONSE, code, request_id, None, None, raw=payload)
 
 
-def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
-    """Parse an event log once, for all the checks."""
+def analyse(events: Sequence[Event], topics: Topics | None = None, estate: Estate | None = None) -> Analysis:
+    """Parse an event log once, for all the checks; `estate`: the inventory and users it started with."""
     topics = topics or Topics()
     depth = len(topics.devices.split("/"))
     requests: list[RequestRecord] = []
@@ -266,11 +302,39 @@ def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
         answers=tuple(answers),
         deadletters=tuple(deadletters),
         flag_intervals=_flag_intervals(requests, answers),
+        **_inventory(events, estate),
         answers_by_key={key: tuple(found) for key, found in by_key.items()},
         answer_indices_by_payload={payload: tuple(found) for payload, found in by_payload.items()},
         command_request_ids=frozenset(command_ids),
         command_payloads=frozenset(command.payload for command in commands),
     )
+
+
+def _inventory(events: Sequence[Event], estate: Estate | None) -> dict[str, Any]:
+    """The inventory over the log (the estate, then each applied change), users' roles, GPF owners."""
+    if estate is None:
+        return {}
+    rows: dict[Eui, list[tuple[int, DeviceRecord]]] = defaultdict(list)
+    for record in estate.devices:
+        rows[record.device_id].append((-1, record))
+    for index, event in enumerate(events):
+        if event.kind is EventKind.INVENTORY and event.payload:
+            for record in records_from_rows(json.loads(event.payload)):
+                rows[record.device_id].append((index, record))
+    latest = [history[-1][1] for history in rows.values()]
+    gas_meters = {
+        r.comms_hub_id: r.device_id for r in latest if r.device_type is DeviceType.GSME and r.comms_hub_id
+    }
+    owners = {
+        r.device_id: gas_meters[r.comms_hub_id]
+        for r in latest
+        if r.device_type is DeviceType.GPF and r.comms_hub_id in gas_meters
+    }
+    return {
+        "inventory": {device: tuple(history) for device, history in rows.items()},
+        "roles": {user.user_id: user.roles for user in estate.users},
+        "owners": owners,
+    }
 
 
 def _flag_intervals(
@@ -364,7 +428,7 @@ def check_no_consumption_to_flagged(
             if flag_request is not None:
                 found.fail(
                     f"{request.srv} {request.request_id} reached {command.eui} at t={command.t:.3f}s "
-                    f"while {device} was flagged (by {flag_request})"
+                    f"while {analysis.owners.get(device, device)} was flagged (by {flag_request})"
                 )
     return found.result(
         "no-consumption-to-flagged",
@@ -534,7 +598,11 @@ def check_no_consumption_data_from_flagged(
     found = _Collector(limit)
     for up in analysis.ups:
         message = up.parsed
-        if not isinstance(message, DeviceMessage) or up.eui is None or up.eui not in analysis.flag_intervals:
+        if (
+            not isinstance(message, DeviceMessage)
+            or up.eui is None
+            or analysis.owners.get(up.eui, up.eui) not in analysis.flag_intervals
+        ):
             continue
         if not _carries_consumption(message, table):
             continue
@@ -551,7 +619,7 @@ def check_no_consumption_data_from_flagged(
                 break
     return found.result(
         "no-consumption-data-from-flagged",
-        "no consumption data (8F0A alert, scheduled read) from a flagged device reached a user",
+        "no consumption data (8F0A alert, scheduled read) of a flagged meter reached a user unchanged",
     )
 
 
@@ -560,7 +628,7 @@ def _carries_consumption(message: DeviceMessage, table: RulesTable) -> bool:
         rule = table.srv(message.srv) if message.scheduled and message.srv else None
         return rule is not None and rule.refused_when_flagged
     alert = table.alert(message.alert_code) if message.alert_code else None
-    return alert is not None and alert.withheld_when_flagged
+    return alert is not None and (alert.withheld_when_flagged or alert.redacted_when_flagged)
 
 
 def check_spoofed_not_forwarded(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
@@ -577,10 +645,67 @@ def check_spoofed_not_forwarded(analysis: Analysis, *, limit: int = 10) -> Invar
     )
 
 
+def check_authorised_access(analysis: Analysis, table: RulesTable, *, limit: int = 10) -> InvariantResult:
+    found = _Collector(limit)
+    for command in analysis.commands if analysis.inventory else ():
+        request = command.parsed
+        if isinstance(request, ServiceRequest):
+            _check_command_authorised(analysis, table, command, request, found)
+    answers = {answer.index: answer for answer in analysis.answers}
+    for up in analysis.ups if analysis.inventory else ():
+        message = up.parsed
+        if not isinstance(message, DeviceMessage) or up.eui is None or message.request_id is not None:
+            continue
+        record = analysis.device_at(up.eui, up.index)
+        parties = device_parties(record) if record is not None else None
+        for position in analysis.answer_indices_by_payload.get(up.payload, ()):
+            user = answers[position].eui
+            if position < up.index or user is None:
+                continue
+            found.checked += 1
+            if parties is None or not any(parties.registered(user, role) for role in Role):
+                found.fail(
+                    f"alert {message.alert_code} from {up.eui} (t={up.t:.3f}s) reached {user}, "
+                    "who is not registered for it"
+                )
+    return found.result(
+        "authorised-access",
+        "no user reached a device, or received its unsolicited alerts, without being authorised for it",
+    )
+
+
+def _check_command_authorised(
+    analysis: Analysis, table: RulesTable, command: MessageRecord, request: ServiceRequest, found: _Collector
+) -> None:
+    rule = table.srv(request.srv)
+    addressing = table.srv(request.scheduled_srv) if request.scheduled_srv else rule
+    if rule is None or addressing is None or not addressing.device_relationship:
+        return
+    user = request.request_id.originator
+    roles = analysis.roles.get(user, frozenset()) & rule.eligible_roles
+    # A non-device request's command goes to the DCC: what counts are the devices its Body names.
+    for device in request.concerned_devices:
+        found.checked += 1
+        record = analysis.device_at(device, command.index)
+        if record is None or not any(
+            role in ROLES_WITHOUT_DEVICE_RELATIONSHIP or device_parties(record).registered(user, role)
+            for role in roles
+        ):
+            found.fail(
+                f"{request.srv} {request.request_id} reached {command.eui}: {user} is not "
+                f"authorised for {device}"
+            )
+
+
 def check_all(
-    events: Sequence[Event], table: RulesTable, *, topics: Topics | None = None, limit: int = 10
+    events: Sequence[Event],
+    table: RulesTable,
+    *,
+    topics: Topics | None = None,
+    estate: Estate | None = None,
+    limit: int = 10,
 ) -> tuple[InvariantResult, ...]:
-    analysis = analyse(events, topics)
+    analysis = analyse(events, topics, estate)
     return check_analysis(analysis, table, limit=limit)
 
 
@@ -592,4 +717,5 @@ def check_analysis(analysis: Analysis, table: RulesTable, *, limit: int = 10) ->
         check_malformed_handled(analysis, limit=limit),
         check_no_consumption_data_from_flagged(analysis, table, limit=limit),
         check_spoofed_not_forwarded(analysis, limit=limit),
+        check_authorised_access(analysis, table, limit=limit),
     )

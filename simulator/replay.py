@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from collections import Counter, defaultdict
@@ -45,6 +46,7 @@ from simulator.recording import InventoryChange, StreamItem
 
 if TYPE_CHECKING:
     from gateway.transport import Message, Transport
+    from simulator.estate import Estate
 
 ApplyInventory = Callable[[Sequence[Mapping[str, str]]], Awaitable[None]]
 
@@ -248,7 +250,8 @@ class _Run:
                     self.skipped += 1
                 else:
                     await apply_inventory(item.rows)
-                    self.events.append(Event(self.now(), EventKind.INVENTORY, "", b"", item.scenario))
+                    rows = json.dumps([dict(row) for row in item.rows]).encode()
+                    self.events.append(Event(self.now(), EventKind.INVENTORY, "", rows, item.scenario))
                     self.inventory_changes += 1
             elif item.topic.startswith(inbound):
                 if window is not None:
@@ -283,6 +286,7 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
     table: RulesTable | None = None,
     before_wait: Callable[[], Awaitable[object]] | None = None,
     console: Console | None = None,
+    estate: Estate | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> ReplayResult:
@@ -296,6 +300,8 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
     answer_timeout: seconds to wait, after the last publish, for the answers still due.
     settle_seconds: extra time to keep observing once all are answered (catches duplicate answers).
     before_wait: awaited after the last publish (the demo executes DCC schedules there).
+    estate: the inventory and users the gateway started with: the invariants then judge flags by
+      whose data it is (a GSME's flag covers its GPF) and check authorised access.
     """
     if speed is not None and speed <= 0:
         raise ValueError("speed must be positive (None: as fast as possible)")
@@ -336,7 +342,7 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
                 await sleep(settle_seconds)
     finally:
         await transport.stop()
-    analysis = analyse(run.events, topics)
+    analysis = analyse(run.events, topics, estate)
     summary = summarise(
         analysis,
         table,
