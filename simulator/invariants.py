@@ -290,7 +290,13 @@ def analyse(events: Sequence[Event], topics: Topics | None = None, estate: Estat
     for answer in answers:
         by_payload[answer.payload].append(answer.index)
         message = answer.parsed
-        if isinstance(message, DeviceMessage) and message.request_id is not None and answer.eui is not None:
+        # Answers only: an alert about a request (8F66 future-dated outcome) is not one of its answers.
+        if (
+            isinstance(message, DeviceMessage)
+            and message.kind is DeviceMessageKind.RESPONSE
+            and message.request_id is not None
+            and answer.eui is not None
+        ):
             by_key[f"{answer.eui}|{message.request_id}"].append(answer)
     command_ids = {
         str(command.parsed.request_id) for command in commands if isinstance(command.parsed, ServiceRequest)
