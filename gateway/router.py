@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 
 from gateway.duis import ParseError, parse_device_message, parse_request
 from gateway.facts import alert_recipients, inventory_entries, request_facts
-from gateway.redact import without_consumption_payload
 from gateway.flags import evaluate_flag_request
+from gateway.redact import without_consumption_payload
 from gateway.responses import inventory_response_xml, response_xml
 from gateway.topics import Topics
 from rules.codes import ResponseCode

@@ -12,6 +12,7 @@ from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from rules.codes import ResponseCode
 from rules.domain import DeviceType
+from tests.gateway.messages import flag_request, request
 from tests.gateway.test_daemon import Estate, estate, gateway_settings, rid
 from tests.gateway.test_inventory import (
     GAS_METER,
@@ -22,7 +23,6 @@ from tests.gateway.test_inventory import (
     gsme,
     premise,
 )
-from tests.gateway.test_pipeline import flag_request, request
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
