@@ -934,6 +934,7 @@ class Router:
         outcome = "success" if response.response_code == ResponseCode.SUCCESS else "failure"
         originator = request_id.originator
         if verdict.delivery is Delivery.WITHHOLD:
+            outcome = "withheld"  # a consumer-choice exception, as the user experienced it
             # The request still gets its one final answer: the refusal, not the data.
             payload = response_xml(
                 request_id=request_id,

@@ -365,7 +365,8 @@ def decision_of(codes: Sequence[str]) -> str:
         return "no-answer"
     first = codes[0]
     if first == ACKNOWLEDGED:
-        return "forwarded"
+        # Forwarded, but the answer withheld for consumer choice: refused, as the user experienced it.
+        return "refused" if codes[-1] == ResponseCode.CONSUMER_CHOICE.value else "forwarded"
     if first == ResponseCode.SUCCESS.value:
         return "local"
     if first == ResponseCode.CONSUMER_CHOICE.value:

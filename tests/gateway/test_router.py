@@ -16,6 +16,7 @@ from gateway.router import (
     DEADLETTER_PAYLOAD_BYTES,
     Admission,
     CommitRolledBack,
+    DeviceMessageRouted,
     Publish,
     Received,
     RequestDecided,
@@ -386,6 +387,9 @@ def test_consumption_data_answering_after_the_flag_was_set_is_withheld(desk: Des
     out = desk.device_says(METER, answer)
     assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.CONSUMER_CHOICE]
     assert answer not in [p.payload for p in out]
+    # Reported as the user experienced it: a consumer-choice exception, not a device success.
+    [routed] = [o for o in desk.observed if isinstance(o, DeviceMessageRouted)]
+    assert (routed.delivery, routed.outcome) == ("withhold", "withheld")
 
 
 def test_a_response_from_another_device_than_the_target_is_dead_lettered(desk: Desk) -> None:
