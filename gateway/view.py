@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Self, TypeAlias
 
 from rules.decide import DeviceFacts
 from rules.domain import (
-    ELECTRICITY_DEVICES,
-    GAS_DEVICES,
     DeviceParties,
     DeviceRecord,
     DeviceStatus,
@@ -63,17 +61,6 @@ class _Profile:
     wan: bool
     network_operator: Eui | None
     gas_transporter: Eui | None
-
-    @property
-    def responsible_suppliers(self) -> tuple[Eui, ...]:
-        suppliers: tuple[Eui | None, ...]
-        if self.device_type in ELECTRICITY_DEVICES:
-            suppliers = (self.import_supplier, self.export_supplier)
-        elif self.device_type in GAS_DEVICES:
-            suppliers = (self.gas_supplier,)
-        else:  # a comms hub or in-home device: the suppliers its inventory entry names
-            suppliers = (self.import_supplier, self.gas_supplier)
-        return tuple(dict.fromkeys(supplier for supplier in suppliers if supplier is not None))
 
 
 _ProfileKey = tuple[
@@ -429,17 +416,6 @@ class RoutingView:
 
     def is_flagged(self, eui: Eui) -> bool:
         return eui_to_int(eui) in self._flags
-
-    def responsible_suppliers(self, eui: Eui) -> tuple[Eui, ...]:
-        """Who receives the device's alerts: import and export supplier of an ESME, gas supplier of a
-        GSME or GPF, the named suppliers of any other device; empty for an unknown device."""
-        found = self._profile(eui_to_int(eui))
-        return () if found is None else found[1].responsible_suppliers
-
-    def network_operator(self, eui: Eui) -> Eui | None:
-        """The electricity distributor that receives the device's power-outage alerts, if any."""
-        found = self._profile(eui_to_int(eui))
-        return None if found is None else found[1].network_operator
 
     # -- for tests, the benchmark and `mp169 flags show` -----------------------------------------
 

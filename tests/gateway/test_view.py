@@ -13,7 +13,17 @@ from gateway.storage import open_store
 from gateway.store import CommitBatch, FlagStore, SqliteStore
 from gateway.view import RoutingView
 from rules.decide import DeviceFacts
-from rules.domain import DeviceStatus, DeviceType, Eui, Role, Tariff, UserRecord, device_parties, int_to_eui
+from rules.domain import (
+    DeviceParties,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    Role,
+    Tariff,
+    UserRecord,
+    device_parties,
+    int_to_eui,
+)
 from tests.gateway.test_inventory import (
     DISTRIBUTOR,
     EXPORT_SUPPLIER,
@@ -78,15 +88,18 @@ async def test_device_is_the_inventory_entry_without_mpxn(store: FlagStore) -> N
     assert view.device(Eui("00-DB-12-00-00-00-00-01")) is None
 
 
-async def test_alert_recipients(store: FlagStore) -> None:
+async def test_registered_parties_by_fuel(store: FlagStore) -> None:
     view = await RoutingView.load(store)
-    assert view.responsible_suppliers(METER) == (IMPORT_SUPPLIER, EXPORT_SUPPLIER)
-    assert view.responsible_suppliers(GAS_METER) == (GAS_SUPPLIER,)
-    assert view.responsible_suppliers(GAS_PROXY) == (GAS_SUPPLIER,)
-    assert view.responsible_suppliers(HUB) == (IMPORT_SUPPLIER, GAS_SUPPLIER)
-    assert view.responsible_suppliers(Eui("00-DB-12-00-00-00-00-01")) == ()
-    assert view.network_operator(METER) == DISTRIBUTOR
-    assert view.network_operator(Eui("00-DB-12-00-00-00-00-01")) is None
+
+    def parties(eui: Eui) -> DeviceParties:
+        facts = view.device_facts(eui)
+        assert facts is not None
+        return facts.parties
+
+    assert parties(METER) == DeviceParties(IMPORT_SUPPLIER, EXPORT_SUPPLIER, None, DISTRIBUTOR, None)
+    # The gas devices' rows name the distributor too: it has no relationship to them.
+    assert parties(GAS_METER) == parties(GAS_PROXY) == DeviceParties(gas_supplier=GAS_SUPPLIER)
+    assert parties(HUB) == DeviceParties(IMPORT_SUPPLIER, None, GAS_SUPPLIER, DISTRIBUTOR, None)
 
 
 async def test_flags_set_and_clear_in_memory_only(store: FlagStore) -> None:
