@@ -558,24 +558,8 @@ def test_a_consumer_choice_refusal_never_lowers_a_success_rate(existing, refusal
 
 
 def test_a_forwarded_request_whose_answer_was_withheld_is_a_consumer_choice_exception():
-    record = OutcomeRecord(
-        request_id=f"{USERS[0]}:{E2}:7",
-        originator=USERS[0],
-        role="IS",
-        target=E2,
-        srv="4.8.1",
-        category="consumption",
-        command_variant=1,
-        received_at=T0,
-        decision="forward",
-        response_code="I99",
-        reason="forwarded",
-        device_outcome="withheld",
-        device_response_code="I0",
-        answered_at=T0 + timedelta(seconds=2),
-        flagged=False,
-    )
-    tally = Tally.of_record(record, TARGET)
+    forwarded = Tally.of_decision("forward", "I99")
+    tally = forwarded + Tally.of_device_outcome("withheld", 0, 2_000, round(TARGET * 1000))
     assert tally == Tally(requests=1, refused_consumer_choice=1)
     assert (tally.final, tally.pending, tally.success_rate) == (0, 0, None)
 
