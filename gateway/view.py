@@ -202,6 +202,8 @@ class RoutingView:
         self._flags: dict[int, datetime | None] = {}
         # Devices joined to a comms hub the view does not hold yet: linked when it arrives.
         self._waiting: dict[int, list[int]] = {}
+        # Comms hub -> its flagged GSME: a GPF's data is that GSME's (one lookup on the hot path).
+        self._flagged_gas_hubs: dict[int, int] = {}
         self._roles: dict[Eui, frozenset[Role]] = {}
         self._seq = 0
 
@@ -239,7 +241,6 @@ class RoutingView:
     def apply_devices(self, records: Iterable[DeviceRecord]) -> None:
         """Insert or update devices (an update keeps the device's flag: flags follow the device)."""
         numbers = self._profile_numbers
-        table = self._devices
         for record in records:
             key = (
                 record.device_type,
@@ -257,20 +258,41 @@ class RoutingView:
             if number is None:
                 number = self._add_profile(key, device_parties(record))
             device = eui_to_int(record.device_id)
-            hub = 0 if record.comms_hub_id is None else eui_to_int(record.comms_hub_id)
-            known = table.find(device)
-            old_hub = table.hubs[known] if known >= 0 else 0
-            if known >= 0 and old_hub == hub:
-                table.put(device, number, hub)
-                continue
-            if old_hub:
-                self._unlink(device, old_hub)
+            flagged = device in self._flags
+            if flagged:
+                self._unindex_gas_meter(device)
+            self._place(device, number, 0 if record.comms_hub_id is None else eui_to_int(record.comms_hub_id))
+            if flagged:
+                self._index_gas_meter(device)
+
+    def _place(self, device: int, number: int, hub: int) -> None:
+        """Store the device's profile and hub, moving it to its hub's premises chain if that changed."""
+        table = self._devices
+        known = table.find(device)
+        old_hub = table.hubs[known] if known >= 0 else 0
+        if known >= 0 and old_hub == hub:
             table.put(device, number, hub)
-            if hub:
-                self._link(device, hub)
-            if known < 0:
-                for member in self._waiting.pop(device, ()):
-                    self._link(member, device)
+            return
+        if old_hub:
+            self._unlink(device, old_hub)
+        table.put(device, number, hub)
+        if hub:
+            self._link(device, hub)
+        if known < 0:
+            for member in self._waiting.pop(device, ()):
+                self._link(member, device)
+
+    def _index_gas_meter(self, device: int) -> None:
+        slot = self._devices.find(device)
+        hub = self._devices.hubs[slot] if slot >= 0 else 0
+        if hub and self._type_of(device) is DeviceType.GSME:
+            self._flagged_gas_hubs[hub] = device
+
+    def _unindex_gas_meter(self, device: int) -> None:
+        slot = self._devices.find(device)
+        hub = self._devices.hubs[slot] if slot >= 0 else 0
+        if hub and self._flagged_gas_hubs.get(hub) == device:
+            del self._flagged_gas_hubs[hub]
 
     def _link(self, device: int, hub: int) -> None:
         """Put `device` at the head of `hub`'s premises chain (or wait for the hub to arrive)."""
@@ -321,9 +343,13 @@ class RoutingView:
         key = eui_to_int(eui)
         if at is not None or key not in self._flags:
             self._flags[key] = at
+        self._index_gas_meter(key)
 
     def clear_flag(self, eui: Eui) -> None:
-        self._flags.pop(eui_to_int(eui), None)
+        key = eui_to_int(eui)
+        if key in self._flags:
+            del self._flags[key]
+            self._unindex_gas_meter(key)
 
     # -- reads (the hot path) ---------------------------------------------------------------------
 
@@ -341,20 +367,13 @@ class RoutingView:
         if slot < 0:
             return None
         device_type, smets, status, parties = self._facts_parts[table.profiles[slot]]
-        flags = self._flags
         flagged: Eui | None = None
-        if key in flags:
+        if key in self._flags:
             flagged = eui
-        elif device_type is DeviceType.GPF and flags:
-            flagged = self._flagged_gas_meter(table.hubs[slot])
+        elif device_type is DeviceType.GPF:
+            meter = self._flagged_gas_hubs.get(table.hubs[slot])
+            flagged = None if meter is None else int_to_eui(meter)
         return _new_facts(eui, device_type, smets, status, parties, flagged)
-
-    def _flagged_gas_meter(self, hub: int) -> Eui | None:
-        """A flagged GSME joined to `hub`: the meter whose data the hub's GPF holds."""
-        for member in self._members(hub):
-            if member in self._flags and self._type_of(member) is DeviceType.GSME:
-                return int_to_eui(member)
-        return None
 
     def _type_of(self, key: int) -> DeviceType | None:
         slot = self._devices.find(key)

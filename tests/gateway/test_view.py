@@ -15,6 +15,7 @@ from gateway.view import RoutingView
 from rules.decide import DeviceFacts
 from rules.domain import (
     DeviceParties,
+    DeviceRecord,
     DeviceStatus,
     DeviceType,
     Eui,
@@ -179,3 +180,60 @@ def test_the_all_zero_eui_is_never_a_device() -> None:
     assert view.device_facts(Eui("00-00-00-00-00-00-00-00")) is None
     with pytest.raises(ValueError, match="not a device"):
         view.apply_devices([esme(device_id=Eui("00-00-00-00-00-00-00-00"))])
+
+
+_HUBS = [int_to_eui(0x00DB_1200_0000_00A2 + (n << 8)) for n in range(3)]
+_MEMBERS = [int_to_eui(0x00DB_1300_0000_0000 + n) for n in range(6)]
+_MEMBER_TYPES = [DeviceType.ESME, DeviceType.GSME, DeviceType.GPF, DeviceType.PPMID]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_MEMBERS + _HUBS),
+            st.sampled_from(_MEMBER_TYPES),
+            st.none() | st.sampled_from(_HUBS),
+            st.booleans(),
+        ),
+        max_size=30,
+    )
+)
+def test_premises_and_the_gpfs_meter_follow_any_order_of_upserts_and_flags(steps) -> None:
+    """Devices arrive before or after their hub, move between hubs, change type, get flagged and
+    cleared: the premises chains and the GPF's flagged GSME always match a plain model."""
+    view = RoutingView()
+    rows: dict[Eui, DeviceRecord] = {}
+    flags: set[Eui] = set()
+    for eui, device_type, hub, flag in steps:
+        if eui in _HUBS:
+            record = comms_hub(device_id=eui)
+        else:
+            record = dataclasses.replace(
+                gsme(), device_id=eui, device_type=device_type, comms_hub_id=hub, mpxn=None
+            )
+        view.apply_devices([record])
+        rows[eui] = record
+        (view.set_flag if flag else view.clear_flag)(eui)
+        (flags.add if flag else flags.discard)(eui)
+        for hub_eui in _HUBS:
+            members = {e for e, r in rows.items() if r.comms_hub_id == hub_eui}
+            if hub_eui in rows:
+                premises = view.premises(hub_eui)
+                assert premises[0] == hub_eui
+                assert sorted(premises[1:]) == sorted(members)
+        for member, row in rows.items():
+            facts = view.device_facts(member)
+            assert facts is not None
+            if row.device_type is DeviceType.GPF and member not in flags:
+                meters = {
+                    e
+                    for e, r in rows.items()
+                    if r.device_type is DeviceType.GSME and e in flags and r.comms_hub_id == row.comms_hub_id
+                }
+                assert (
+                    (facts.flagged_meter in meters)
+                    if meters and row.comms_hub_id
+                    else facts.flagged_meter is None
+                )
+            else:
+                assert facts.flagged_meter == (member if member in flags else None)
