@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from array import array
-from typing import TYPE_CHECKING, Self, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeAlias
 
 from rules.decide import DeviceFacts
 from rules.domain import (
@@ -45,11 +45,14 @@ if TYPE_CHECKING:
 _U64 = 2**64 - 1
 _FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads EUIs that differ in a few bits only
 _MIN_BITS = 10
+_GPF = DeviceType.GPF
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Profile:
-    """What routing needs about a device, apart from its identity: shared by every device alike."""
+class _Profile(NamedTuple):
+    """What routing needs about a device, apart from its identity: shared by every device alike.
+
+    A tuple, so that it is also its own key in the profile dict (a plain tuple of the same fields
+    finds it): one object per profile."""
 
     device_type: DeviceType
     smets: int
@@ -66,7 +69,7 @@ class _Profile:
 _ProfileKey = tuple[
     DeviceType, int, DeviceStatus, Eui | None, Eui | None, Eui | None, Tariff, bool, Eui | None, Eui | None
 ]
-"""_Profile's fields as a tuple: the key that finds a device's shared profile (hashed in C, fast)."""
+"""_Profile's fields as a plain tuple: what finds a device's shared profile (hashed in C, fast)."""
 
 
 _FactsParts = tuple[DeviceType, int, DeviceStatus, DeviceParties]
@@ -137,7 +140,8 @@ class _EuiTable:
         self._keys = array("Q", bytes(8 * size))
         self.profiles = array("I", bytes(4 * size))
         self.hubs = array("Q", bytes(8 * size))
-        self.links = array("Q", bytes(8 * size))
+        # Premises chains by slot + 1 (0 ends a chain): slots are 32-bit, so 4 bytes a slot.
+        self.links = array("I", bytes(4 * size))
 
     def __len__(self) -> int:
         return self._count
@@ -155,11 +159,15 @@ class _EuiTable:
                 return slot
             slot = (slot + 1) & mask
 
-    def put(self, key: int, profile: int, hub: int, link: int | None = None) -> int:
-        """Insert or update `key`; returns its slot. `link` None keeps the slot's premises link."""
+    def key_at(self, slot: int) -> int:
+        return self._keys[slot]
+
+    def put(self, key: int, profile: int, hub: int) -> int:
+        """Insert or update `key` (its premises link is kept); returns its slot. Only an insert can
+        grow the table (and move slots)."""
         if key == 0:
             raise ValueError("the all-zero EUI is not a device")
-        if 2 * (self._count + 1) > len(self._keys):
+        if 2 * (self._count + 1) > len(self._keys) and self.find(key) < 0:
             self._grow()
         keys = self._keys
         mask = self._mask
@@ -175,16 +183,25 @@ class _EuiTable:
             slot = (slot + 1) & mask
         self.profiles[slot] = profile
         self.hubs[slot] = hub
-        if link is not None:
-            self.links[slot] = link
         return slot
 
+    def link(self, slot: int, hub_slot: int) -> None:
+        """Put the device in `slot` at the head of the chain of the hub in `hub_slot`."""
+        links = self.links
+        links[slot] = links[hub_slot]
+        links[hub_slot] = slot + 1
+
     def _grow(self) -> None:
-        keys, profiles, hubs, links = self._keys, self.profiles, self.hubs, self.links
+        keys, profiles, hubs = self._keys, self.profiles, self.hubs
         self._allocate(64 - self._shift + 1)
-        for key, profile, hub, link in zip(keys, profiles, hubs, links, strict=True):
+        for key, profile, hub in zip(keys, profiles, hubs, strict=True):
             if key:
-                self.put(key, profile, hub, link)
+                self.put(key, profile, hub)
+        # Slots moved: chain every device again to its hub, where the hub is held (the others wait).
+        for slot, hub in enumerate(self.hubs):
+            hub_slot = self.find(hub) if hub else -1
+            if hub_slot >= 0:
+                self.link(slot, hub_slot)
 
 
 class RoutingView:
@@ -196,6 +213,7 @@ class RoutingView:
         # Per profile number, what DeviceFacts takes from the profile: one index on the hot path.
         self._facts_parts: list[_FactsParts] = []
         self._profile_numbers: dict[_ProfileKey, int] = {}
+        self._parties: dict[DeviceParties, DeviceParties] = {}
         self._user_ids: dict[Eui, Eui] = {}
         # Flagged devices and when the flag was set (None: not known, as for a flag set before this
         # process by a store that kept no time).
@@ -301,8 +319,7 @@ class RoutingView:
         if hub_slot < 0:
             self._waiting.setdefault(hub, []).append(device)
             return
-        table.links[table.find(device)] = table.links[hub_slot]
-        table.links[hub_slot] = device
+        table.link(table.find(device), hub_slot)
 
     def _unlink(self, device: int, hub: int) -> None:
         table = self._devices
@@ -310,15 +327,16 @@ class RoutingView:
         if waiting is not None:
             waiting.remove(device)
             return
+        links = table.links
         previous = table.find(hub)
-        slot = table.find(device)
-        while previous >= 0:
-            following = table.links[previous]
-            if following == device:
-                table.links[previous] = table.links[slot]
-                table.links[slot] = 0
+        target = table.find(device) + 1
+        while previous >= 0 and target:
+            following = links[previous]
+            if following == target:
+                links[previous] = links[target - 1]
+                links[target - 1] = 0
                 return
-            previous = table.find(following) if following else -1
+            previous = following - 1
 
     def _add_profile(self, key: _ProfileKey, parties: DeviceParties) -> int:
         device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter = key
@@ -328,10 +346,13 @@ class RoutingView:
             None if user is None else share(user, user)
             for user in (importer, exporter, gas, operator, transporter)
         )
-        shared = (device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter)
-        number = self._profile_numbers[shared] = len(self._profiles)
-        self._profiles.append(_Profile(*shared))
-        self._facts_parts.append((device_type, smets, status, parties))
+        profile = _Profile(
+            device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter
+        )
+        number = self._profile_numbers[profile] = len(self._profiles)
+        self._profiles.append(profile)
+        # Profiles that differ only in status, tariff or SMETS share one parties object.
+        self._facts_parts.append((device_type, smets, status, self._parties.setdefault(parties, parties)))
         return number
 
     def apply_users(self, records: Iterable[UserRecord]) -> None:
@@ -370,7 +391,7 @@ class RoutingView:
         flagged: Eui | None = None
         if key in self._flags:
             flagged = eui
-        elif device_type is DeviceType.GPF:
+        elif device_type is _GPF:
             meter = self._flagged_gas_hubs.get(table.hubs[slot])
             flagged = None if meter is None else int_to_eui(meter)
         return _new_facts(eui, device_type, smets, status, parties, flagged)
@@ -383,11 +404,9 @@ class RoutingView:
         table = self._devices
         slot = table.find(hub) if hub else -1
         while slot >= 0:
-            member = table.links[slot]
-            if not member:
-                return
-            yield member
-            slot = table.find(member)
+            slot = table.links[slot] - 1
+            if slot >= 0:
+                yield table.key_at(slot)
 
     def premises(self, eui: Eui) -> tuple[Eui, ...]:
         """The devices of `eui`'s premises: its comms hub first, then every device joined to that hub

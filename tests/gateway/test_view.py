@@ -237,3 +237,29 @@ def test_premises_and_the_gpfs_meter_follow_any_order_of_upserts_and_flags(steps
                 )
             else:
                 assert facts.flagged_meter == (member if member in flags else None)
+
+
+def test_premises_survive_the_table_growing_and_devices_moving() -> None:
+    """More devices than the smallest table holds: slots move as it grows; chains must follow."""
+    view = RoutingView()
+    hubs = [int_to_eui(0x00DB_2000_0000_00A2 + (n << 8)) for n in range(120)]
+    members = {int_to_eui(0x00DB_3000_0000_0000 + n): hubs[n % len(hubs)] for n in range(700)}
+    # Half the members arrive before their hub.
+    early = dict(list(members.items())[:350])
+    view.apply_devices(
+        dataclasses.replace(esme(), device_id=eui, comms_hub_id=hub) for eui, hub in early.items()
+    )
+    view.apply_devices(comms_hub(device_id=hub) for hub in hubs)
+    late = dict(list(members.items())[350:])
+    view.apply_devices(
+        dataclasses.replace(esme(), device_id=eui, comms_hub_id=hub) for eui, hub in late.items()
+    )
+    moved = {eui: hubs[(hubs.index(hub) + 1) % len(hubs)] for eui, hub in list(members.items())[::7]}
+    view.apply_devices(
+        dataclasses.replace(esme(), device_id=eui, comms_hub_id=hub) for eui, hub in moved.items()
+    )
+    members.update(moved)
+    for hub in hubs:
+        premises = view.premises(hub)
+        assert premises[0] == hub
+        assert sorted(premises[1:]) == sorted(eui for eui, home in members.items() if home == hub)
