@@ -380,6 +380,6 @@ def _fresh_items(
         sys.stderr.write(
             f"warning: {stale:,} requests of this stream carry RequestID counters that {store_path} has "
             "already accepted (was it replayed against this store before?): the gateway will answer "
-            "them E11 and forward none. --renumber gives them fresh counters.\n"
+            "them E16901 and forward none. --renumber gives them fresh counters.\n"
         )
     return items

@@ -132,7 +132,7 @@ class InvariantResult:
 
     @property
     def vacuous(self) -> bool:
-        """Nothing was checked: no violation, and no evidence either (a replay answered E11
+        """Nothing was checked: no violation, and no evidence either (a replay answered E16901
         throughout checks nothing), so a run with a vacuous invariant does not pass."""
         return self.checked == 0
 

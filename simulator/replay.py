@@ -79,7 +79,7 @@ class ReplaySummary:
     skipped: int
     """Items on other topics than the inbound one (live recordings hold the gateway's own traffic)."""
     decisions: Mapping[str, int]
-    """forwarded (I99), local (I0), refused (E169), flag-refused (E3, E0815xx), rejected (other E...),
+    """forwarded (I99), local (I0), refused (E169), flag-refused (E0815xx), rejected (other E...),
     deadletter, no-answer."""
     first_codes: Mapping[str, int]
     """The first answer's response code per request (I99 = forwarded)."""
