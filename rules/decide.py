@@ -153,9 +153,7 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
             return _reject(
                 ResponseCode.UNKNOWN_SRV,
                 "unknown-srv",
-                f"Create Schedule names SRV {scheduled_srv}, which is not in the rules table."
-                if scheduled_srv is not None
-                else "Create Schedule names no SRV to schedule.",
+                _unknown_srv("Create Schedule", scheduled_srv),
                 rule,
             )
     # A schedule addresses its device as the scheduled SRV would.
@@ -271,9 +269,7 @@ def decide_device_message(  # noqa: PLR0911 - one flat list of outcomes
             return MessageDecision(
                 Delivery.REJECT,
                 "unknown-srv",
-                f"The response is for SRV {srv}, which is not in the rules table."
-                if srv is not None
-                else "The response names no SRV.",
+                _unknown_srv("The response", srv),
                 None,
                 notify_network_operator=False,
             )
@@ -360,6 +356,12 @@ def _refuse(rule: SrvRule, what: str, device: Eui) -> Decision:
         "so it was not sent.",
         rule,
     )
+
+
+def _unknown_srv(what: str, srv: str | None) -> str:
+    if srv is None:
+        return f"{what} names no SRV."
+    return f"{what} names SRV {srv}, which is not in the rules table."
 
 
 def _roles(roles: frozenset[Role]) -> str:
