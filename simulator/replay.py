@@ -249,9 +249,10 @@ class _Run:
                 if apply_inventory is None:
                     self.skipped += 1
                 else:
-                    await apply_inventory(item.rows)
+                    # Logged as it starts: a gateway may route by the new rows before this returns.
                     rows = json.dumps([dict(row) for row in item.rows]).encode()
                     self.events.append(Event(self.now(), EventKind.INVENTORY, "", rows, item.scenario))
+                    await apply_inventory(item.rows)
                     self.inventory_changes += 1
             elif item.topic.startswith(inbound):
                 if window is not None:
@@ -532,7 +533,7 @@ def _explain_vacuous(result: ReplayResult, console: Console) -> None:
         console.print(
             f"[bold yellow]{len(vacuous)} invariant(s) checked nothing ({', '.join(vacuous)}): the run "
             "proves nothing about them, so it fails. The stream held none of what they look at, or the "
-            "gateway refused it all (E11 throughout: replayed into a store that had seen it? "
+            "gateway refused it all (E16901 throughout: replayed into a store that had seen it? "
             "mp169 replay --renumber).[/bold yellow]",
             soft_wrap=True,
         )

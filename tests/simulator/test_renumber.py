@@ -84,6 +84,7 @@ async def replay_into(database: Path, traffic: Traffic, items: Sequence[StreamIt
             window=50,
             topics=service.router.topics,
             before_wait=alerts,
+            estate=generate_estate(SEED, PREMISES),
             settle_seconds=0.3,
         )
     finally:
