@@ -475,7 +475,7 @@ class Router:
                 self.view.clear_flag(device)
 
     def _taken_elsewhere(self, step: _Step, now: Instant) -> None:
-        """Another instance recorded this RequestID first and acts on it; this one answers E11, as for
+        """Another instance recorded this RequestID first and acts on it; this one answers E16901, as for
         any repeated RequestID. A redelivery (AGAIN) stays at least once, and a flag request stays as
         decided: its flag change is in the same, durable, transaction."""
         request = step.request
