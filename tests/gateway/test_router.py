@@ -38,7 +38,6 @@ from tests.gateway.messages import (
     request,
 )
 from tests.gateway.test_inventory import (
-    EXPORT_SUPPLIER,
     GAS_METER,
     GAS_SUPPLIER,
     HUB,
