@@ -551,7 +551,9 @@ def test_a_crash_between_an_e21_and_its_removal_repeats_the_e21() -> None:
 
 
 def gas_read(counter: int) -> bytes:
-    return request(CONSUMPTION_SRV, GAS_SUPPLIER, GAS_METER, counter)
+    # 6.2.8 Read Device Configuration (Gas): a read DUIS addresses to the GSME itself (its
+    # consumption reads address the GPF: E11 to the GSME).
+    return request("6.2.8", GAS_SUPPLIER, GAS_METER, counter)
 
 
 def test_a_user_at_its_forward_limit_is_answered_busy_and_others_are_still_served() -> None:
