@@ -57,7 +57,7 @@ from gateway.duis import (
     parse_request_tree,
 )
 from rules.decide import DeviceFacts, RequestFacts, decide
-from rules.domain import DeviceStatus, DeviceType, Eui, Role, ServiceRequest
+from rules.domain import DeviceParties, DeviceStatus, DeviceType, Eui, Role, ServiceRequest
 from rules.table import default_table
 
 if TYPE_CHECKING:
@@ -73,7 +73,13 @@ TARGET_LARGE_RATIO = 1.0
 BODY_KB = (1, 4, 16, 64, 128, 256, 512)
 LARGE_BODY_KB = 64
 SHAPES = ("text", "elements")
-_TYPES = {"A0": DeviceType.ESME, "A1": DeviceType.GSME, "A2": DeviceType.CHF, "A3": DeviceType.GPF}
+_TYPES = {
+    "A0": DeviceType.ESME,
+    "A1": DeviceType.GSME,
+    "A2": DeviceType.CHF,
+    "A3": DeviceType.GPF,
+    "A6": DeviceType.HCALCS,
+}
 _PULL_CHUNK = 512
 _HEADER_TAG = "{http://www.dccinterface.co.uk/ServiceUserGateway}Header"
 
@@ -89,8 +95,15 @@ def view(requests: Sequence[ServiceRequest]) -> tuple[dict[Eui, DeviceFacts], di
         for eui in (*request.concerned_devices, request.request_id.target):
             if eui != DCC:
                 device_type = _TYPES.get(eui[-2:], DeviceType.PPMID)
+                # Registered in every role for the sample's originator, so the full decision path runs.
+                user = request.request_id.originator
                 devices[eui] = DeviceFacts(
-                    eui, device_type, 2, DeviceStatus.COMMISSIONED, flagged=eui == FLAGGED
+                    eui,
+                    device_type,
+                    2,
+                    DeviceStatus.COMMISSIONED,
+                    DeviceParties(user, user, user, user, user),
+                    eui if eui == FLAGGED else None,
                 )
     return devices, users
 

@@ -300,6 +300,7 @@ def _device_json(record: DeviceRecord) -> dict[str, Any]:
         "tariff": record.tariff.value,
         "wan": record.wan,
         "network_operator": record.network_operator,
+        "gas_transporter": record.gas_transporter,
     }
 
 

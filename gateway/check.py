@@ -1,9 +1,12 @@
 """`mp169 check`: decide DUIS Service Request files offline, as the gateway would, one JSON line per file.
 
-Every device a request concerns is taken as known, SMETS2 and Commissioned, and flagged iff `--flagged`;
-the requester's roles are checked only when `--roles` is given. The decision is the one for a verified
-signature; `signature` says whether it is (against `--certs DIR`, else the configured certificate
-library, as `mp169 verify`), and `signature_code` what the gateway would answer if not.
+Every device a request concerns is taken as known, SMETS2 and Commissioned, flagged iff `--flagged`, and
+of the device type `--device-type` (default: one the SRV addresses, so E11 is checked only when given);
+the requester's roles are checked only when `--roles` is given, and it is taken as registered for the
+device in each of them unless `--unregistered` (then E4 for every SRV that needs a device relationship).
+The decision is the one for a verified signature; `signature` says whether it is (against `--certs DIR`,
+else the configured certificate library, as `mp169 verify`), and `signature_code` what the gateway would
+answer if not.
 A file that cannot be read or parsed is a `reject` with the reason; the exit status is 1 if any file
 was rejected, else 0. `-` reads one document from standard input (reported as file "-").
 """
@@ -23,11 +26,12 @@ from gateway.signing import CertificateError, verify
 from gateway.verify import add_certs_argument, library_from, signature_fields
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
-from rules.domain import DeviceStatus, DeviceType, Eui, Role, parse_eui
+from rules.domain import NO_PARTIES, DeviceParties, DeviceStatus, DeviceType, Eui, Role, parse_eui
 from rules.table import default_table
 
 if TYPE_CHECKING:
     from gateway.signing import CertificateLibrary
+    from rules.domain import ServiceRequest
     from rules.table import RulesTable
 
 EXIT_REJECTED = 1
@@ -55,6 +59,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the requester's User Roles, e.g. 'IS GS' or IS,GS (default: roles not checked)",
     )
     add_certs_argument(parser)
+    parser.add_argument(
+        "--device-type",
+        type=DeviceType,
+        choices=list(DeviceType),
+        default=None,
+        help="the concerned devices' type (default: a type the SRV addresses)",
+    )
+    parser.add_argument(
+        "--unregistered",
+        action="store_true",
+        help="the requester is registered for no device (E4 where a device relationship is needed)",
+    )
     parser.add_argument(
         "--dcc-eui",
         type=eui_argument,
@@ -95,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 roles=args.roles,
                 dcc_eui=args.dcc_eui,
                 library=library,
+                device_type=args.device_type,
+                registered=not args.unregistered,
             )
         rejected = rejected or outcome["decision"] == Action.REJECT.value
         sys.stdout.write(json.dumps(outcome) + "\n")
@@ -120,6 +138,8 @@ def check(  # noqa: PLR0913 - keyword-only: the assumptions the offline decision
     roles: frozenset[Role] | None,
     dcc_eui: Eui,
     library: CertificateLibrary,
+    device_type: DeviceType | None = None,
+    registered: bool = True,
 ) -> dict[str, object]:
     """The decision for one request document, as a JSON-ready mapping (pure but for the clock)."""
     request = parse_request(data)
@@ -127,13 +147,16 @@ def check(  # noqa: PLR0913 - keyword-only: the assumptions the offline decision
         return _rejected(name, request)
     verification = verify(data, library)
     # The device type does not change a routing decision (the flag handler, not decide, checks it).
+    user = request.request_id.originator
+    parties = DeviceParties(user, user, user, user, user) if registered else NO_PARTIES
     devices = {
         eui: DeviceFacts(
             device_id=eui,
-            device_type=DeviceType.ESME,
+            device_type=device_type or _addressable_type(request, table),
             smets=2,
             status=DeviceStatus.COMMISSIONED,
-            flagged=flagged,
+            parties=parties,
+            flagged_meter=eui if flagged else None,
         )
         for eui in request.concerned_devices
     }
@@ -155,6 +178,14 @@ def check(  # noqa: PLR0913 - keyword-only: the assumptions the offline decision
         "signature": signature_fields(verification),
         "signature_code": None if verification.code is None else verification.code.value,
     }
+
+
+def _addressable_type(request: ServiceRequest, table: RulesTable) -> DeviceType:
+    """A device type the request's SRV (a 5.1's scheduled SRV) addresses; ESME where it may."""
+    srv = request.scheduled_srv or request.srv
+    rule = table.srvs.get(srv)
+    types = rule.device_types if rule is not None else frozenset()
+    return DeviceType.ESME if DeviceType.ESME in types or not types else min(types)
 
 
 def _rejected(name: str, error: ParseError) -> dict[str, object]:

@@ -5,8 +5,9 @@ Pure: parsing takes the CSV text as lines and returns frozen records, or raises 
 
 Formats (the stable interface: docs/architecture.md; every column: docs/flags.md):
 - inventory: `device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier,
-  export_supplier, gas_supplier, tariff, wan` and an optional `network_operator` (the electricity
-  distributor's User ID that receives power-outage alerts), in any order, with a header line;
+  export_supplier, gas_supplier, tariff, wan` and the optional `network_operator` (the electricity
+  distributor of the premises' MPAN) and `gas_transporter` (the gas transporter of its MPRN), in any
+  order, with a header line;
 - users: `user_id, roles` with the roles space-separated (`IS GS`).
 
 Every row is validated by a pydantic model, which writes the error messages. A million-row
@@ -54,7 +55,7 @@ INVENTORY_COLUMNS = (
     "tariff",
     "wan",
 )
-OPTIONAL_INVENTORY_COLUMNS = ("network_operator",)
+OPTIONAL_INVENTORY_COLUMNS = ("network_operator", "gas_transporter")
 USERS_COLUMNS = ("user_id", "roles")
 MAX_MPXN_LENGTH = 32
 
@@ -147,6 +148,7 @@ class _DeviceRow(BaseModel):
     tariff: Annotated[Tariff, BeforeValidator(_choice)]
     wan: Annotated[bool, BeforeValidator(_yes_no)]
     network_operator: _OptionalEuiField = None
+    gas_transporter: _OptionalEuiField = None
 
     @model_validator(mode="after")
     def _consistent(self) -> _DeviceRow:
@@ -176,6 +178,7 @@ class _DeviceRow(BaseModel):
             tariff=self.tariff,
             wan=self.wan,
             network_operator=_as_eui(self.network_operator),
+            gas_transporter=_as_eui(self.gas_transporter),
         )
 
 
@@ -242,6 +245,7 @@ class _FastDevices:
             export_supplier = self._optional_eui(row["export_supplier"])
             gas_supplier = self._optional_eui(row["gas_supplier"])
             network_operator = self._optional_eui(row.get("network_operator", ""))
+            gas_transporter = self._optional_eui(row.get("gas_transporter", ""))
             record = DeviceRecord(
                 device_id=Eui(device_id),
                 device_type=device_type,
@@ -255,6 +259,7 @@ class _FastDevices:
                 tariff=_TARIFFS[row["tariff"]],
                 wan=_WAN[row["wan"]],
                 network_operator=network_operator,
+                gas_transporter=gas_transporter,
             )
         except (KeyError, _NotCanonicalError):
             return None
@@ -373,6 +378,7 @@ def inventory_row(record: DeviceRecord) -> dict[str, str]:
         "tariff": record.tariff.value,
         "wan": "yes" if record.wan else "no",
         "network_operator": _text(record.network_operator),
+        "gas_transporter": _text(record.gas_transporter),
     }
 
 

@@ -155,6 +155,11 @@ MIGRATIONS: tuple[str, ...] = (
         deadline timestamptz NOT NULL
     );
     """,
+    # 5: the gas transporter of the MPRN; the not-responsible-supplier refusal is E081509, not E3.
+    """
+    ALTER TABLE devices ADD COLUMN gas_transporter text;
+    UPDATE flag_history SET outcome = 'E081509' WHERE outcome = 'E3';
+    """,
 )
 
 # Component "cluster": what several instances over one database need. Append; never edit.
@@ -191,26 +196,28 @@ _MIGRATION_LOCK = 0x6D703136  # pg_advisory_xact_lock key: one migrating process
 
 _DEVICE_COLUMNS = (
     "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
-    " gas_supplier, tariff, wan, network_operator"
+    " gas_supplier, tariff, wan, network_operator, gas_transporter"
 )
 _DEVICE_TYPES = (
-    "text[], text[], integer[], text[], text[], text[], text[], text[], text[], text[], boolean[], text[]"
+    "text[], text[], integer[], text[], text[], text[], text[], text[], text[], text[], boolean[], text[],"
+    " text[]"
 )
 _DEVICE_ARRAYS = ", ".join(f"${n}::{kind}" for n, kind in enumerate(_DEVICE_TYPES.split(", "), 1))
 _UPSERT_DEVICES = f"""
-    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) SELECT *, $13::bigint FROM unnest({_DEVICE_ARRAYS})
+    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) SELECT *, $14::bigint FROM unnest({_DEVICE_ARRAYS})
     ON CONFLICT (device_id) DO UPDATE SET
         device_type = excluded.device_type, smets = excluded.smets, status = excluded.status,
         comms_hub_id = excluded.comms_hub_id, mpxn = excluded.mpxn,
         import_supplier = excluded.import_supplier, export_supplier = excluded.export_supplier,
         gas_supplier = excluded.gas_supplier, tariff = excluded.tariff, wan = excluded.wan,
-        network_operator = excluded.network_operator, updated_seq = excluded.updated_seq
+        network_operator = excluded.network_operator, gas_transporter = excluded.gas_transporter,
+        updated_seq = excluded.updated_seq
     WHERE (devices.device_type, devices.smets, devices.status, devices.comms_hub_id, devices.mpxn,
            devices.import_supplier, devices.export_supplier, devices.gas_supplier, devices.tariff,
-           devices.wan, devices.network_operator)
+           devices.wan, devices.network_operator, devices.gas_transporter)
         IS DISTINCT FROM (excluded.device_type, excluded.smets, excluded.status, excluded.comms_hub_id,
            excluded.mpxn, excluded.import_supplier, excluded.export_supplier, excluded.gas_supplier,
-           excluded.tariff, excluded.wan, excluded.network_operator)
+           excluded.tariff, excluded.wan, excluded.network_operator, excluded.gas_transporter)
     RETURNING xmax = 0
 """  # noqa: S608 - constant column lists; xmax = 0: the row was inserted, not updated
 _UPSERT_USERS = """
@@ -351,6 +358,7 @@ def _device_columns(records: Sequence[DeviceRecord]) -> list[list[Any]]:
         [r.tariff.value for r in records],
         [r.wan for r in records],
         [r.network_operator for r in records],
+        [r.gas_transporter for r in records],
     ]
 
 

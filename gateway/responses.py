@@ -54,9 +54,10 @@ class InventoryEntry:
     device_type: str
     status: str
     smets: int
-    reduced_communications: bool
+    reduced_communications: bool | None
+    """The MP169 flag; None: not shown to this requester (the element is left out)."""
     flag_set_at: str | None
-    """ISO-8601 UTC time the flag was set, if it is set."""
+    """ISO-8601 UTC time the flag was set, if it is set and shown."""
 
 
 def response_xml(  # noqa: PLR0913 - keyword-only: the fields of one DUIS response
@@ -146,15 +147,19 @@ def _device(entry: InventoryEntry) -> str:
         else f"<sr:ReducedCommunicationsSetDateTime>{_escape(entry.flag_set_at)}"
         "</sr:ReducedCommunicationsSetDateTime>"
     )
+    flag = (
+        ""
+        if entry.reduced_communications is None
+        else "<sr:ReducedCommunicationsConsumerChoice>"
+        f"{'true' if entry.reduced_communications else 'false'}"
+        f"</sr:ReducedCommunicationsConsumerChoice>{set_at}"
+    )
     return (
         f"<sr:Device><sr:DeviceID>{_escape(entry.device_id)}</sr:DeviceID>"
         f"<sr:DeviceType>{_escape(entry.device_type)}</sr:DeviceType>"
         f"<sr:DeviceStatus>{_escape(entry.status)}</sr:DeviceStatus>"
         "<sr:DeviceManufacturer></sr:DeviceManufacturer><sr:DeviceModel></sr:DeviceModel>"
-        f"<sr:SMETSCHTSVersion>SMETS{entry.smets:d}</sr:SMETSCHTSVersion>"
-        "<sr:ReducedCommunicationsConsumerChoice>"
-        f"{'true' if entry.reduced_communications else 'false'}"
-        f"</sr:ReducedCommunicationsConsumerChoice>{set_at}</sr:Device>"
+        f"<sr:SMETSCHTSVersion>SMETS{entry.smets:d}</sr:SMETSCHTSVersion>{flag}</sr:Device>"
     )
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from gateway.duis import ParseError, parse_device_message, parse_request, parse_request_tree
 from gateway.facts import alert_recipients, inventory_entries, request_facts
 from gateway.flags import evaluate_flag_request
+from gateway.redact import without_consumption_payload
 from gateway.responses import (
     answerable,
     flag_status_payload,
@@ -314,8 +315,8 @@ class _Step:
     """The forward a device response step answers: no longer pending once its commit is durable."""
     expired: tuple[RequestId, ...] = ()
     """The deferred E21 removals this step's commit carries (re-deferred if it fails)."""
-    flag_change: tuple[Eui, bool] | None = None
-    """(device, set) of an accepted flag request that changes the flag; applied when durable."""
+    flag_change: tuple[Eui, bool, datetime] | None = None
+    """(device, set, when) of an accepted flag request that changes the flag; applied when durable."""
 
     @property
     def durable(self) -> bool:
@@ -477,14 +478,14 @@ class Router:
                 forwarded.srv, forwarded.service_reference, now.monotonic
             )
         if step.flag_change is not None:
-            device, set_flag = step.flag_change
+            device, set_flag, at = step.flag_change
             if set_flag:
-                self.view.set_flag(device)
+                self.view.set_flag(device, at)
             else:
                 self.view.clear_flag(device)
 
     def _taken_elsewhere(self, step: _Step, now: Instant) -> None:
-        """Another instance recorded this RequestID first and acts on it; this one answers E11, as for
+        """Another instance recorded this RequestID first and acts on it; this one answers E16901, as for
         any repeated RequestID. A redelivery (AGAIN) stays at least once, and a flag request stays as
         decided: its flag change is in the same, durable, transaction."""
         request = step.request
@@ -623,7 +624,7 @@ class Router:
                 user,
                 request,
                 admission=admission,
-                code=ResponseCode.USER_NOT_AUTHORISED,
+                code=ResponseCode.ORIGINATOR_MISMATCH,
                 reason="originator-mismatch",
                 detail=f"RequestID originator {request.request_id.originator} is not the user of topic "
                 f"{event.topic}",
@@ -897,7 +898,7 @@ class Router:
             at=now.wall,
         )
         if verdict.accepted and verdict.changed:
-            step.flag_change = (instruction.device_id, instruction.set)
+            step.flag_change = (instruction.device_id, instruction.set, now.wall)
         reason = f"{verdict.reason}: {verdict.detail}"
         status = (
             flag_status_payload(instruction.device_id, flagged=instruction.set) if verdict.accepted else None
@@ -981,6 +982,7 @@ class Router:
         outcome = "success" if response.response_code == ResponseCode.SUCCESS else "failure"
         originator = request_id.originator
         if verdict.delivery is Delivery.WITHHOLD:
+            outcome = "withheld"  # a consumer-choice exception, as the user experienced it
             # The request still gets its one final answer: the refusal, not the data.
             if response.srv is None:  # decide_device_message withholds by the rule of the SRV
                 raise ValueError(f"response to {request_id} withheld without an SRV")
@@ -1027,14 +1029,17 @@ class Router:
                 self._routed(now, device, alert, verdict.delivery, verdict.reason, category=category)
             )
             return
-        recipients = alert_recipients(device, verdict, self.view)
+        recipients = alert_recipients(device, alert, verdict, self.view)
         if not recipients:
-            self._deadletter(step, event, "no-recipient", f"no responsible supplier for {device}", now)
+            self._deadletter(step, event, "no-recipient", f"no recipient for the alert from {device}", now)
             step.effects.append(
                 self._routed(now, device, alert, Delivery.REJECT, "no-recipient", category=category)
             )
             return
-        step.effects.extend(Publish(self.topics.out(user), event.payload) for user in recipients)
+        payload = event.payload
+        if verdict.delivery is Delivery.REDACT:
+            payload = without_consumption_payload(payload)
+        step.effects.extend(Publish(self.topics.out(user), payload) for user in recipients)
         step.effects.append(
             self._routed(
                 now, device, alert, verdict.delivery, verdict.reason, category=category, recipients=recipients

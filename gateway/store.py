@@ -139,25 +139,33 @@ MIGRATIONS: tuple[str, ...] = (
         deadline TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: the gas transporter of the device's MPRN (DUIS E4: the GT's relationship to gas devices); the
+    # not-responsible-supplier refusal's code is E081509, no longer DUIS's E3 (which means user status).
+    """
+    ALTER TABLE devices ADD COLUMN gas_transporter TEXT;
+    UPDATE flag_history SET outcome = 'E081509' WHERE outcome = 'E3';
+    """,
 )
 
 _DEVICE_COLUMNS = (
     "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
-    " gas_supplier, tariff, wan, network_operator"
+    " gas_supplier, tariff, wan, network_operator, gas_transporter"
 )
 _UPSERT_DEVICE = f"""
-    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (device_id) DO UPDATE SET
         device_type = excluded.device_type, smets = excluded.smets, status = excluded.status,
         comms_hub_id = excluded.comms_hub_id, mpxn = excluded.mpxn,
         import_supplier = excluded.import_supplier, export_supplier = excluded.export_supplier,
         gas_supplier = excluded.gas_supplier, tariff = excluded.tariff, wan = excluded.wan,
-        network_operator = excluded.network_operator, updated_seq = excluded.updated_seq
+        network_operator = excluded.network_operator, gas_transporter = excluded.gas_transporter,
+        updated_seq = excluded.updated_seq
     -- An unchanged row keeps its sequence number: re-importing a file costs a running gateway nothing.
     WHERE ({_DEVICE_COLUMNS}) IS NOT (
         excluded.device_id, excluded.device_type, excluded.smets, excluded.status,
         excluded.comms_hub_id, excluded.mpxn, excluded.import_supplier, excluded.export_supplier,
-        excluded.gas_supplier, excluded.tariff, excluded.wan, excluded.network_operator)
+        excluded.gas_supplier, excluded.tariff, excluded.wan, excluded.network_operator,
+        excluded.gas_transporter)
 """  # noqa: S608 - the column list is this module's constant
 _UPSERT_USER = """
     INSERT INTO users (user_id, roles, updated_seq) VALUES (?, ?, ?)
@@ -467,6 +475,7 @@ def _device_row(record: DeviceRecord, seq: int) -> tuple[Any, ...]:
         record.tariff.value,
         int(record.wan),
         record.network_operator,
+        record.gas_transporter,
         seq,
     )
 
@@ -485,6 +494,7 @@ def device_from_row(row: Row) -> DeviceRecord:
         tariff=_TARIFFS[row[9]],
         wan=bool(row[10]),
         network_operator=row[11],
+        gas_transporter=row[12],
     )
 
 

@@ -5,35 +5,39 @@ router sets and clears flags write-through as flag Service Requests commit, and 
 applies inventory and user upserts made since (by `mp169 inventory import` in another process).
 
 Memory, for a million devices: no object per device. Devices live in an open-addressing hash table
-of three flat arrays indexed by slot: the EUI as a 64-bit integer, the number of the device's
-profile, and its comms hub's EUI as an integer. A profile is everything else routing needs (device
-type, SMETS generation, status, suppliers, tariff, WAN, network operator); devices share it (a
-simulated estate of a million devices has about 22,000). Flags are a set of integers. The MPxN is
-not held: read it from the store (`FlagStore.get_device`).
+of four flat arrays indexed by slot: the EUI as a 64-bit integer, the number of the device's
+profile, its comms hub's EUI as an integer, and a premises link (for a comms hub, the first device
+joined to it; for any other device, the next device joined to the same hub; 0 ends the chain), so the
+devices of a premises are found without an index object per premises. A profile is everything else
+routing needs (device type, SMETS generation, status, suppliers, distributor, transporter, tariff,
+WAN); devices share it (a simulated estate of a million devices has about 22,000). Flags are a dict
+from integer to the time the flag was set. The MPxN is not held: read it from the store
+(`FlagStore.get_device`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from array import array
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeAlias
 
 from rules.decide import DeviceFacts
 from rules.domain import (
-    ELECTRICITY_DEVICES,
-    GAS_DEVICES,
+    DeviceParties,
     DeviceRecord,
     DeviceStatus,
     DeviceType,
     Eui,
     Role,
     Tariff,
+    device_parties,
     eui_to_int,
     int_to_eui,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
+    from datetime import datetime
 
     from gateway.store import FlagStore
     from rules.domain import UserRecord
@@ -41,11 +45,14 @@ if TYPE_CHECKING:
 _U64 = 2**64 - 1
 _FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads EUIs that differ in a few bits only
 _MIN_BITS = 10
+_GPF = DeviceType.GPF
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Profile:
-    """What routing needs about a device, apart from its identity: shared by every device alike."""
+class _Profile(NamedTuple):
+    """What routing needs about a device, apart from its identity: shared by every device alike.
+
+    A tuple, so that it is also its own key in the profile dict (a plain tuple of the same fields
+    finds it): one object per profile."""
 
     device_type: DeviceType
     smets: int
@@ -56,26 +63,24 @@ class _Profile:
     tariff: Tariff
     wan: bool
     network_operator: Eui | None
-
-    @property
-    def responsible_suppliers(self) -> tuple[Eui, ...]:
-        suppliers: tuple[Eui | None, ...]
-        if self.device_type in ELECTRICITY_DEVICES:
-            suppliers = (self.import_supplier, self.export_supplier)
-        elif self.device_type in GAS_DEVICES:
-            suppliers = (self.gas_supplier,)
-        else:  # a comms hub or in-home device: the suppliers its inventory entry names
-            suppliers = (self.import_supplier, self.gas_supplier)
-        return tuple(dict.fromkeys(supplier for supplier in suppliers if supplier is not None))
+    gas_transporter: Eui | None
 
 
 _ProfileKey = tuple[
-    DeviceType, int, DeviceStatus, Eui | None, Eui | None, Eui | None, Tariff, bool, Eui | None
+    DeviceType, int, DeviceStatus, Eui | None, Eui | None, Eui | None, Tariff, bool, Eui | None, Eui | None
 ]
-"""_Profile's fields as a tuple: the key that finds a device's shared profile (hashed in C, fast)."""
+"""_Profile's fields as a plain tuple: what finds a device's shared profile (hashed in C, fast)."""
 
 
-def _facts_constructor() -> Callable[[Eui, DeviceType, int, DeviceStatus, bool], DeviceFacts]:
+_FactsParts = tuple[DeviceType, int, DeviceStatus, DeviceParties]
+
+
+_FactsConstructor: TypeAlias = (
+    "Callable[[Eui, DeviceType, int, DeviceStatus, DeviceParties, Eui | None], DeviceFacts]"
+)
+
+
+def _facts_constructor() -> _FactsConstructor:
     """DeviceFacts(...) at about half the cost, for the hot path.
 
     A frozen dataclass's __init__ sets each field through object.__setattr__, which is most of a
@@ -87,23 +92,31 @@ def _facts_constructor() -> Callable[[Eui, DeviceType, int, DeviceStatus, bool],
     if names != _FACTS_FIELDS or slots != set(names) or hasattr(DeviceFacts, "__post_init__"):
         return DeviceFacts
     new = DeviceFacts.__new__
-    set_id, set_type, set_smets, set_status, set_flagged = (vars(DeviceFacts)[name].__set__ for name in names)
+    set_id, set_type, set_smets, set_status, set_parties, set_flagged = (
+        vars(DeviceFacts)[name].__set__ for name in names
+    )
 
-    def construct(
-        eui: Eui, device_type: DeviceType, smets: int, status: DeviceStatus, flagged: bool
+    def construct(  # noqa: PLR0913, PLR0917 - DeviceFacts' fields, positional as its constructor's
+        eui: Eui,
+        device_type: DeviceType,
+        smets: int,
+        status: DeviceStatus,
+        parties: DeviceParties,
+        flagged_meter: Eui | None,
     ) -> DeviceFacts:
         facts = new(DeviceFacts)
         set_id(facts, eui)
         set_type(facts, device_type)
         set_smets(facts, smets)
         set_status(facts, status)
-        set_flagged(facts, flagged)
+        set_parties(facts, parties)
+        set_flagged(facts, flagged_meter)
         return facts
 
     return construct
 
 
-_FACTS_FIELDS = ("device_id", "device_type", "smets", "status", "flagged")
+_FACTS_FIELDS = ("device_id", "device_type", "smets", "status", "parties", "flagged_meter")
 _new_facts = _facts_constructor()
 
 
@@ -113,7 +126,7 @@ class _EuiTable:
     The all-zero EUI is not a device (the inventory refuses it). Devices are never removed.
     """
 
-    __slots__ = ("_count", "_keys", "_mask", "_shift", "hubs", "profiles")
+    __slots__ = ("_count", "_keys", "_mask", "_shift", "hubs", "links", "profiles")
 
     def __init__(self, capacity: int = 0) -> None:
         # At most half full: probes stay short.
@@ -127,6 +140,8 @@ class _EuiTable:
         self._keys = array("Q", bytes(8 * size))
         self.profiles = array("I", bytes(4 * size))
         self.hubs = array("Q", bytes(8 * size))
+        # Premises chains by slot + 1 (0 ends a chain): slots are 32-bit, so 4 bytes a slot.
+        self.links = array("I", bytes(4 * size))
 
     def __len__(self) -> int:
         return self._count
@@ -144,10 +159,15 @@ class _EuiTable:
                 return slot
             slot = (slot + 1) & mask
 
-    def put(self, key: int, profile: int, hub: int) -> None:
+    def key_at(self, slot: int) -> int:
+        return self._keys[slot]
+
+    def put(self, key: int, profile: int, hub: int) -> int:
+        """Insert or update `key` (its premises link is kept); returns its slot. Only an insert can
+        grow the table (and move slots)."""
         if key == 0:
             raise ValueError("the all-zero EUI is not a device")
-        if 2 * (self._count + 1) > len(self._keys):
+        if 2 * (self._count + 1) > len(self._keys) and self.find(key) < 0:
             self._grow()
         keys = self._keys
         mask = self._mask
@@ -163,6 +183,13 @@ class _EuiTable:
             slot = (slot + 1) & mask
         self.profiles[slot] = profile
         self.hubs[slot] = hub
+        return slot
+
+    def link(self, slot: int, hub_slot: int) -> None:
+        """Put the device in `slot` at the head of the chain of the hub in `hub_slot`."""
+        links = self.links
+        links[slot] = links[hub_slot]
+        links[hub_slot] = slot + 1
 
     def _grow(self) -> None:
         keys, profiles, hubs = self._keys, self.profiles, self.hubs
@@ -170,6 +197,11 @@ class _EuiTable:
         for key, profile, hub in zip(keys, profiles, hubs, strict=True):
             if key:
                 self.put(key, profile, hub)
+        # Slots moved: chain every device again to its hub, where the hub is held (the others wait).
+        for slot, hub in enumerate(self.hubs):
+            hub_slot = self.find(hub) if hub else -1
+            if hub_slot >= 0:
+                self.link(slot, hub_slot)
 
 
 class RoutingView:
@@ -179,10 +211,17 @@ class RoutingView:
         self._devices = _EuiTable(capacity)
         self._profiles: list[_Profile] = []
         # Per profile number, what DeviceFacts takes from the profile: one index on the hot path.
-        self._facts_parts: list[tuple[DeviceType, int, DeviceStatus]] = []
+        self._facts_parts: list[_FactsParts] = []
         self._profile_numbers: dict[_ProfileKey, int] = {}
+        self._parties: dict[DeviceParties, DeviceParties] = {}
         self._user_ids: dict[Eui, Eui] = {}
-        self._flags: set[int] = set()
+        # Flagged devices and when the flag was set (None: not known, as for a flag set before this
+        # process by a store that kept no time).
+        self._flags: dict[int, datetime | None] = {}
+        # Devices joined to a comms hub the view does not hold yet: linked when it arrives.
+        self._waiting: dict[int, list[int]] = {}
+        # Comms hub -> its flagged GSME: a GPF's data is that GSME's (one lookup on the hot path).
+        self._flagged_gas_hubs: dict[int, int] = {}
         self._roles: dict[Eui, frozenset[Role]] = {}
         self._seq = 0
 
@@ -195,8 +234,8 @@ class RoutingView:
         async for batch in store.load_devices():
             view.apply_devices(batch)
         view.apply_users(await store.load_users())
-        for device in await store.load_flags():
-            view.set_flag(device)
+        for device, state in (await store.load_flags()).items():
+            view.set_flag(device, state.set_at)
         view._seq = seq
         return view
 
@@ -220,7 +259,6 @@ class RoutingView:
     def apply_devices(self, records: Iterable[DeviceRecord]) -> None:
         """Insert or update devices (an update keeps the device's flag: flags follow the device)."""
         numbers = self._profile_numbers
-        put = self._devices.put
         for record in records:
             key = (
                 record.device_type,
@@ -232,35 +270,107 @@ class RoutingView:
                 record.tariff,
                 record.wan,
                 record.network_operator,
+                record.gas_transporter,
             )
             number = numbers.get(key)
             if number is None:
-                number = self._add_profile(key)
-            hub = 0 if record.comms_hub_id is None else eui_to_int(record.comms_hub_id)
-            put(eui_to_int(record.device_id), number, hub)
+                number = self._add_profile(key, device_parties(record))
+            device = eui_to_int(record.device_id)
+            flagged = device in self._flags
+            if flagged:
+                self._unindex_gas_meter(device)
+            self._place(device, number, 0 if record.comms_hub_id is None else eui_to_int(record.comms_hub_id))
+            if flagged:
+                self._index_gas_meter(device)
 
-    def _add_profile(self, key: _ProfileKey) -> int:
-        device_type, smets, status, importer, exporter, gas, tariff, wan, operator = key
+    def _place(self, device: int, number: int, hub: int) -> None:
+        """Store the device's profile and hub, moving it to its hub's premises chain if that changed."""
+        table = self._devices
+        known = table.find(device)
+        old_hub = table.hubs[known] if known >= 0 else 0
+        if known >= 0 and old_hub == hub:
+            table.put(device, number, hub)
+            return
+        if old_hub:
+            self._unlink(device, old_hub)
+        table.put(device, number, hub)
+        if hub:
+            self._link(device, hub)
+        if known < 0:
+            for member in self._waiting.pop(device, ()):
+                self._link(member, device)
+
+    def _index_gas_meter(self, device: int) -> None:
+        slot = self._devices.find(device)
+        hub = self._devices.hubs[slot] if slot >= 0 else 0
+        if hub and self._type_of(device) is DeviceType.GSME:
+            self._flagged_gas_hubs[hub] = device
+
+    def _unindex_gas_meter(self, device: int) -> None:
+        slot = self._devices.find(device)
+        hub = self._devices.hubs[slot] if slot >= 0 else 0
+        if hub and self._flagged_gas_hubs.get(hub) == device:
+            del self._flagged_gas_hubs[hub]
+
+    def _link(self, device: int, hub: int) -> None:
+        """Put `device` at the head of `hub`'s premises chain (or wait for the hub to arrive)."""
+        table = self._devices
+        hub_slot = table.find(hub)
+        if hub_slot < 0:
+            self._waiting.setdefault(hub, []).append(device)
+            return
+        table.link(table.find(device), hub_slot)
+
+    def _unlink(self, device: int, hub: int) -> None:
+        table = self._devices
+        waiting = self._waiting.get(hub)
+        if waiting is not None:
+            waiting.remove(device)
+            return
+        links = table.links
+        previous = table.find(hub)
+        target = table.find(device) + 1
+        while previous >= 0 and target:
+            following = links[previous]
+            if following == target:
+                links[previous] = links[target - 1]
+                links[target - 1] = 0
+                return
+            previous = following - 1
+
+    def _add_profile(self, key: _ProfileKey, parties: DeviceParties) -> int:
+        device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter = key
         # One string object per User ID, however many profiles name it.
         share = self._user_ids.setdefault
-        importer, exporter, gas, operator = (
-            None if user is None else share(user, user) for user in (importer, exporter, gas, operator)
+        importer, exporter, gas, operator, transporter = (
+            None if user is None else share(user, user)
+            for user in (importer, exporter, gas, operator, transporter)
         )
-        shared = (device_type, smets, status, importer, exporter, gas, tariff, wan, operator)
-        number = self._profile_numbers[shared] = len(self._profiles)
-        self._profiles.append(_Profile(*shared))
-        self._facts_parts.append((device_type, smets, status))
+        profile = _Profile(
+            device_type, smets, status, importer, exporter, gas, tariff, wan, operator, transporter
+        )
+        number = self._profile_numbers[profile] = len(self._profiles)
+        self._profiles.append(profile)
+        # Profiles that differ only in status, tariff or SMETS share one parties object.
+        self._facts_parts.append((device_type, smets, status, self._parties.setdefault(parties, parties)))
         return number
 
     def apply_users(self, records: Iterable[UserRecord]) -> None:
         for record in records:
             self._roles[record.user_id] = record.roles
 
-    def set_flag(self, eui: Eui) -> None:
-        self._flags.add(eui_to_int(eui))
+    def set_flag(self, eui: Eui, at: datetime | None = None) -> None:
+        """Flag `eui`, set at `at` (kept from an earlier set of the same flag when None)."""
+        key = eui_to_int(eui)
+        if at is not None or key not in self._flags:
+            self._flags[key] = at
+        self._index_gas_meter(key)
 
     def clear_flag(self, eui: Eui) -> None:
-        self._flags.discard(eui_to_int(eui))
+        key = eui_to_int(eui)
+        if key in self._flags:
+            del self._flags[key]
+            self._unindex_gas_meter(key)
 
     # -- reads (the hot path) ---------------------------------------------------------------------
 
@@ -273,11 +383,47 @@ class RoutingView:
     def device_facts(self, eui: Eui) -> DeviceFacts | None:
         """What the routing decision needs about a device, or None if it is not in the inventory."""
         key = eui_to_int(eui)
-        slot = self._devices.find(key)
+        table = self._devices
+        slot = table.find(key)
         if slot < 0:
             return None
-        device_type, smets, status = self._facts_parts[self._devices.profiles[slot]]
-        return _new_facts(eui, device_type, smets, status, key in self._flags)
+        device_type, smets, status, parties = self._facts_parts[table.profiles[slot]]
+        flagged: Eui | None = None
+        if key in self._flags:
+            flagged = eui
+        elif device_type is _GPF:
+            meter = self._flagged_gas_hubs.get(table.hubs[slot])
+            flagged = None if meter is None else int_to_eui(meter)
+        return _new_facts(eui, device_type, smets, status, parties, flagged)
+
+    def _type_of(self, key: int) -> DeviceType | None:
+        slot = self._devices.find(key)
+        return None if slot < 0 else self._profiles[self._devices.profiles[slot]].device_type
+
+    def _members(self, hub: int) -> Iterator[int]:
+        table = self._devices
+        slot = table.find(hub) if hub else -1
+        while slot >= 0:
+            slot = table.links[slot] - 1
+            if slot >= 0:
+                yield table.key_at(slot)
+
+    def premises(self, eui: Eui) -> tuple[Eui, ...]:
+        """The devices of `eui`'s premises: its comms hub first, then every device joined to that hub
+        (newest first); only `eui` for a device joined to no hub the view holds; empty if unknown."""
+        key = eui_to_int(eui)
+        table = self._devices
+        slot = table.find(key)
+        if slot < 0:
+            return ()
+        hub = key if self._type_of(key) is DeviceType.CHF else table.hubs[slot]
+        if not hub or table.find(hub) < 0:
+            return (eui,)
+        return (int_to_eui(hub), *(int_to_eui(member) for member in self._members(hub)))
+
+    def flag_set_at(self, eui: Eui) -> datetime | None:
+        """When the device's flag was set (None: not flagged, or the time is not known)."""
+        return self._flags.get(eui_to_int(eui))
 
     def device(self, eui: Eui) -> DeviceRecord | None:
         """The device's inventory entry as the view holds it: `mpxn` is always None (not held here)."""
@@ -299,6 +445,7 @@ class RoutingView:
             tariff=profile.tariff,
             wan=profile.wan,
             network_operator=profile.network_operator,
+            gas_transporter=profile.gas_transporter,
         )
 
     def roles(self, user: Eui) -> frozenset[Role]:
@@ -307,17 +454,6 @@ class RoutingView:
 
     def is_flagged(self, eui: Eui) -> bool:
         return eui_to_int(eui) in self._flags
-
-    def responsible_suppliers(self, eui: Eui) -> tuple[Eui, ...]:
-        """Who receives the device's alerts: import and export supplier of an ESME, gas supplier of a
-        GSME or GPF, the named suppliers of any other device; empty for an unknown device."""
-        found = self._profile(eui_to_int(eui))
-        return () if found is None else found[1].responsible_suppliers
-
-    def network_operator(self, eui: Eui) -> Eui | None:
-        """The electricity distributor that receives the device's power-outage alerts, if any."""
-        found = self._profile(eui_to_int(eui))
-        return None if found is None else found[1].network_operator
 
     # -- for tests, the benchmark and `mp169 flags show` -----------------------------------------
 

@@ -2,8 +2,11 @@
 
 No I/O, no clock, no logging: the same inputs always give an equal decision. The caller (the pipeline,
 `mp169 check`) gathers the facts (user roles, inventory status, flags) and acts on the decision. Every
-MP169 choice comes from rules/table.toml; this module only applies it, in this order:
-known SRV, CommandVariant, user roles, devices, locally handled requests, consumer choice, forward.
+MP169 choice comes from rules/table.toml; this module only applies it, in DUIS's order of access
+control, then MP169: known SRV (E16903), user (E1), role (E2), CommandVariant (E12, E16905), then per
+device: known (E19), user authorised for it (E4), status (E5), device type (E11); then the locally
+handled requests, consumer choice (E169), forward. A user that may not address a device learns nothing
+more about it (its status, type or flag) than that.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from rules.domain import (
     Eui,
     Role,
 )
+from rules.domain import ROLES_WITHOUT_DEVICE_RELATIONSHIP as _FREE_ROLES
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from rules.domain import DeviceMessage, ServiceRequest
+    from rules.domain import DeviceMessage, DeviceParties, ServiceRequest
     from rules.table import Category, RulesTable, SrvRule
 
 CREATE_SCHEDULE = "5.1"
@@ -47,7 +51,16 @@ class DeviceFacts:
     device_type: DeviceType
     smets: int
     status: DeviceStatus
-    flagged: bool
+    parties: DeviceParties
+    """Who is registered for the device's MPxN (the E4 relationships)."""
+    flagged_meter: Eui | None = None
+    """The flagged meter whose consumption data this device returns: the device itself (ESME, GSME),
+    the GSME joined to the same comms hub (GPF), else None."""
+
+    @property
+    def flagged(self) -> bool:
+        """Consumption data read from this device belongs to a meter with the MP169 flag set."""
+        return self.flagged_meter is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,8 @@ class Decision:
 
 class Delivery(StrEnum):
     DELIVER = "deliver"
+    REDACT = "redact"
+    """Deliver with the consumption payload removed (a Critical alert from a flagged meter)."""
     WITHHOLD = "withhold"
     REJECT = "reject"
 
@@ -97,35 +112,13 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
     srv = request.srv
     rule = table.srvs.get(srv)
     if rule is None:
-        return _reject(ResponseCode.INVALID_REQUEST, "unknown-srv", f"SRV {srv} is not in the rules table.")
+        return _reject(ResponseCode.UNKNOWN_SRV, "unknown-srv", f"SRV {srv} is not in the rules table.")
     if request.service_reference != rule.service_reference:
         return _reject(
-            ResponseCode.INVALID_REQUEST,
+            ResponseCode.UNKNOWN_SRV,
             "service-reference",
             f"ServiceReference {request.service_reference} does not belong to SRV {srv} "
             f"(expected {rule.service_reference}).",
-            rule,
-        )
-
-    variant = request.command_variant
-    if rule.non_device:
-        if variant != NON_DEVICE_COMMAND_VARIANT or request.request_id.target != facts.dcc_eui:
-            return _reject(
-                ResponseCode.INVALID_REQUEST,
-                "command-variant",
-                f"{rule.name} ({srv}) is a non-device request: it needs CommandVariant 8 and the DCC "
-                f"({facts.dcc_eui}) as RequestID target, not CommandVariant {variant} to "
-                f"{request.request_id.target}.",
-                rule,
-            )
-    elif variant not in (CRITICAL_COMMAND_VARIANTS if rule.critical else NON_CRITICAL_COMMAND_VARIANTS):
-        allowed = "4 to 7" if rule.critical else "1 to 3"
-        kind = "critical" if rule.critical else "non-critical"
-        return _reject(
-            ResponseCode.INVALID_REQUEST,
-            "command-variant",
-            f"{rule.name} ({srv}) is a {kind} device request: CommandVariant must be {allowed}, "
-            f"not {variant}.",
             rule,
         )
 
@@ -138,15 +131,33 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
                 f"User {request.request_id.originator} is not a known DCC user.",
                 rule,
             )
-        if roles.isdisjoint(rule.eligible_roles):
+        roles &= rule.eligible_roles
+        if not roles:
             return _reject(
                 ResponseCode.ROLE_NOT_ELIGIBLE,
                 "role-not-eligible",
-                f"None of the user's roles ({_roles(roles)}) may send {rule.name} ({srv}); "
-                f"eligible: {_roles(rule.eligible_roles) or 'none'}.",
+                f"None of the user's roles ({_roles(facts.requester_roles or roles)}) may send "
+                f"{rule.name} ({srv}); eligible: {_roles(rule.eligible_roles) or 'none'}.",
                 rule,
             )
 
+    variant_refusal = _command_variant(request, rule, facts.dcc_eui)
+    if variant_refusal is not None:
+        return variant_refusal
+
+    scheduled: SrvRule | None = None
+    if srv == CREATE_SCHEDULE:
+        scheduled_srv = request.scheduled_srv
+        scheduled = table.srvs.get(scheduled_srv) if scheduled_srv is not None else None
+        if scheduled is None:
+            return _reject(
+                ResponseCode.UNKNOWN_SRV,
+                "unknown-srv",
+                _unknown_srv("Create Schedule", scheduled_srv),
+                rule,
+            )
+    # A schedule addresses its device as the scheduled SRV would.
+    addressing = scheduled or rule
     flagged: Eui | None = None
     devices = facts.devices
     for eui in request.concerned_devices:
@@ -158,6 +169,18 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
                 f"Device {eui} is not in the Smart Metering Inventory.",
                 rule,
             )
+        if (
+            roles is not None
+            and addressing.device_relationship
+            and not _authorised(request.request_id.originator, roles, device.parties)
+        ):
+            return _reject(
+                ResponseCode.DEVICE_NOT_AUTHORISED,
+                "device-not-authorised",
+                f"User {request.request_id.originator} is not registered for device {eui} in any role "
+                f"eligible for {rule.name} ({srv}): {_roles(roles)}.",
+                rule,
+            )
         if device.status in INACTIVE_STATUSES:
             return _reject(
                 ResponseCode.DEVICE_STATUS_INVALID,
@@ -165,8 +188,16 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
                 f"Device {eui} is {device.status}: it takes no more Service Requests.",
                 rule,
             )
-        if flagged is None and device.flagged:
-            flagged = eui
+        if device.device_type not in addressing.device_types:
+            return _reject(
+                ResponseCode.DEVICE_TYPE_INCOMPATIBLE,
+                "device-type",
+                f"{addressing.name} ({addressing.srv}) cannot address a {device.device_type} "
+                f"(device {eui}); it addresses {_types(addressing.device_types)}.",
+                rule,
+            )
+        if flagged is None:
+            flagged = device.flagged_meter
 
     if srv in FLAG_SRVS:
         # Placeholder code: the flag handler decides the outcome (responsible supplier, exceptions).
@@ -176,28 +207,57 @@ def decide(request: ServiceRequest, facts: RequestFacts, table: RulesTable) -> D
 
     if flagged is not None and rule.refused_when_flagged:
         return _refuse(rule, f"{rule.name} ({srv}) returns consumption data", flagged)
-    if srv == CREATE_SCHEDULE:
-        scheduled_srv = request.scheduled_srv
-        scheduled = table.srvs.get(scheduled_srv) if scheduled_srv is not None else None
-        if scheduled is None:
-            return _reject(
-                ResponseCode.INVALID_REQUEST,
-                "unknown-srv",
-                f"Create Schedule names SRV {scheduled_srv}, which is not in the rules table."
-                if scheduled_srv is not None
-                else "Create Schedule names no SRV to schedule.",
-                rule,
-            )
-        if flagged is not None and scheduled.refused_when_flagged:
-            return _refuse(
-                rule,
-                f"a schedule of {scheduled.name} ({scheduled.srv}) would return consumption data",
-                flagged,
-            )
+    if flagged is not None and scheduled is not None and scheduled.refused_when_flagged:
+        return _refuse(
+            rule,
+            f"a schedule of {scheduled.name} ({scheduled.srv}) would return consumption data",
+            flagged,
+        )
     return _forward(rule)
 
 
-def decide_device_message(
+def _command_variant(request: ServiceRequest, rule: SrvRule, dcc_eui: Eui) -> Decision | None:
+    """E12 for a CommandVariant that does not apply to the SRV; E16905 for a non-device request whose
+    RequestID target is not the DCC."""
+    variant = request.command_variant
+    srv = rule.srv
+    if rule.non_device:
+        if variant != NON_DEVICE_COMMAND_VARIANT:
+            return _reject(
+                ResponseCode.COMMAND_VARIANT_NOT_APPLICABLE,
+                "command-variant",
+                f"{rule.name} ({srv}) is a non-device request: it needs CommandVariant 8, not {variant}.",
+                rule,
+            )
+        if request.request_id.target != dcc_eui:
+            return _reject(
+                ResponseCode.NON_DEVICE_TARGET,
+                "non-device-target",
+                f"{rule.name} ({srv}) is a non-device request: its RequestID target must be the DCC "
+                f"({dcc_eui}), not {request.request_id.target}.",
+                rule,
+            )
+        return None
+    if variant not in (CRITICAL_COMMAND_VARIANTS if rule.critical else NON_CRITICAL_COMMAND_VARIANTS):
+        allowed = "4 to 7" if rule.critical else "1 to 3"
+        kind = "critical" if rule.critical else "non-critical"
+        return _reject(
+            ResponseCode.COMMAND_VARIANT_NOT_APPLICABLE,
+            "command-variant",
+            f"{rule.name} ({srv}) is a {kind} device request: CommandVariant must be {allowed}, "
+            f"not {variant}.",
+            rule,
+        )
+    return None
+
+
+def _authorised(user: Eui, roles: frozenset[Role], parties: DeviceParties) -> bool:
+    """DUIS E4: in one of its eligible roles the user needs no device relationship or is registered
+    for the device."""
+    return any(role in _FREE_ROLES or parties.registered(user, role) for role in roles)
+
+
+def decide_device_message(  # noqa: PLR0911 - one flat list of outcomes
     message: DeviceMessage, device: DeviceFacts | None, table: RulesTable
 ) -> MessageDecision:
     """Whether a device's response or alert reaches users; device None: not in the inventory."""
@@ -209,9 +269,7 @@ def decide_device_message(
             return MessageDecision(
                 Delivery.REJECT,
                 "unknown-srv",
-                f"The response is for SRV {srv}, which is not in the rules table."
-                if srv is not None
-                else "The response names no SRV.",
+                _unknown_srv("The response", srv),
                 None,
                 notify_network_operator=False,
             )
@@ -252,6 +310,15 @@ def decide_device_message(
             alert.category,
             notify_network_operator=False,
         )
+    if flagged and alert.redacted_when_flagged:
+        return MessageDecision(
+            Delivery.REDACT,
+            "consumer-choice-redacted",
+            f"The consumer has chosen reduced communications for this meter (MP169): alert {alert.code} "
+            f"{alert.name} is Critical, so it is delivered, with its consumption payload removed.",
+            alert.category,
+            alert.notify_network_operator,
+        )
     return MessageDecision(
         Delivery.DELIVER, "delivered", _DELIVERED, alert.category, alert.notify_network_operator
     )
@@ -291,5 +358,15 @@ def _refuse(rule: SrvRule, what: str, device: Eui) -> Decision:
     )
 
 
+def _unknown_srv(what: str, srv: str | None) -> str:
+    if srv is None:
+        return f"{what} names no SRV."
+    return f"{what} names SRV {srv}, which is not in the rules table."
+
+
 def _roles(roles: frozenset[Role]) -> str:
     return " ".join(sorted(role.value for role in roles))
+
+
+def _types(types: frozenset[DeviceType]) -> str:
+    return ", ".join(sorted(device_type.value for device_type in types))

@@ -190,7 +190,55 @@ class DeviceRecord:
     tariff: Tariff
     wan: bool
     network_operator: Eui | None = None
-    """The electricity distributor's User ID that receives this device's power-outage alerts."""
+    """The electricity distributor of the premises' MPAN: its power-outage alerts, and its E4
+    relationship to the ESME and the premises' comms hub and in-home devices."""
+    gas_transporter: Eui | None = None
+    """The gas transporter of the premises' MPRN: its E4 relationship to the GSME, the GPF and the
+    premises' comms hub and in-home devices."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceParties:
+    """Who is registered for a device's MPxN, per User Role: the relationships DUIS E4 checks."""
+
+    import_supplier: Eui | None = None
+    export_supplier: Eui | None = None
+    gas_supplier: Eui | None = None
+    electricity_distributor: Eui | None = None
+    gas_transporter: Eui | None = None
+
+    def registered(self, user: Eui, role: Role) -> bool:
+        """Whether `user` is registered for the device in `role` (False for roles without one)."""
+        party = {
+            Role.IMPORT_SUPPLIER: self.import_supplier,
+            Role.EXPORT_SUPPLIER: self.export_supplier,
+            Role.GAS_SUPPLIER: self.gas_supplier,
+            Role.ELECTRICITY_DISTRIBUTOR: self.electricity_distributor,
+            Role.GAS_TRANSPORTER: self.gas_transporter,
+        }.get(role)
+        return party is not None and party == user
+
+
+NO_PARTIES = DeviceParties()
+
+ROLES_WITHOUT_DEVICE_RELATIONSHIP = frozenset({Role.OTHER_USER, Role.REGISTERED_SUPPLIER_AGENT})
+"""Roles the inventory records no device relationship for: DUIS lets them send what the SRV matrix
+allows them about any device (an Other User's consent obligations are its own, under the SEC)."""
+
+
+def device_parties(record: DeviceRecord) -> DeviceParties:
+    """The registered parties of a device, by fuel: an ESME's are the electricity ones (import and
+    export supplier, distributor), a GSME's or GPF's the gas ones (gas supplier, transporter); a comms
+    hub or in-home device serves the whole premises, so it has every party its inventory row names."""
+    electricity = record.device_type not in GAS_DEVICES
+    gas = record.device_type not in ELECTRICITY_DEVICES
+    return DeviceParties(
+        import_supplier=record.import_supplier if electricity else None,
+        export_supplier=record.export_supplier if electricity else None,
+        gas_supplier=record.gas_supplier if gas else None,
+        electricity_distributor=record.network_operator if electricity else None,
+        gas_transporter=record.gas_transporter if gas else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from rules.domain import FLAG_SRVS, Role
+from rules.domain import FLAG_SRVS, DeviceType, Role
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -73,6 +73,10 @@ class SrvRule:
     non_device: StrictBool
     dcc_scheduled: StrictBool
     eligible_roles: frozenset[Role]
+    device_types: frozenset[DeviceType]
+    """The device types the SRV may address (DUIS E11 for any other)."""
+    device_relationship: StrictBool
+    """The requester must be registered for the device in a role that has a relationship (DUIS E4)."""
     refused_when_flagged: StrictBool
     rationale: str
 
@@ -83,6 +87,8 @@ class AlertRule:
     name: str
     category: Category
     withheld_when_flagged: StrictBool
+    redacted_when_flagged: StrictBool
+    """A Critical alert carrying consumption values: delivered with its payload emptied when flagged."""
     notify_network_operator: StrictBool
     rationale: str
 
@@ -136,6 +142,8 @@ class _SrvRow(_Row):
     non_device: StrictBool
     dcc_scheduled: StrictBool
     eligible_roles: list[Role]
+    device_types: list[DeviceType]
+    device_relationship: StrictBool
     refused_when_flagged: StrictBool
     rationale: _Text
 
@@ -145,6 +153,7 @@ class _AlertRow(_Row):
     name: _Text
     category: Category
     withheld_when_flagged: StrictBool
+    redacted_when_flagged: StrictBool
     notify_network_operator: StrictBool
     rationale: _Text
 
@@ -224,6 +233,8 @@ def _build(parsed: _TableFile, matrix: Mapping[str, Mapping[str, Any]]) -> Rules
             non_device=row.non_device,
             dcc_scheduled=row.dcc_scheduled,
             eligible_roles=frozenset(row.eligible_roles),
+            device_types=frozenset(row.device_types),
+            device_relationship=row.device_relationship,
             refused_when_flagged=row.refused_when_flagged,
             rationale=row.rationale,
         )
@@ -244,11 +255,14 @@ def _build(parsed: _TableFile, matrix: Mapping[str, Mapping[str, Any]]) -> Rules
                 f"{where}: a {alert_row.category} alert cannot be withheld_when_flagged "
                 "(MP169 lets it through)"
             )
+        if alert_row.withheld_when_flagged and alert_row.redacted_when_flagged:
+            raise TableError(f"{where}: an alert is withheld_when_flagged or redacted_when_flagged, not both")
         alerts[code] = AlertRule(
             code=code,
             name=alert_row.name,
             category=alert_row.category,
             withheld_when_flagged=alert_row.withheld_when_flagged,
+            redacted_when_flagged=alert_row.redacted_when_flagged,
             notify_network_operator=alert_row.notify_network_operator,
             rationale=alert_row.rationale,
         )
@@ -266,6 +280,8 @@ def _check_srv_row(row: _SrvRow, where: str) -> None:
         raise TableError(
             f"{where}: a {row.category} SRV cannot be refused_when_flagged (MP169 lets it through)"
         )
+    if not row.device_types:
+        raise TableError(f"{where}: device_types is empty (name the device types the SRV may address)")
     if row.srv in FLAG_SRVS and row.category is not Category.CONSUMER_CHOICE_FLAG:
         raise TableError(f"{where}: the flag request must have category {Category.CONSUMER_CHOICE_FLAG}")
 

@@ -32,7 +32,7 @@ from gateway.store import SqliteStore
 from gateway.topics import Topics
 from rules.domain import DeviceRecord, parse_eui
 from simulator.devices import DeviceConfig, DeviceSimulator
-from simulator.estate import generate_estate, read_estate, records_from_rows, write_estate
+from simulator.estate import Estate, generate_estate, read_estate, records_from_rows, write_estate
 from simulator.recording import RecordingError, read_recording, record, write_stream
 from simulator.renumber import renumber, stale_requests
 from simulator.replay import ReplayResult, Signatures, print_summary, replay
@@ -130,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--renumber",
         action="store_true",
         help="raise the stream's RequestID counters above those the store already accepted "
-        "(to replay a stream again into the same store; otherwise its requests are answered E11)",
+        "(to replay a stream again into the same store; otherwise its requests are answered E16901)",
     )
     replayer.add_argument(
         "--pki",
@@ -310,7 +310,7 @@ def _replay(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     sys.stderr.write(f"mp169 replay: store {configuration.describe_store()}\n")
     topics = Topics.from_settings(settings.topics)
-    counters = asyncio.run(_store_counters(store_path))
+    counters, estate = asyncio.run(_store_state(store_path))
     items = _fresh_items(recording.items, counters, store_path, topics.inbound, renumbering=args.renumber)
     inventory_wait = args.inventory_wait
 
@@ -338,6 +338,7 @@ def _replay(args: argparse.Namespace) -> int:
                 topics=topics,
                 console=Console(stderr=True),
                 signatures=signatures,
+                estate=estate,
             ),
             stop,
         )
@@ -372,9 +373,11 @@ def _replay_stream(args: argparse.Namespace) -> tuple[Recording, Signatures | No
         return f"--pki {args.pki}: {exc}"
 
 
-async def _store_counters(path: Path) -> dict[Eui, int]:
+async def _store_state(path: Path) -> tuple[dict[Eui, int], Estate]:
+    """The store's RequestID counters, and its inventory and users: what the invariants judge by."""
     async with SqliteStore(path) as store:
-        return await store.load_request_counters()
+        devices = [device async for batch in store.load_devices() for device in batch]
+        return await store.load_request_counters(), Estate(tuple(devices), tuple(await store.load_users()))
 
 
 def _fresh_items(
@@ -395,6 +398,6 @@ def _fresh_items(
         sys.stderr.write(
             f"warning: {stale:,} requests of this stream carry RequestID counters that {store_path} has "
             "already accepted (was it replayed against this store before?): the gateway will answer "
-            "them E11 and forward none. --renumber gives them fresh counters.\n"
+            "them E16901 and forward none. --renumber gives them fresh counters.\n"
         )
     return items

@@ -275,6 +275,7 @@ async def _run(
             monotonic=clock.monotonic,
             sleep=clock.sleep,
             signatures=Signatures.from_pki(pki),
+            estate=estate,
         )
     finally:
         await devices.stop()

@@ -14,6 +14,11 @@ safety and supply, power outage (device alerts from ESMEs, DCC alert AD1 for a c
 firmware, and 8F0A Billing Data Log Updated (the consumption-bearing one). Alert headers carry
 ResponseID "<device-eui>:<dcc-eui>:<counter>".
 
+A future-dated command (its Header carries ExecutionDateTime) of an SRV whose future-dated response
+pattern is the device's (SRV matrix: "Device") is answered at once and, as the device executes it, by a
+FutureDatedDeviceAlertMessage 8F66 carrying the command's RequestID, which the gateway routes to that
+request's user.
+
 Everything received is recorded (`received`) so a run can prove what reached a device. Clocks,
 sleep and randomness are injected, so tests are deterministic.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 import struct
 import time
@@ -38,6 +44,7 @@ from gateway.duis import ParseError, parse_request
 from gateway.responses import response_xml
 from rules.codes import ResponseCode
 from rules.domain import DCC_EUI, DeviceType, Eui, RequestId, parse_eui
+from rules.table import SRV_MATRIX
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -244,6 +251,39 @@ def scheduled_execution_xml(*, schedule: Schedule, at: datetime, gbcs_payload: b
     )
 
 
+FUTURE_DATED_EXECUTED = "8F66"
+_EXECUTION_DATE_TIME = b"ExecutionDateTime>"
+
+
+def _device_future_dated_srvs() -> frozenset[str]:
+    """SRVs whose future-dated execution the device itself reports (SRV matrix pattern Device)."""
+    rows = json.loads(SRV_MATRIX.read_text(encoding="utf-8"))
+    return frozenset(
+        row["Service Reference Variant"] for row in rows if "Device" in row["Future Dated Response Pattern"]
+    )
+
+
+DEVICE_FUTURE_DATED_SRVS = _device_future_dated_srvs()
+
+
+def future_dated_alert_xml(*, request_id: RequestId, srv: str, at: datetime, gbcs_payload: bytes) -> bytes:
+    """The device's 8F66 (future-dated command executed) for `request_id`: a FutureDatedDeviceAlertMessage."""
+    content = (
+        f"<sr:FutureDatedDeviceAlertMessage><sr:FutureDatedAlertCode>{FUTURE_DATED_EXECUTED}"
+        f"</sr:FutureDatedAlertCode><sr:GBCSPayload>{base64.b64encode(gbcs_payload).decode('ascii')}"
+        "</sr:GBCSPayload><sr:InstructionNumber>1</sr:InstructionNumber>"
+        "<sr:TotalCommandInstructions>1</sr:TotalCommandInstructions></sr:FutureDatedDeviceAlertMessage>"
+    )
+    return response_xml(
+        request_id=request_id,
+        code=ResponseCode.SUCCESS,
+        service_reference=None,
+        srv=srv,
+        at=at,
+        payload=content.encode(),
+    )
+
+
 def gbcs_payload_xml(gbcs_payload: bytes) -> bytes:
     """ResponseMessage content carrying a device's GBCS response."""
     return b"<sr:GBCSPayload>" + base64.b64encode(gbcs_payload) + b"</sr:GBCSPayload>"
@@ -349,6 +389,18 @@ class DeviceSimulator:
             payload=payload,
         )
         await self.transport.publish(self.up_topic(device), answer)
+        if (
+            outcome is CommandOutcome.ANSWERED
+            and request.srv in DEVICE_FUTURE_DATED_SRVS
+            and _EXECUTION_DATE_TIME in message.payload
+        ):
+            executed = future_dated_alert_xml(
+                request_id=request.request_id,
+                srv=request.srv,
+                at=at,
+                gbcs_payload=gbcs_stand_in(request.request_id.counter, FUTURE_DATED_EXECUTED, at),
+            )
+            await self.transport.publish(self.up_topic(device), executed)
 
     def _outcome(self, device: Eui) -> CommandOutcome:
         if device == self.config.dcc_eui:

@@ -2,7 +2,8 @@
 
 `generate_estate(seed, premises)` is a pure function returning plain records (gateway.inventory's
 DeviceRecord and UserRecord); `write_estate` writes them as the CSV files `mp169 inventory import` and
-`mp169 users import` read (with the optional network_operator column last), `read_estate` reads them.
+`mp169 users import` read (with the optional network_operator and gas_transporter columns last),
+`read_estate` reads them.
 
 The mix, per premise:
 
@@ -18,7 +19,9 @@ Identifiers follow DUIS: users are EUI-64s 90-B3-D5-1F-30-<kind>-<nn>-<nn> (kind
 devices are 00-DB-12-<premise, 4 bytes>-<kind>, the last byte naming the device as in the DUIS
 samples (A0 ESME, A1 GSME, A2 CHF, A3 GPF, A4 PPMID). MPANs carry a real distributor id (10-23) and
 check digit; the premise's electricity distributor (the ED user for that distributor id) is the
-network operator of all its devices.
+network operator of all its devices; a gas premise's gas transporter (one of the GT users) is named on
+its GSME, GPF, comms hub and in-home devices. Every gas premise has a GPF on its comms hub: the GPF
+holds the GSME's registers, profiles and prepayment values, which gas reads address.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class _Users:
     gas_weights: tuple[int, ...]
     export: tuple[Eui, ...]
     distributors: Mapping[int, Eui]
+    transporters: tuple[Eui, ...]
 
 
 def _users() -> _Users:
@@ -144,6 +148,9 @@ def _users() -> _Users:
         rows.extend(
             UserRecord(_user_eui(_USER_KIND[role], index), frozenset({role})) for index in range(1, count + 1)
         )
+    transporters = tuple(
+        _user_eui(_USER_KIND[Role.GAS_TRANSPORTER], index) for index in range(1, _GAS_TRANSPORTERS + 1)
+    )
     return _Users(
         tuple(rows),
         tuple(electricity),
@@ -152,6 +159,7 @@ def _users() -> _Users:
         tuple(gas_weights),
         tuple(export),
         distributors,
+        transporters,
     )
 
 
@@ -178,6 +186,7 @@ def _premise_devices(rng: random.Random, premise: int, users: _Users) -> list[De
         same = import_supplier in users.gas and rng.random() < 0.7
         gas_supplier = import_supplier if same else rng.choices(users.gas, weights=users.gas_weights)[0]
     export_supplier = rng.choice(users.export) if has_export else None
+    transporter = rng.choice(users.transporters) if has_gas else None
     mpan_head = f"{distributor:02d}{rng.randrange(10**10):010d}"
     mpan = f"{mpan_head}{mpan_check_digit(mpan_head)}"
     hub = _device_eui(premise, DeviceType.CHF)
@@ -205,6 +214,7 @@ def _premise_devices(rng: random.Random, premise: int, users: _Users) -> list[De
             tariff=device_tariff,
             wan=wan,
             network_operator=operator,
+            gas_transporter=transporter if device_type is not DeviceType.ESME else None,
         )
 
     devices = [

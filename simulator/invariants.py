@@ -25,10 +25,22 @@ counterexamples. The definitions (docs/simulator.md repeats them):
   RequestID when it has one, else an answer without RequestID on the sender's topic; and never
   reached a device.
 - (e) no-consumption-data-from-flagged: nothing a device sent that carries consumption (an alert the
-  table withholds, such as 8F0A, or a DCC-scheduled execution of a consumption SRV) reached a
-  dsp/out topic while the device was flagged (at the position of the relayed copy in the log).
+  table withholds or redacts, such as 8F0A, or a DCC-scheduled execution of a consumption SRV) reached
+  a dsp/out topic unchanged while the meter whose data it is was flagged (at the position of the
+  relayed copy in the log).
 - (f) spoofed-not-forwarded: a request published on one user's topic with another originator never
   reached /cmd.
+- (g) authorised-access: no request reached a device its originator was not authorised for (DUIS E4:
+  registered for the device in an eligible role, or eligible in a role with no device relationship),
+  judged by the inventory as it stood when the command was seen (or the row before a change made less
+  than INVENTORY_LAG_SECONDS earlier: a gateway applies its store's changes within a second); and no
+  unsolicited alert reached a
+  user not registered for the device that sent it (an answer or alert carrying a RequestID goes to
+  that request's originator). Checked, and reported, only when the analysis is given the estate.
+
+"Flagged" is judged by whose data it is: a device's flag covers the device itself, and a GSME's also
+its GPF (the GPF holds the GSME's registers, profiles and prepayment values), when the analysis is
+given the estate (the comms hub relations); without it, only the addressed device counts.
 """
 
 from __future__ import annotations
@@ -36,10 +48,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -48,8 +61,20 @@ from gateway.responses import answerable
 from gateway.signing import DS, parse_document, verify
 from gateway.topics import Topics
 from rules.codes import ResponseCode
-from rules.domain import DeviceMessage, DeviceMessageKind, Eui, ServiceRequest, parse_eui
+from rules.domain import (
+    ROLES_WITHOUT_DEVICE_RELATIONSHIP,
+    DeviceMessage,
+    DeviceMessageKind,
+    DeviceRecord,
+    DeviceType,
+    Eui,
+    Role,
+    ServiceRequest,
+    device_parties,
+    parse_eui,
+)
 from rules.table import Category, RulesTable
+from simulator.estate import Estate, records_from_rows
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -59,6 +84,8 @@ if TYPE_CHECKING:
 PROTECTED_SRV_CATEGORIES = frozenset({Category.FIRMWARE, Category.SECURITY, Category.SAFETY, Category.SUPPLY})
 PROTECTED_ALERT_CATEGORIES = PROTECTED_SRV_CATEGORIES | {Category.POWER_OUTAGE}
 MALFORMED_SCENARIO = "malformed/"
+INVENTORY_LAG_SECONDS = 2.0
+"""How long after an inventory change a message may still be routed by the row before it."""
 ACKNOWLEDGED = ResponseCode.ACKNOWLEDGED.value
 
 
@@ -66,7 +93,7 @@ class EventKind(StrEnum):
     REQUEST = "request"
     """Published by the replay on dsp/in/<user>."""
     INVENTORY = "inventory"
-    """An inventory change the replay applied."""
+    """An inventory change the replay applied; the payload is its rows as JSON."""
     COMMAND = "command"
     """Observed on dsp/device/<eui>/cmd: reached the device."""
     UP = "up"
@@ -115,7 +142,7 @@ class InvariantResult:
 
     @property
     def vacuous(self) -> bool:
-        """Nothing was checked: no violation, and no evidence either (a replay answered E11
+        """Nothing was checked: no violation, and no evidence either (a replay answered E16901
         throughout checks nothing), so a run with a vacuous invariant does not pass."""
         return self.checked == 0
 
@@ -176,13 +203,30 @@ class Analysis:
     """Keyed by `unsigned_content`: a relayed message is the same document once the DSP signed it."""
     command_request_ids: frozenset[str]
     command_payloads: frozenset[bytes]
+    inventory: Mapping[Eui, tuple[tuple[int, float, DeviceRecord], ...]] = field(default_factory=dict)
+    """Per device: (log position, time, inventory row from then on), oldest first; empty without an
+    estate."""
+    roles: Mapping[Eui, frozenset[Role]] = field(default_factory=dict)
+    owners: Mapping[Eui, Eui] = field(default_factory=dict)
+    """The meter whose consumption data a GPF returns: the GSME on its comms hub."""
 
     def flagged_by(self, device: Eui, index: int) -> str | None:
-        """The 8.15.1 RequestID flagging `device` at log position `index`, or None."""
-        for start, end, flag_request in self.flag_intervals.get(device, ()):
+        """The 8.15.1 RequestID flagging the meter whose data `device` holds at log position `index`."""
+        for start, end, flag_request in self.flag_intervals.get(self.owners.get(device, device), ()):
             if start < index and (end is None or index < end):
                 return flag_request
         return None
+
+    def rows_at(self, device: Eui, index: int, t: float) -> tuple[DeviceRecord, ...]:
+        """The device's inventory row in effect at log position `index` (empty: not in the inventory
+        then), and the row before it if that changed less than INVENTORY_LAG_SECONDS before `t`: a
+        gateway applies inventory changes from its store within a second."""
+        rows: list[DeviceRecord] = []
+        for position, changed_at, record in self.inventory.get(device, ()):
+            if position > index:
+                break
+            rows = [record] if t - changed_at >= INVENTORY_LAG_SECONDS else [*rows[-1:], record]
+        return tuple(rows)
 
     def delivered_after(self, payload: bytes, index: int) -> bool:
         return any(position > index for position in self.relayed_at(payload))
@@ -228,8 +272,8 @@ def read_request(payload: bytes) -> ServiceRequest | ParseError:
     return ParseError("unknown-srv", f"SRV {parsed.srv!r} is not one DUIS defines", parsed.request_id)
 
 
-def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
-    """Parse an event log once, for all the checks."""
+def analyse(events: Sequence[Event], topics: Topics | None = None, estate: Estate | None = None) -> Analysis:
+    """Parse an event log once, for all the checks; `estate`: the inventory and users it started with."""
     topics = topics or Topics()
     depth = len(topics.devices.split("/"))
     requests: list[RequestRecord] = []
@@ -264,7 +308,13 @@ def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
     for answer in answers:
         by_payload[unsigned_content(answer.payload)].append(answer.index)
         message = answer.parsed
-        if isinstance(message, DeviceMessage) and message.request_id is not None and answer.eui is not None:
+        # Answers only: an alert about a request (8F66 future-dated outcome) is not one of its answers.
+        if (
+            isinstance(message, DeviceMessage)
+            and message.kind is DeviceMessageKind.RESPONSE
+            and message.request_id is not None
+            and answer.eui is not None
+        ):
             by_key[f"{answer.eui}|{message.request_id}"].append(answer)
     command_ids = {
         str(command.parsed.request_id) for command in commands if isinstance(command.parsed, ServiceRequest)
@@ -276,11 +326,39 @@ def analyse(events: Sequence[Event], topics: Topics | None = None) -> Analysis:
         answers=tuple(answers),
         deadletters=tuple(deadletters),
         flag_intervals=_flag_intervals(requests, answers),
+        **_inventory(events, estate),
         answers_by_key={key: tuple(found) for key, found in by_key.items()},
         answer_indices_by_payload={payload: tuple(found) for payload, found in by_payload.items()},
         command_request_ids=frozenset(command_ids),
         command_payloads=frozenset(command.payload for command in commands),
     )
+
+
+def _inventory(events: Sequence[Event], estate: Estate | None) -> dict[str, Any]:
+    """The inventory over the log (the estate, then each applied change), users' roles, GPF owners."""
+    if estate is None:
+        return {}
+    rows: dict[Eui, list[tuple[int, float, DeviceRecord]]] = defaultdict(list)
+    for record in estate.devices:
+        rows[record.device_id].append((-1, -math.inf, record))
+    for index, event in enumerate(events):
+        if event.kind is EventKind.INVENTORY and event.payload:
+            for record in records_from_rows(json.loads(event.payload)):
+                rows[record.device_id].append((index, event.t, record))
+    latest = [history[-1][2] for history in rows.values()]
+    gas_meters = {
+        r.comms_hub_id: r.device_id for r in latest if r.device_type is DeviceType.GSME and r.comms_hub_id
+    }
+    owners = {
+        r.device_id: gas_meters[r.comms_hub_id]
+        for r in latest
+        if r.device_type is DeviceType.GPF and r.comms_hub_id in gas_meters
+    }
+    return {
+        "inventory": {device: tuple(history) for device, history in rows.items()},
+        "roles": {user.user_id: user.roles for user in estate.users},
+        "owners": owners,
+    }
 
 
 def _flag_intervals(
@@ -374,7 +452,7 @@ def check_no_consumption_to_flagged(
             if flag_request is not None:
                 found.fail(
                     f"{request.srv} {request.request_id} reached {command.eui} at t={command.t:.3f}s "
-                    f"while {device} was flagged (by {flag_request})"
+                    f"while {analysis.owners.get(device, device)} was flagged (by {flag_request})"
                 )
     return found.result(
         "no-consumption-to-flagged",
@@ -544,7 +622,11 @@ def check_no_consumption_data_from_flagged(
     found = _Collector(limit)
     for up in analysis.ups:
         message = up.parsed
-        if not isinstance(message, DeviceMessage) or up.eui is None or up.eui not in analysis.flag_intervals:
+        if (
+            not isinstance(message, DeviceMessage)
+            or up.eui is None
+            or analysis.owners.get(up.eui, up.eui) not in analysis.flag_intervals
+        ):
             continue
         if not _carries_consumption(message, table):
             continue
@@ -561,7 +643,7 @@ def check_no_consumption_data_from_flagged(
                 break
     return found.result(
         "no-consumption-data-from-flagged",
-        "no consumption data (8F0A alert, scheduled read) from a flagged device reached a user",
+        "no consumption data (8F0A alert, scheduled read) of a flagged meter reached a user unchanged",
     )
 
 
@@ -570,7 +652,7 @@ def _carries_consumption(message: DeviceMessage, table: RulesTable) -> bool:
         rule = table.srv(message.srv) if message.scheduled and message.srv else None
         return rule is not None and rule.refused_when_flagged
     alert = table.alert(message.alert_code) if message.alert_code else None
-    return alert is not None and alert.withheld_when_flagged
+    return alert is not None and (alert.withheld_when_flagged or alert.redacted_when_flagged)
 
 
 def check_spoofed_not_forwarded(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
@@ -587,10 +669,67 @@ def check_spoofed_not_forwarded(analysis: Analysis, *, limit: int = 10) -> Invar
     )
 
 
+def check_authorised_access(analysis: Analysis, table: RulesTable, *, limit: int = 10) -> InvariantResult:
+    found = _Collector(limit)
+    for command in analysis.commands if analysis.inventory else ():
+        request = command.parsed
+        if isinstance(request, ServiceRequest):
+            _check_command_authorised(analysis, table, command, request, found)
+    answers = {answer.index: answer for answer in analysis.answers}
+    for up in analysis.ups if analysis.inventory else ():
+        message = up.parsed
+        if not isinstance(message, DeviceMessage) or up.eui is None or message.request_id is not None:
+            continue
+        parties = [device_parties(record) for record in analysis.rows_at(up.eui, up.index, up.t)]
+        for position in analysis.relayed_at(up.payload):
+            user = answers[position].eui
+            if position < up.index or user is None:
+                continue
+            found.checked += 1
+            if not any(p.registered(user, role) for p in parties for role in Role):
+                found.fail(
+                    f"alert {message.alert_code} from {up.eui} (t={up.t:.3f}s) reached {user}, "
+                    "who is not registered for it"
+                )
+    return found.result(
+        "authorised-access",
+        "no user reached a device, or received its unsolicited alerts, without being authorised for it",
+    )
+
+
+def _check_command_authorised(
+    analysis: Analysis, table: RulesTable, command: MessageRecord, request: ServiceRequest, found: _Collector
+) -> None:
+    rule = table.srv(request.srv)
+    addressing = table.srv(request.scheduled_srv) if request.scheduled_srv else rule
+    if rule is None or addressing is None or not addressing.device_relationship:
+        return
+    user = request.request_id.originator
+    roles = analysis.roles.get(user, frozenset()) & rule.eligible_roles
+    # A non-device request's command goes to the DCC: what counts are the devices its Body names.
+    for device in request.concerned_devices:
+        found.checked += 1
+        rows = analysis.rows_at(device, command.index, command.t)
+        if not any(
+            role in ROLES_WITHOUT_DEVICE_RELATIONSHIP or device_parties(record).registered(user, role)
+            for record in rows
+            for role in roles
+        ):
+            found.fail(
+                f"{request.srv} {request.request_id} reached {command.eui}: {user} is not "
+                f"authorised for {device}"
+            )
+
+
 def check_all(
-    events: Sequence[Event], table: RulesTable, *, topics: Topics | None = None, limit: int = 10
+    events: Sequence[Event],
+    table: RulesTable,
+    *,
+    topics: Topics | None = None,
+    estate: Estate | None = None,
+    limit: int = 10,
 ) -> tuple[InvariantResult, ...]:
-    analysis = analyse(events, topics)
+    analysis = analyse(events, topics, estate)
     return check_analysis(analysis, table, limit=limit)
 
 
@@ -616,4 +755,6 @@ def check_analysis(analysis: Analysis, table: RulesTable, *, limit: int = 10) ->
         check_malformed_handled(analysis, limit=limit),
         check_no_consumption_data_from_flagged(analysis, table, limit=limit),
         check_spoofed_not_forwarded(analysis, limit=limit),
+        # Only with the estate to judge by (the demo; `mp169 replay` reading its store).
+        *((check_authorised_access(analysis, table, limit=limit),) if analysis.inventory else ()),
     )

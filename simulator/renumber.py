@@ -1,8 +1,8 @@
 """A stream replayed again into the same store: find its stale RequestIDs and give them fresh counters.
 
 The gateway accepts a RequestID only if its counter is above the highest already accepted from its
-originator (E11 otherwise), so a stream replayed a second time against the same store is answered
-E11 almost throughout and reaches no device. `stale_requests` counts the requests that would be;
+originator (E16901 otherwise), so a stream replayed a second time against the same store is answered
+E16901 almost throughout and reaches no device. `stale_requests` counts the requests that would be;
 `renumber` shifts every originator's counters above the store's, keeping their order and any
 deliberate repeats, and rewrites only the Header's RequestID of each payload. Pure functions.
 """

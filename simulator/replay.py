@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from collections import Counter, defaultdict
@@ -48,6 +49,7 @@ from simulator.recording import InventoryChange, StreamItem
 if TYPE_CHECKING:
     from gateway.pki import PkiLayout
     from gateway.transport import Message, Transport
+    from simulator.estate import Estate
 
 ApplyInventory = Callable[[Sequence[Mapping[str, str]]], Awaitable[None]]
 
@@ -80,7 +82,7 @@ class ReplaySummary:
     skipped: int
     """Items on other topics than the inbound one (live recordings hold the gateway's own traffic)."""
     decisions: Mapping[str, int]
-    """forwarded (I99), local (I0), refused (E169), flag-refused (E3, E0815xx), rejected (other E...),
+    """forwarded (I99), local (I0), refused (E169), flag-refused (E0815xx), rejected (other E...),
     deadletter, no-answer."""
     first_codes: Mapping[str, int]
     """The first answer's response code per request (I99 = forwarded)."""
@@ -285,8 +287,10 @@ class _Run:
                 if apply_inventory is None:
                     self.skipped += 1
                 else:
+                    # Logged as it starts: a gateway may route by the new rows before this returns.
+                    rows = json.dumps([dict(row) for row in item.rows]).encode()
+                    self.events.append(Event(self.now(), EventKind.INVENTORY, "", rows, item.scenario))
                     await apply_inventory(item.rows)
-                    self.events.append(Event(self.now(), EventKind.INVENTORY, "", b"", item.scenario))
                     self.inventory_changes += 1
             elif item.topic.startswith(inbound):
                 if window is not None:
@@ -321,6 +325,7 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
     table: RulesTable | None = None,
     before_wait: Callable[[], Awaitable[object]] | None = None,
     console: Console | None = None,
+    estate: Estate | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     signatures: Signatures | None = None,
@@ -337,6 +342,8 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
     before_wait: awaited after the last publish (the demo executes DCC schedules there).
     signatures: sign each request with its sender's key; verify each answer against the DSP's
       certificate (the `answers-signed` invariant). None: neither.
+    estate: the inventory and users the gateway started with: the invariants then judge flags by
+      whose data it is (a GSME's flag covers its GPF) and check authorised access.
     """
     if speed is not None and speed <= 0:
         raise ValueError("speed must be positive (None: as fast as possible)")
@@ -377,7 +384,7 @@ async def replay(  # noqa: PLR0913 - one run's knobs, all keyword-only
                 await sleep(settle_seconds)
     finally:
         await transport.stop()
-    analysis = analyse(run.events, topics)
+    analysis = analyse(run.events, topics, estate)
     summary = summarise(
         analysis,
         table,
@@ -403,7 +410,8 @@ def decision_of(codes: Sequence[str]) -> str:
         return "no-answer"
     first = codes[0]
     if first == ACKNOWLEDGED:
-        return "forwarded"
+        # Forwarded, but the answer withheld for consumer choice: refused, as the user experienced it.
+        return "refused" if codes[-1] == ResponseCode.CONSUMER_CHOICE.value else "forwarded"
     if first == ResponseCode.SUCCESS.value:
         return "local"
     if first == ResponseCode.CONSUMER_CHOICE.value:
@@ -569,7 +577,7 @@ def _explain_vacuous(result: ReplayResult, console: Console) -> None:
         console.print(
             f"[bold yellow]{len(vacuous)} invariant(s) checked nothing ({', '.join(vacuous)}): the run "
             "proves nothing about them, so it fails. The stream held none of what they look at, or the "
-            "gateway refused it all (E11 throughout: replayed into a store that had seen it? "
+            "gateway refused it all (E16901 throughout: replayed into a store that had seen it? "
             "mp169 replay --renumber).[/bold yellow]",
             soft_wrap=True,
         )

@@ -39,8 +39,10 @@ from rules.domain import (
     RequestId,
     Role,
     Tariff,
+    device_parties,
     responsible_supplier,
 )
+from rules.table import default_table
 from simulator.estate import DEVICE_SUFFIX, Estate
 from simulator.recording import InventoryChange, PublishItem, StreamItem
 
@@ -84,7 +86,11 @@ MALFORMED_KINDS = (
     "random-bytes",
     "unknown-srv",
 )
-INVALID_KINDS = ("ineligible-role", "unknown-device")
+INVALID_KINDS = ("ineligible-role", "unknown-device", "unregistered-supplier", "wrong-device-type")
+GAS_PROXY_SHARE = 0.4
+"""Share of reads of gas-capable SRVs (4.1.1, 4.8.1, 4.18...) addressed to a GPF, as DCC users read a
+gas meter's registers, profiles and prepayment values (the GPF holds them)."""
+_SUPPLIER_ROLES = frozenset({Role.IMPORT_SUPPLIER, Role.EXPORT_SUPPLIER, Role.GAS_SUPPLIER})
 
 
 # -- request shapes -----------------------------------------------------------------------------
@@ -293,6 +299,17 @@ class _Index:
             for role in sorted(user.roles):
                 self.users_by_role.setdefault(role, []).append(user.user_id)
         self.roles = {user.user_id: user.roles for user in estate.users}
+        # A GSME's GPF: the GPF joined to the same comms hub.
+        proxies = {
+            device.comms_hub_id: device.device_id
+            for device in estate.devices
+            if device.device_type is DeviceType.GPF and device.comms_hub_id
+        }
+        self.proxy_of = {
+            device.device_id: proxies[device.comms_hub_id]
+            for device in estate.devices
+            if device.device_type is DeviceType.GSME and device.comms_hub_id in proxies
+        }
 
 
 # -- planning: what happens when ----------------------------------------------------------------
@@ -410,6 +427,7 @@ class _Walk:
         self.eligibility = eligibility
         self.mix = mix
         self.dcc_eui = dcc_eui
+        self.table = default_table()
         self.counters: dict[Eui, int] = {}
         self.flagged: dict[DeviceType, _Pool] = defaultdict(_Pool)
         self.previous_supplier: dict[Eui, Eui] = {}
@@ -479,6 +497,12 @@ class _Walk:
 
     def _pick_device(self, device_type: DeviceType) -> Eui:
         flagged = self.flagged[device_type].members
+        if device_type is DeviceType.GPF:  # a GPF is "flagged" through its GSME
+            flagged = [
+                self.index.proxy_of[gsme]
+                for gsme in self.flagged[DeviceType.GSME].members
+                if gsme in self.index.proxy_of
+            ]
         if flagged and self.rng.random() < self.mix.flagged_focus:
             return self.rng.choice(flagged)
         return self.rng.choice(self.index.commissioned[device_type])
@@ -496,8 +520,8 @@ class _Walk:
                 (Role.ELECTRICITY_DISTRIBUTOR, None if gas_side else device.network_operator, 1.0),
             )
             candidates.extend((user, weight) for role, user, weight in suppliers if role in roles and user)
-            if Role.GAS_TRANSPORTER in roles and gas_side:
-                candidates.append((self._user_with(Role.GAS_TRANSPORTER), 1.0))
+            if Role.GAS_TRANSPORTER in roles and gas_side and device.gas_transporter:
+                candidates.append((device.gas_transporter, 1.0))
         candidates.extend(
             (self._user_with(role), 0.5)
             for role in (Role.OTHER_USER, Role.REGISTERED_SUPPLIER_AGENT)
@@ -522,7 +546,15 @@ class _Walk:
             return self._request(
                 t, template, self._originator(template.srv, None), [], scenario=scenario or category
             )
-        devices = [self._pick_device(template.device_type)]
+        device_type = template.device_type
+        if (
+            category in {"on-demand-read", "daily-read"}
+            and DeviceType.GPF in self.table.srvs[template.srv].device_types
+            and self.index.commissioned.get(DeviceType.GPF)
+            and self.rng.random() < GAS_PROXY_SHARE
+        ):
+            device_type = DeviceType.GPF
+        devices = [self._pick_device(device_type)]
         row = self.index.rows[devices[0]]
         originator = self._originator(template.srv, row)
         if template.device_tag == "DeviceIDList":
@@ -656,12 +688,65 @@ class _Walk:
             unknown = self._unknown_device(template.device_type or DeviceType.ESME)
             originator = self._user_with(self.rng.choice(sorted(self.eligibility[template.srv])))
             return [self._request(draft.t, template, originator, [unknown], scenario=scenario)]
+        if draft.variant == "unregistered-supplier":
+            return [self._unregistered_supplier(draft.t, scenario)]
+        if draft.variant == "wrong-device-type":
+            return [self._wrong_device_type(draft.t, scenario)]
         template = self.rng.choice(self.restricted)
         assert template.device_type is not None
         device = self._pick_device(template.device_type)
         eligible = self.eligibility[template.srv]
         outsiders = [user for user, roles in self.index.roles.items() if not roles & eligible]
         return [self._request(draft.t, template, self.rng.choice(outsiders), [device], scenario=scenario)]
+
+    def _unregistered_supplier(self, t: float, scenario: str) -> PublishItem:
+        """An eligible supplier that is not registered for the device (DUIS E4): a meter it does not serve."""
+        templates = [
+            template
+            for name in ("on-demand-read", "tariff", "other")
+            for template in self.categories[name]
+            if template.device_type is not None and self.table.srvs[template.srv].device_relationship
+        ]
+        while True:
+            template = self.rng.choice(templates)
+            assert template.device_type is not None
+            device = self._pick_device(template.device_type)
+            parties = device_parties(self.index.rows[device])
+            eligible = self.eligibility[template.srv]
+            strangers = [
+                user
+                for user, roles in self.index.roles.items()
+                if roles <= _SUPPLIER_ROLES
+                and roles & eligible
+                and not any(parties.registered(user, role) for role in roles)
+            ]
+            if strangers:
+                return self._request(t, template, self.rng.choice(strangers), [device], scenario=scenario)
+
+    def _wrong_device_type(self, t: float, scenario: str) -> PublishItem:
+        """A device SRV addressed to a device type it cannot address (DUIS E11), by a user registered
+        for that device: a consumption read of a comms hub, a supply command to a GSME's GPF..."""
+        options = [
+            (template, device_type)
+            for name in ("on-demand-read", "tariff", "other")
+            for template in self.categories[name]
+            if template.command_variant != 8
+            for device_type in sorted(DeviceType)
+            if device_type not in self.table.srvs[template.srv].device_types
+            and self.index.commissioned.get(device_type)
+        ]
+        while True:
+            template, device_type = self.rng.choice(options)
+            device = self.rng.choice(self.index.commissioned[device_type])
+            parties = device_parties(self.index.rows[device])
+            eligible = self.eligibility[template.srv]
+            users = [
+                user
+                for user, roles in self.index.roles.items()
+                if any(parties.registered(user, role) for role in roles & eligible)
+            ]
+            if users:
+                return self._request(t, template, self.rng.choice(users), [device], scenario=scenario)
 
     def _unknown_device(self, device_type: DeviceType) -> Eui:
         while True:

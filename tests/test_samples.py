@@ -12,7 +12,7 @@ from gateway.duis import parse_request
 from gateway.schema import DuisSchema, load_schema, validate
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
-from rules.domain import DeviceStatus, DeviceType, Eui, ServiceRequest
+from rules.domain import NO_PARTIES, DeviceStatus, DeviceType, Eui, ServiceRequest
 from rules.table import default_table
 from tests.gateway.test_responses import schema_errors
 
@@ -57,7 +57,8 @@ def facts(request: ServiceRequest, *, flagged: bool) -> RequestFacts:
             device_type=SAMPLE_DEVICE_TYPES[eui[-2:]],
             smets=2,
             status=DeviceStatus.COMMISSIONED,
-            flagged=flagged,
+            parties=NO_PARTIES,
+            flagged_meter=eui if flagged else None,
         )
         for eui in request.concerned_devices
     }

@@ -134,6 +134,9 @@ class DeviceOutcome(StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
     TIMEOUT = "timeout"
+    WITHHELD = "withheld"
+    """The device answered a consumption SRV for a meter flagged meanwhile: the user got E169, not
+    the data; counted as a consumer-choice exception, as the user experienced it."""
 
 
 def to_ms(at: datetime) -> int:

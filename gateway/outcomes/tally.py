@@ -24,7 +24,9 @@ class Tally:
 
     Success rate = succeeded / final, where final = succeeded + failed + timed out (forwarded
     requests with a device outcome). Requests refused for consumer choice are never forwarded, so
-    they never enter `final`: they are exceptions, counted in `refused_consumer_choice`.
+    they never enter `final`: they are exceptions, counted in `refused_consumer_choice`. So is a
+    forwarded request whose answer was withheld (the meter's flag was set before the answer came,
+    the user got E169): it moves from `forwarded` to `refused_consumer_choice`.
     """
 
     requests: int = 0
@@ -58,6 +60,8 @@ class Tally:
     def of_device_outcome(cls, outcome: str, received_ms: int, answered_ms: int, target_ms: int) -> Tally:
         if outcome == DeviceOutcome.TIMEOUT:
             return cls(timed_out=1)
+        if outcome == DeviceOutcome.WITHHELD:
+            return cls(forwarded=-1, refused_consumer_choice=1)
         in_time = int(answered_ms - received_ms <= target_ms)
         if outcome == DeviceOutcome.SUCCESS:
             return cls(succeeded=1, within_target=in_time)

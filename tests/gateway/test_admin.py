@@ -182,7 +182,7 @@ def _flag_history(database: Path) -> None:
             await store.upsert_devices(premise())
             events = [
                 FlagEvent(METER, True, IMPORT_SUPPLIER, "r:1", True, "CR-1", "accepted", AT),
-                FlagEvent(GAS_METER, True, IMPORT_SUPPLIER, "r:2", True, None, "E3", AT),
+                FlagEvent(GAS_METER, True, IMPORT_SUPPLIER, "r:2", True, None, "E081509", AT),
             ]
             await store.commit(CommitBatch(flag_events=events))
 
@@ -214,7 +214,7 @@ def test_flags_show_tables(
     assert run("flags", "show", "--config", str(config)) == 0
     out = capsys.readouterr().out
     assert "Devices with reduced communications: 1" in out
-    assert "Refused: E3 not-responsible-supplier" in out
+    assert "Refused: E081509 not-responsible-supplier" in out
     assert run("flags", "show", GAS_METER, "--config", str(config)) == 0
     out = capsys.readouterr().out
     assert "Reduced communications: not set" in out

@@ -137,7 +137,7 @@ def test_malformed_file_is_rejected_with_its_reason(
     assert (rows[1]["file"], rows[1]["decision"], rows[1]["response_code"], rows[1]["reason"]) == (
         str(truncated),
         "reject",
-        "E4",
+        "E16902",
         "not-well-formed",
     )
     assert rows[1]["detail"]
@@ -212,3 +212,20 @@ def test_a_dash_reads_the_request_from_stdin(
         ("-", "4.8.1", "E169"),
         (str(PROFILE), "4.8.1", "E169"),
     ]
+
+
+def test_device_type_and_registration_show_e11_and_e4(capsys: pytest.CaptureFixture[str]) -> None:
+    read = REQUESTS / "ECS17b_4.1.1_DSP_FUTURE_DATED_REQUEST_DUIS.XML"
+    disable = REQUESTS / "ECS43_7.2_SUCCESS_REQUEST_DUIS.XML"
+    status, rows = run(capsys, "--device-type", "GSME", read)
+    assert (status, rows[0]["response_code"], rows[0]["reason"]) == (EXIT_REJECTED, "E11", "device-type")
+    status, rows = run(capsys, "--device-type", "GPF", read)
+    assert (status, rows[0]["decision"]) == (0, "forward")
+    status, rows = run(capsys, "--roles", "IS", "--unregistered", disable)
+    assert (status, rows[0]["response_code"], rows[0]["reason"]) == (
+        EXIT_REJECTED,
+        "E4",
+        "device-not-authorised",
+    )
+    status, rows = run(capsys, "--roles", "IS", disable)
+    assert (status, rows[0]["decision"]) == (0, "forward")

@@ -44,7 +44,9 @@ async def test_a_flag_change_takes_the_next_epoch_and_notifies_it(
     await second.listen(FLAGS_CHANNEL, heard.put_nowait)
     assert await first.flag_epoch() == 0
     # Refused and unchanged requests change no flag: no epoch, no notification.
-    refused = await first.commit(CommitBatch(flag_events=[event(outcome="E3"), event(outcome="unchanged")]))
+    refused = await first.commit(
+        CommitBatch(flag_events=[event(outcome="E081509"), event(outcome="unchanged")])
+    )
     assert refused.flag_epoch is None
     result = await first.commit(CommitBatch(flag_events=[event(n=2)], counters={IMPORT_SUPPLIER: 2}))
     assert result.flag_epoch == 1

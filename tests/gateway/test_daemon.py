@@ -167,7 +167,7 @@ async def test_a_spoofed_originator_never_reaches_the_device(estate: Estate, ser
     await estate.answers.until(lambda messages: len(messages) == 1)
     [message] = estate.answers.messages
     assert message.topic == f"dsp/out/{GAS_SUPPLIER}"
-    assert header(message.payload)[1] == ResponseCode.USER_NOT_AUTHORISED
+    assert header(message.payload)[1] == ResponseCode.ORIGINATOR_MISMATCH
     # A later request on the same path is answered after it: nothing was forwarded in between.
     await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, 2))
     await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, 2), 2)

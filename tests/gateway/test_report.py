@@ -488,7 +488,10 @@ def records(draw: st.DrawFn, *, consumer_choice: bool = False) -> OutcomeRecord:
     minute = draw(st.integers(0, 179))
     received_at = DAY.since + timedelta(minutes=minute)
     if consumer_choice:
-        decision, code, outcome = "refuse", "E169", None
+        # Refused at once, or forwarded and its answer withheld (the flag was set before it came).
+        decision, code, outcome = draw(
+            st.sampled_from([("refuse", "E169", None), ("forward", "I99", "withheld")])
+        )
     else:
         decision, code = draw(
             st.sampled_from(
@@ -496,7 +499,9 @@ def records(draw: st.DrawFn, *, consumer_choice: bool = False) -> OutcomeRecord:
             )
         )
         outcome = (
-            draw(st.sampled_from([None, "success", "failure", "timeout"])) if decision == "forward" else None
+            draw(st.sampled_from([None, "success", "failure", "timeout", "withheld"]))
+            if decision == "forward"
+            else None
         )
     delay = draw(st.integers(0, 60))
     return OutcomeRecord(
@@ -550,6 +555,13 @@ def test_a_consumer_choice_refusal_never_lowers_a_success_rate(existing, refusal
         report([*existing, refusal]).totals.refused_consumer_choice
         == report(existing).totals.refused_consumer_choice + 1
     )
+
+
+def test_a_forwarded_request_whose_answer_was_withheld_is_a_consumer_choice_exception():
+    forwarded = Tally.of_decision("forward", "I99")
+    tally = forwarded + Tally.of_device_outcome("withheld", 0, 2_000, round(TARGET * 1000))
+    assert tally == Tally(requests=1, refused_consumer_choice=1)
+    assert (tally.final, tally.pending, tally.success_rate) == (0, 0, None)
 
 
 def test_a_device_flagged_mid_period_counts_on_both_sides_of_the_flag():

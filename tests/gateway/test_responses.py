@@ -32,6 +32,30 @@ if TYPE_CHECKING:
 SR = "{" + NAMESPACE + "}"
 REQUEST_ID = RequestId(Eui("90-B3-D5-1F-30-01-00-00"), Eui("00-DB-12-34-56-78-90-A0"), 1234)
 AT = datetime(2026, 3, 1, 12, 30, 5, 250_000, tzinfo=UTC)
+MP169_CODES = {
+    "E169",
+    "E081509",
+    "E16901",
+    "E16902",
+    "E16903",
+    "E16904",
+    "E16905",
+    "E081501",
+    "E081502",
+    "E081503",
+    "E081504",
+    "E081505",
+    "E081506",
+    "E081507",
+    "E081508",
+    "E16910",
+    "E16911",
+    "E16912",
+    "E16913",
+    "E16914",
+    "E16920",
+    "E16921",
+}
 READER = etree.XMLParser(remove_comments=False, resolve_entities=False, no_network=True)
 
 
@@ -165,13 +189,13 @@ USER = REQUEST_ID.originator
 
 
 @pytest.mark.parametrize("srv", ["4.8.1", "8.15.1"])
-def test_an_unreadable_request_with_a_request_id_and_a_duis_srv_gets_a_valid_e4(srv: str) -> None:
+def test_an_unreadable_request_with_a_request_id_and_a_duis_srv_gets_a_valid_answer(srv: str) -> None:
     error = ParseError("missing-field", "Body content", REQUEST_ID, srv)
     answer = unreadable_request_answer(error, USER, AT)
     assert answer is not None
     assert validate(answer).valid
     root = etree.fromstring(answer, READER)
-    assert [root[0][0].text, root[0][1].text] == [str(REQUEST_ID), "E4"]
+    assert [root[0][0].text, root[0][1].text] == [str(REQUEST_ID), ResponseCode.INVALID_REQUEST.value]
     assert root[1][0][1].text == srv
     assert root[1][0][0].text == service_reference_of(srv)
 

@@ -18,6 +18,7 @@ from gateway.router import (
     DEADLETTER_PAYLOAD_BYTES,
     Admission,
     CommitRolledBack,
+    DeviceMessageRouted,
     Publish,
     Received,
     RequestDecided,
@@ -40,7 +41,6 @@ from tests.gateway.messages import (
     request,
 )
 from tests.gateway.test_inventory import (
-    EXPORT_SUPPLIER,
     GAS_METER,
     GAS_SUPPLIER,
     HUB,
@@ -208,7 +208,7 @@ def test_a_stream_with_flag_requests_is_decided_in_arrival_order(desk: Desk) -> 
 def test_a_spoofed_originator_is_answered_on_the_senders_topic_only(desk: Desk) -> None:
     out = desk.send(GAS_SUPPLIER, read(1))
     assert [publish.topic for publish in out] == [TOPICS.out(GAS_SUPPLIER)]
-    assert desk.answers_to(GAS_SUPPLIER, out) == [ResponseCode.USER_NOT_AUTHORISED]
+    assert desk.answers_to(GAS_SUPPLIER, out) == [ResponseCode.ORIGINATOR_MISMATCH]
     decided = [o for o in desk.observed if isinstance(o, RequestDecided)]
     assert [(o.user, o.admission) for o in decided] == [(GAS_SUPPLIER, Admission.SPOOFED)]
     # The victim's counter is untouched: its own request 1 still goes through.
@@ -404,6 +404,9 @@ def test_consumption_data_answering_after_the_flag_was_set_is_withheld(desk: Des
     out = desk.device_says(METER, answer)
     assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.CONSUMER_CHOICE]
     assert answer not in [p.payload for p in out]
+    # Reported as the user experienced it: a consumer-choice exception, not a device success.
+    [routed] = [o for o in desk.observed if isinstance(o, DeviceMessageRouted)]
+    assert (routed.delivery, routed.outcome) == ("withhold", "withheld")
 
 
 def test_a_response_from_another_device_than_the_target_is_dead_lettered(desk: Desk) -> None:
@@ -412,12 +415,17 @@ def test_a_response_from_another_device_than_the_target_is_dead_lettered(desk: D
     assert json.loads(out[0].payload)["reason"] == "response-mismatch"
 
 
-def test_alerts_from_a_flagged_meter_flow_except_consumption_ones(desk: Desk) -> None:
+def test_alerts_from_a_flagged_meter_flow_without_consumption_payloads(desk: Desk) -> None:
     desk.send(IMPORT_SUPPLIER, set_flag(1))
-    suppliers = [TOPICS.out(IMPORT_SUPPLIER), TOPICS.out(EXPORT_SUPPLIER)]  # both responsible for an ESME
+    suppliers = [TOPICS.out(IMPORT_SUPPLIER)]  # an ESME's unsolicited alerts go to its import supplier
     tamper = alert(METER, "81BC")  # Strong Magnetic Field Removed: security
     assert desk.device_says(METER, tamper) == [Publish(topic, tamper) for topic in suppliers]
-    assert desk.device_says(METER, alert(METER, "8F0A", 2)) == []  # Billing Data Log Updated
+    # Billing Data Log Updated is Critical: it arrives, without the register snapshot.
+    [redacted] = desk.device_says(METER, alert(METER, "8F0A", 2))
+    assert isinstance(redacted, Publish)
+    assert redacted.topic == TOPICS.out(IMPORT_SUPPLIER)
+    assert b"<sr:GBCSPayload/>" in redacted.payload
+    assert b"<sr:AlertCode>8F0A</sr:AlertCode>" in redacted.payload
     desk.send(IMPORT_SUPPLIER, clear_flag(2))
     billing = alert(METER, "8F0A", 3)
     assert desk.device_says(METER, billing) == [Publish(topic, billing) for topic in suppliers]
@@ -452,7 +460,7 @@ def test_every_decision_is_observed_with_what_the_outcome_record_needs(desk: Des
     assert [(o.srv, o.action.value, o.response_code, o.flagged, o.flag_outcome) for o in decided] == [
         ("8.15.1", "handle-locally", "I0", False, "accepted"),
         (CONSUMPTION_SRV, "refuse", "E169", True, None),
-        (CONSUMPTION_SRV, "reject", "E11", False, None),
+        (CONSUMPTION_SRV, "reject", "E16901", False, None),
         (SECURITY_SRV, "forward", "I99", True, None),
     ]
     rule = default_table().srvs[CONSUMPTION_SRV]
@@ -561,7 +569,9 @@ def test_a_crash_between_an_e21_and_its_removal_repeats_the_e21() -> None:
 
 
 def gas_read(counter: int) -> bytes:
-    return request(CONSUMPTION_SRV, GAS_SUPPLIER, GAS_METER, counter)
+    # 6.2.8 Read Device Configuration (Gas): a read DUIS addresses to the GSME itself (its
+    # consumption reads address the GPF: E11 to the GSME).
+    return request("6.2.8", GAS_SUPPLIER, GAS_METER, counter)
 
 
 def test_a_user_at_its_forward_limit_is_answered_busy_and_others_are_still_served() -> None:

@@ -371,7 +371,7 @@ async def test_outcomes_are_recorded_for_every_decision_through_the_observer(tmp
     assert [(r.srv, r.decision, r.response_code, r.flagged) for r in records] == [
         ("8.15.1", "handle-locally", "I0", False),
         (CONSUMPTION_SRV, "refuse", "E169", True),
-        (CONSUMPTION_SRV, "reject", "E11", False),
+        (CONSUMPTION_SRV, "reject", "E16901", False),
         (SECURITY_SRV, "forward", "I99", True),
     ]
 

@@ -279,7 +279,7 @@ async def test_commit_records_history_for_every_event_and_flags_only_for_accepte
     store: FlagStore,
 ) -> None:
     events = [
-        event(outcome="E3", n=1),
+        event(outcome="E081509", n=1),
         event(outcome="accepted", n=2),
         event(outcome="unchanged", n=3),
         event(GAS_METER, outcome="E081505", n=4),

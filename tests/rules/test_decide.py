@@ -22,8 +22,10 @@ from rules.decide import (
 )
 from rules.domain import (
     MAX_COUNTER,
+    NO_PARTIES,
     DeviceMessage,
     DeviceMessageKind,
+    DeviceParties,
     DeviceStatus,
     DeviceType,
     Eui,
@@ -33,6 +35,7 @@ from rules.domain import (
     int_to_eui,
 )
 from rules.table import ALWAYS_FLOWING, Category, RulesTable, default_table
+from tests.test_samples import SAMPLE_DEVICE_TYPES
 
 TABLE = default_table()
 DCC = Eui("90-B3-D5-1F-30-00-00-02")
@@ -49,8 +52,19 @@ SAFETY_SRVS = {srv for srv, rule in TABLE.srvs.items() if rule.category is Categ
 NEVER_REFUSED = SECURITY_CREDENTIAL_SRVS | FIRMWARE_SRVS | SUPPLY_SRVS | SAFETY_SRVS
 
 
-def device(eui: Eui = METER, *, flagged: bool = False, status: DeviceStatus = DeviceStatus.COMMISSIONED):
-    return DeviceFacts(eui, DeviceType.ESME, 2, status, flagged)
+REGISTERED = DeviceParties(SUPPLIER, SUPPLIER, SUPPLIER, SUPPLIER, SUPPLIER)
+"""SUPPLIER is registered for the device in every role that has a relationship."""
+
+
+def device(
+    eui: Eui = METER,
+    *,
+    flagged: bool = False,
+    status: DeviceStatus = DeviceStatus.COMMISSIONED,
+    device_type: DeviceType = DeviceType.ESME,
+    parties: DeviceParties = REGISTERED,
+) -> DeviceFacts:
+    return DeviceFacts(eui, device_type, 2, status, parties, eui if flagged else None)
 
 
 def facts(*devices: DeviceFacts, roles: frozenset[Role] | None = ALL_ROLES) -> RequestFacts:
@@ -95,13 +109,13 @@ def assert_decision(decision: Decision, action: Action, code: ResponseCode, reas
 
 def test_unknown_srv_is_rejected():
     decision = decide(request("4.99"), facts(device()), TABLE)
-    assert_decision(decision, Action.REJECT, ResponseCode.INVALID_REQUEST, "unknown-srv")
+    assert_decision(decision, Action.REJECT, ResponseCode.UNKNOWN_SRV, "unknown-srv")
     assert decision.rule is None
 
 
 def test_service_reference_must_belong_to_the_srv():
     decision = decide(request("4.8.1", service_reference="4.6"), facts(device()), TABLE)
-    assert_decision(decision, Action.REJECT, ResponseCode.INVALID_REQUEST, "service-reference")
+    assert_decision(decision, Action.REJECT, ResponseCode.UNKNOWN_SRV, "service-reference")
     assert decision.rule is TABLE.srvs["4.8.1"]
 
 
@@ -109,7 +123,6 @@ def test_service_reference_must_belong_to_the_srv():
     ("srv", "variant", "target"),
     [
         ("8.2", 1, None),  # non-device with a device CommandVariant
-        ("8.2", 8, METER),  # non-device not addressed to the DCC
         ("11.1", 4, None),
         ("7.1", 1, None),  # critical with a non-critical CommandVariant
         ("7.1", 8, None),
@@ -121,7 +134,12 @@ def test_service_reference_must_belong_to_the_srv():
 )
 def test_command_variant_must_fit_the_srv(srv, variant, target):
     decision = decide(request(srv, command_variant=variant, target=target), facts(device()), TABLE)
-    assert_decision(decision, Action.REJECT, ResponseCode.INVALID_REQUEST, "command-variant")
+    assert_decision(decision, Action.REJECT, ResponseCode.COMMAND_VARIANT_NOT_APPLICABLE, "command-variant")
+
+
+def test_non_device_request_must_be_addressed_to_the_dcc():
+    decision = decide(request("8.2", command_variant=8, target=METER), facts(device()), TABLE)
+    assert_decision(decision, Action.REJECT, ResponseCode.NON_DEVICE_TARGET, "non-device-target")
 
 
 @pytest.mark.parametrize(("srv", "variants"), [("7.1", (4, 5, 6, 7)), ("4.11.1", (1, 2, 3)), ("8.4", (8,))])
@@ -218,7 +236,7 @@ def test_create_schedule_of_a_refused_srv_for_a_flagged_device_is_refused():
 @pytest.mark.parametrize("scheduled", ["4.99", None])
 def test_create_schedule_of_an_unknown_srv_is_rejected(scheduled):
     decision = decide(request("5.1", scheduled_srv=scheduled), facts(device()), TABLE)
-    assert_decision(decision, Action.REJECT, ResponseCode.INVALID_REQUEST, "unknown-srv")
+    assert_decision(decision, Action.REJECT, ResponseCode.UNKNOWN_SRV, "unknown-srv")
 
 
 def test_non_device_request_without_devices_is_forwarded():
@@ -239,8 +257,13 @@ def _samples() -> list[ServiceRequest]:
 
 def _sample_facts(sample: ServiceRequest, *, flagged: bool) -> RequestFacts:
     rule = TABLE.srvs[sample.srv]
+    user = sample.request_id.originator
+    registered = DeviceParties(user, user, user, user, user)
     return facts(
-        *(device(eui, flagged=flagged) for eui in sample.concerned_devices),
+        *(
+            device(eui, flagged=flagged, device_type=SAMPLE_DEVICE_TYPES[eui[-2:]], parties=registered)
+            for eui in sample.concerned_devices
+        ),
         roles=rule.eligible_roles or None,
     )
 
@@ -271,7 +294,7 @@ device_facts = st.builds(
     device_type=st.sampled_from(DeviceType),
     smets=st.sampled_from([1, 2]),
     status=st.sampled_from(DeviceStatus),
-    flagged=st.booleans(),
+    parties=st.sampled_from([REGISTERED, NO_PARTIES]),
 )
 role_sets = st.none() | st.frozensets(st.sampled_from(Role))
 
@@ -313,7 +336,7 @@ def scenarios(
             known[eui] = dataclasses.replace(draw(device_facts), device_id=eui)
     if one_flagged:
         eui = draw(st.sampled_from(sample.concerned_devices))
-        known[eui] = dataclasses.replace(draw(device_facts), device_id=eui, flagged=True)
+        known[eui] = dataclasses.replace(draw(device_facts), device_id=eui, flagged_meter=eui)
     return sample, RequestFacts(requester_roles=draw(role_sets), devices=known, dcc_eui=DCC)
 
 
@@ -338,7 +361,9 @@ def test_decision_never_depends_on_another_devices_facts(scenario, other, presen
         devices[other.device_id] = other
     with_other = dataclasses.replace(request_facts, devices=devices)
     flipped = dict(devices)
-    flipped[other.device_id] = dataclasses.replace(other, flagged=not other.flagged)
+    flipped[other.device_id] = dataclasses.replace(
+        other, flagged_meter=None if other.flagged else other.device_id
+    )
     assert decide(sample, request_facts, TABLE) == decide(sample, with_other, TABLE)
     assert decide(sample, with_other, TABLE) == decide(
         sample, dataclasses.replace(request_facts, devices=flipped), TABLE
@@ -400,10 +425,10 @@ def _kind(code: str) -> DeviceMessageKind:
 
 
 @given(st.booleans())
-def test_billing_data_log_alert_is_withheld_only_when_flagged(flagged):
+def test_billing_data_log_alert_is_redacted_only_when_flagged(flagged):
     verdict = decide_device_message(alert("8F0A"), device(flagged=flagged), TABLE)
-    assert verdict.delivery is (Delivery.WITHHOLD if flagged else Delivery.DELIVER)
-    assert verdict.reason == ("consumer-choice" if flagged else "delivered")
+    assert verdict.delivery is (Delivery.REDACT if flagged else Delivery.DELIVER)
+    assert verdict.reason == ("consumer-choice-redacted" if flagged else "delivered")
     assert verdict.category is Category.BILLING
 
 
@@ -421,11 +446,14 @@ def test_protected_alerts_are_always_delivered(code, flagged):
 def test_alerts_are_withheld_exactly_as_the_table_says(code, flagged):
     rule = TABLE.alerts[code]
     verdict = decide_device_message(alert(code, _kind(code)), device(flagged=flagged), TABLE)
-    assert verdict.delivery is (
-        Delivery.WITHHOLD if flagged and rule.withheld_when_flagged else Delivery.DELIVER
-    )
+    expected = Delivery.DELIVER
+    if flagged and rule.withheld_when_flagged:
+        expected = Delivery.WITHHOLD
+    elif flagged and rule.redacted_when_flagged:
+        expected = Delivery.REDACT
+    assert verdict.delivery is expected
     assert verdict.notify_network_operator is (
-        verdict.delivery is Delivery.DELIVER and rule.notify_network_operator
+        verdict.delivery is not Delivery.WITHHOLD and rule.notify_network_operator
     )
 
 
@@ -462,7 +490,7 @@ def test_alert_code_must_fit_the_alert_kind(code, kind):
 
 
 def test_lower_case_alert_code_is_understood():
-    assert decide_device_message(alert("8f0a"), device(flagged=True), TABLE).delivery is Delivery.WITHHOLD
+    assert decide_device_message(alert("8f0a"), device(flagged=True), TABLE).delivery is Delivery.REDACT
 
 
 @given(st.sampled_from(sorted(TABLE.srvs)), st.booleans(), st.booleans())

@@ -113,8 +113,10 @@ def test_service_references_match_the_real_samples():
         assert srv == rule.service_reference or srv.startswith(rule.service_reference + ".")
 
 
-def test_only_8f0a_is_withheld():
-    assert {code for code, rule in default_table().alerts.items() if rule.withheld_when_flagged} == {"8F0A"}
+def test_no_alert_is_withheld_and_only_8f0a_is_redacted():
+    alerts = default_table().alerts
+    assert {code for code, rule in alerts.items() if rule.withheld_when_flagged} == set()
+    assert {code for code, rule in alerts.items() if rule.redacted_when_flagged} == {"8F0A"}
 
 
 @pytest.mark.parametrize(

@@ -41,8 +41,12 @@ async def test_the_demo_holds_every_invariant_and_its_report_agrees(tmp_path: Pa
     assert result.replay.passed, [r for r in result.replay.invariants if not r.passed]
     assert summary.completed
     assert summary.missing == 0
-    # The stream holds no repeated RequestID: an E11 would mean requests were decided out of order.
-    assert "E11" not in summary.first_codes
+    # The stream holds no repeated RequestID: an E16901 would mean requests were decided out of order.
+    assert "E16901" not in summary.first_codes
+    # Access control was exercised: unregistered suppliers (E4) and wrong device types (E11).
+    assert summary.first_codes["E4"] > 0
+    assert summary.first_codes["E11"] > 0
+    assert invariant(result, "authorised-access")[1] > 0
     # The traffic exercised what MP169 is about, not a vacuous pass.
     assert invariant(result, "no-consumption-to-flagged")[1] > 0
     assert invariant(result, "protected-traffic-delivered")[1] > 0
@@ -117,7 +121,7 @@ async def test_mosquitto_and_memory_give_the_same_decisions(tmp_path: Path, mosq
     over_mqtt = await run_demo(small(tmp_path / "b", broker=mosquitto.url, recording=saved, **quiet))
     back = await run_demo(small(tmp_path / "c", recording=saved, **quiet))
     assert over_mqtt.replay.passed
-    assert "E11" not in over_mqtt.replay.summary.first_codes
+    assert "E16901" not in over_mqtt.replay.summary.first_codes
     assert first_answers(over_mqtt) == first_answers(in_memory) == first_answers(back)
 
 

@@ -77,9 +77,18 @@ async def test_answers_each_command_with_a_parseable_duis_response():
     async with Harness(DeviceConfig(latency_seconds=0.2)) as run:
         sent = [await run.command(srv, n) for n, srv in enumerate(("4.6.1", "11.3", "7.2"), start=10)]
         await run.broker.drain()
-    assert [(topic, m.kind, m.response_code, m.request_id, m.srv) for topic, m in run.up] == [
-        (f"dsp/device/{ESME.device_id}/up", DeviceMessageKind.RESPONSE, "I0", request_id, srv)
+    topic = f"dsp/device/{ESME.device_id}/up"
+    answers = [
+        (topic, DeviceMessageKind.RESPONSE, "I0", request_id, srv, None)
         for request_id, srv in zip(sent, ("4.6.1", "11.3", "7.2"), strict=True)
+    ]
+    # 11.3 is future-dated (ExecutionDateTime) and the device reports its execution: 8F66, same RequestID.
+    executed = (topic, DeviceMessageKind.DEVICE_ALERT, "I0", sent[1], "11.3", "8F66")
+    assert [(topic, m.kind, m.response_code, m.request_id, m.srv, m.alert_code) for topic, m in run.up] == [
+        answers[0],
+        answers[1],
+        executed,
+        answers[2],
     ]
     assert run.sleeps == [0.2, 0.2, 0.2]
     assert [(r.device, r.request_id, r.srv, r.outcome) for r in run.simulator.received] == [

@@ -111,7 +111,7 @@ def test_written_files_pass_the_importer_and_read_back_equal(tmp_path):
     inventory, users = write_estate(estate, tmp_path / "estate")
     header = inventory.read_text().splitlines()[0]
     assert header == ",".join(INVENTORY_COLUMNS)
-    assert header.endswith(",network_operator")
+    assert header.endswith(",network_operator,gas_transporter")
     assert parse_inventory(inventory.read_text().splitlines()) == list(estate.devices)
     assert parse_users(users.read_text().splitlines()) == list(estate.users)
     assert read_estate(tmp_path / "estate") == estate

@@ -18,15 +18,27 @@ from gateway.signing import (
     dsp_credentials,
     sign,
 )
-from rules.domain import DCC_EUI, Eui, RequestId
+from rules.domain import (
+    DCC_EUI,
+    DeviceRecord,
+    DeviceStatus,
+    DeviceType,
+    Eui,
+    RequestId,
+    Role,
+    Tariff,
+    UserRecord,
+)
 from rules.table import default_table
 from simulator.devices import device_alert_xml
+from simulator.estate import Estate
 from simulator.invariants import (
     Event,
     EventKind,
     analyse,
     check_all,
     check_answers_signed,
+    check_authorised_access,
     check_malformed_handled,
     check_no_consumption_data_from_flagged,
     check_no_consumption_to_flagged,
@@ -101,8 +113,8 @@ class Log:
         self.answer(request_id, final, srv)
         return request_id
 
-    def analysis(self):
-        return analyse(self.events)
+    def analysis(self, estate=None):
+        return analyse(self.events, estate=estate)
 
 
 def alert(code: str, counter: int, device=METER) -> bytes:
@@ -308,7 +320,8 @@ def test_check_all_names_every_invariant():
     log = Log()
     log.flag(1)
     log.forwarded("11.3", 2)
-    results = check_all(log.events, TABLE)
+    assert "authorised-access" not in [r.name for r in check_all(log.events, TABLE)]  # nothing to judge by
+    results = check_all(log.events, TABLE, estate=ESTATE)
     assert [r.name for r in results] == [
         "no-consumption-to-flagged",
         "protected-traffic-delivered",
@@ -316,6 +329,7 @@ def test_check_all_names_every_invariant():
         "malformed-input-handled",
         "no-consumption-data-from-flagged",
         "spoofed-not-forwarded",
+        "authorised-access",
     ]
     assert all(r.passed for r in results)
 
@@ -363,3 +377,86 @@ def test_a_relayed_message_counts_as_delivered_once_the_dsp_signed_it() -> None:
     assert (result.passed, result.checked) == (True, 1)
     assert unsigned_content(sign(payload, DSP_KEY, DSP_CERTIFICATE)) == unsigned_content(payload)
     assert unsigned_content(b"\x00 not xml") == b"\x00 not xml"
+
+
+# -- by whose data it is, and (g) authorised access ---------------------------------------------------
+
+GAS_METER = Eui("00-DB-12-00-00-00-01-A1")
+HUB = Eui("00-DB-12-00-00-00-01-A2")
+GAS_PROXY = Eui("00-DB-12-00-00-00-01-A3")
+STRANGER = Eui("90-B3-D5-1F-30-01-00-09")
+
+
+def _row(device: Eui, device_type: DeviceType, **suppliers: Eui | None) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=device,
+        device_type=device_type,
+        smets=2,
+        status=DeviceStatus.COMMISSIONED,
+        comms_hub_id=None if device_type is DeviceType.CHF else HUB,
+        mpxn=None,
+        import_supplier=suppliers.get("importer"),
+        export_supplier=None,
+        gas_supplier=suppliers.get("gas"),
+        tariff=Tariff.SINGLE,
+        wan=True,
+    )
+
+
+ESTATE = Estate(
+    devices=(
+        _row(HUB, DeviceType.CHF, importer=SUPPLIER, gas=SUPPLIER),
+        _row(METER, DeviceType.ESME, importer=SUPPLIER),
+        _row(GAS_METER, DeviceType.GSME, gas=SUPPLIER),
+        _row(GAS_PROXY, DeviceType.GPF, gas=SUPPLIER),
+    ),
+    users=(
+        UserRecord(SUPPLIER, frozenset({Role.IMPORT_SUPPLIER, Role.GAS_SUPPLIER})),
+        UserRecord(STRANGER, frozenset({Role.IMPORT_SUPPLIER, Role.GAS_SUPPLIER})),
+    ),
+)
+
+
+def test_a_gas_read_through_the_gpf_of_a_flagged_gsme_is_caught_given_the_estate():
+    log = Log()
+    log.flag(1, GAS_METER)
+    log.forwarded("4.1.1", 2, GAS_PROXY)
+    assert check_no_consumption_to_flagged(log.analysis(), TABLE).passed  # the addressed device only
+    result = check_no_consumption_to_flagged(log.analysis(ESTATE), TABLE)
+    assert not result.passed
+    assert GAS_METER in result.counterexamples[0]
+
+
+def test_e_judges_an_alert_from_the_gpf_by_the_gsmes_flag():
+    log = Log()
+    log.flag(1, GAS_METER)
+    billing = alert("8F0A", 2, GAS_PROXY)
+    log.up(billing, GAS_PROXY)
+    log.out(billing)
+    assert check_no_consumption_data_from_flagged(log.analysis(), TABLE).passed
+    assert not check_no_consumption_data_from_flagged(log.analysis(ESTATE), TABLE).passed
+
+
+def test_g_fails_when_a_request_reaches_a_device_its_originator_is_not_registered_for():
+    log = Log()
+    log.forwarded("7.2", 1, METER)  # the registered import supplier: fine
+    assert check_authorised_access(log.analysis(ESTATE), TABLE).passed
+    request_id, payload = log.request("7.2", 2, METER, user=STRANGER)
+    log.command(payload)
+    result = check_authorised_access(log.analysis(ESTATE), TABLE)
+    assert not result.passed
+    assert str(request_id) in result.counterexamples[0]
+    # Without the estate there is nothing to judge by.
+    assert check_authorised_access(log.analysis(), TABLE).checked == 0
+
+
+def test_g_fails_when_an_unsolicited_alert_reaches_a_user_not_registered_for_the_device():
+    log = Log()
+    tamper = alert("81BC", 1, GAS_METER)
+    log.up(tamper, GAS_METER)
+    log.out(tamper, SUPPLIER)
+    assert check_authorised_access(log.analysis(ESTATE), TABLE).passed
+    log.out(tamper, STRANGER)
+    result = check_authorised_access(log.analysis(ESTATE), TABLE)
+    assert not result.passed
+    assert STRANGER in result.counterexamples[0]

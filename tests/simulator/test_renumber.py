@@ -1,4 +1,4 @@
-"""Replaying a stream twice into one store: the second run is caught (E11 throughout, nothing
+"""Replaying a stream twice into one store: the second run is caught (E16901 throughout, nothing
 checked: it fails), and --renumber's fresh counters make it a real run again."""
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ async def replay_into(database: Path, traffic: Traffic, items: Sequence[StreamIt
             window=50,
             topics=service.router.topics,
             before_wait=alerts,
+            estate=generate_estate(SEED, PREMISES),
             settle_seconds=0.3,
             signatures=Signatures.from_pki(pki),
         )
@@ -116,7 +117,7 @@ async def test_a_second_replay_into_the_same_store_fails_and_a_renumbered_one_pa
 
     again = await replay_into(database, traffic, items)
     assert not again.passed
-    assert again.summary.first_codes.get("E11", 0) > len(items) // 2
+    assert again.summary.first_codes.get("E16901", 0) > len(items) // 2
     vacuous = [r.name for r in again.invariants if r.vacuous]
     assert "no-consumption-to-flagged" in vacuous
     console = Console(width=200, record=True)
@@ -129,7 +130,7 @@ async def test_a_second_replay_into_the_same_store_fails_and_a_renumbered_one_pa
     assert changed > len(items) // 2
     renumbered = await replay_into(database, traffic, fresh)
     assert renumbered.passed, [r for r in renumbered.invariants if not r.passed or r.vacuous]
-    assert "E11" not in renumbered.summary.first_codes
+    assert "E16901" not in renumbered.summary.first_codes
 
 
 def test_mp169_replay_warns_about_a_stream_the_store_has_seen_or_renumbers_it(
