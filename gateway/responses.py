@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
-from gateway.schema import service_reference_variants
+from gateway.schema import SERVICE_REFERENCE_VARIANTS
 from rules.codes import ResponseCode
 from rules.domain import READ_INVENTORY_SRV
 
@@ -85,7 +85,7 @@ def response_xml(  # noqa: PLR0913 - keyword-only: the fields of one DUIS respon
 
 def answerable(srv: str | None) -> bool:
     """Can an answer for this SRV be valid DUIS? Only if the schema (with MP169) defines the SRV."""
-    return srv in service_reference_variants()
+    return srv in SERVICE_REFERENCE_VARIANTS
 
 
 def unreadable_request_answer(error: ParseError, user: Eui, at: datetime) -> bytes | None:

@@ -77,8 +77,7 @@ def load_schema(which: DuisSchema) -> etree.XMLSchema:
     return etree.XMLSchema(document)
 
 
-@functools.cache
-def service_reference_variants() -> frozenset[str]:
+def _service_reference_variants() -> frozenset[str]:
     """Every SRV the extension's ServiceReferenceVariant enumerates (V5.4's and 8.15.1 / 8.15.2)."""
     tree = etree.parse(str(SCHEMA_DIR / DuisSchema.MP169.value), _schema_parser())
     values = tree.xpath(
@@ -126,3 +125,7 @@ def _errors(which: DuisSchema, root: etree._Element) -> tuple[str, ...] | None:
         entries = list(log)[:_MAX_ERRORS]
         return tuple(f"line {entry.line}: {entry.message}" for entry in entries) or (str(exc),)
     return None
+
+
+SERVICE_REFERENCE_VARIANTS = _service_reference_variants()
+"""Read once, when the module is imported: the router asks it on its hot path and must do no I/O there."""
