@@ -62,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -74,6 +74,7 @@ from gateway.duis import ParseError, parse_request
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics
 from gateway.mqtt import MqttTransport
+from gateway.pki import PkiLayout, init_pki
 from gateway.service import GatewayService
 from gateway.store import SqliteStore
 from gateway.topics import Topics
@@ -84,6 +85,7 @@ from rules.table import default_table
 from simulator.estate import Estate, generate_estate
 from simulator.mosquitto import Mosquitto, mosquitto_binary
 from simulator.recording import PublishItem
+from simulator.replay import Signatures as Signers
 from simulator.traffic import TrafficMix, generate_traffic
 
 if TYPE_CHECKING:
@@ -98,10 +100,12 @@ GUARD_SECONDS = 120.0
 WARMUP_SHARE = 0.1
 TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 5.0
-RELAY, GATEWAY, BASELINE = "relay", "gateway", "baseline"
-GATEWAYS = frozenset({GATEWAY, BASELINE})
+RELAY, GATEWAY, BASELINE, VERIFIED = "relay", "gateway", "baseline", "verified"
+GATEWAYS = frozenset({GATEWAY, BASELINE, VERIFIED})
+"""VERIFIED is this gateway verifying every request's signature (--verify): its workload is signed."""
 BASELINE_CHECKOUT: list[Path] = []  # set from --baseline
 BUDGET = [False]  # set from --budget
+PKI: list[Path] = []  # set from --verify: the test PKI the verified gateway trusts
 """BASELINE is the gateway of another checkout (--baseline DIR), e.g. the code before a redesign."""
 # Forwardable traffic only: no flag requests (store reads, answered locally), no bad input.
 MIX = TrafficMix(
@@ -322,7 +326,16 @@ async def serve(
     topics = topics_of(root)
     profiler = cProfile.Profile() if profile else None
     service: GatewayService | None = None
-    if kind == GATEWAY:
+    if kind in {GATEWAY, VERIFIED}:
+        signing: dict[str, object] = {"verify": False}
+        if kind == VERIFIED:
+            pki = PkiLayout(PKI[0])
+            signing = {
+                "verify": True,
+                "certificates": str(pki.certificates),
+                "dsp_key": str(pki.key(DCC_EUI)),
+                "dsp_certificate": str(pki.certificate(DCC_EUI)),
+            }
         settings = Settings.model_validate(
             {
                 "broker": {"url": url},
@@ -339,9 +352,9 @@ async def serve(
                     "client_id": client_id,
                     "inflight_window": WINDOW,
                 },
-                # The simulated estate's requests are unsigned: this measures routing (and the DSP's
-                # signature on every answer); bench/signing.py measures verification per message.
-                "signing": {"verify": False},
+                # "gateway": the estate's requests are unsigned, verification off (routing and the DSP's
+                # signature on every answer); "verified": the same requests signed, every one verified.
+                "signing": signing,
             }
         )
         # As gateway.daemon.serve builds it.
@@ -401,6 +414,8 @@ class Child:
         """Start the child; `ready` waits until it is connected (its pid is known before that)."""
         serves = GATEWAY if kind == BASELINE else kind
         command = [sys.executable, "-m", "bench.gateway_mqtt", "--serve", serves, "--url", url]
+        if kind == VERIFIED:
+            command += ["--pki", str(PKI[0])]
         command += ["--root", root, "--client-id", client_id, "--store", str(store)]
         if profile is not None:
             command += ["--profile-to", str(profile)]
@@ -756,6 +771,14 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def signed_workload(workload: Sequence[Request], signers: Signers) -> list[Request]:
+    """The same requests, each signed by its user (as a DCC user's adapter sends them)."""
+    return [
+        replace(request, payload=signers.sign(f"dsp/in/{request.user}", request.payload))
+        for request in workload
+    ]
+
+
 def rotated(systems: Sequence[str], round_number: int) -> tuple[str, ...]:
     """Each round starts with the next system, so none is always first (or always after the same one)."""
     shift = (round_number - 1) % len(systems)
@@ -769,7 +792,12 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     throughput_runs: list[ThroughputRun] = []
     latency_runs: list[LatencyRun] = []
     profile: dict[str, Any] | None = None
-    systems = (RELAY, GATEWAY, BASELINE) if BASELINE_CHECKOUT else (RELAY, GATEWAY)
+    systems = (
+        RELAY,
+        GATEWAY,
+        *((BASELINE,) if BASELINE_CHECKOUT else ()),
+        *((VERIFIED,) if args.verify else ()),
+    )
     with tempfile.TemporaryDirectory(prefix="mp169-bench-") as name:
         folder = Path(name)
         estate = generate_estate(args.seed, args.premises)
@@ -778,6 +806,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if BASELINE_CHECKOUT:
             await seed_baseline(args.seed, args.premises, template.with_suffix(".baseline"))
         workload = forwardable(estate, view, args.seed, args.requests)
+        signers = None
+        if args.verify:
+            PKI.append(folder / "pki")
+            signers = Signers.from_pki(init_pki(PKI[0], [user.user_id for user in estate.users]))
+        signed = {VERIFIED: signed_workload(workload, signers)} if signers is not None else {}
         broker = Mosquitto(folder / "broker", {"max_inflight_messages": str(WINDOW)})
         broker.start()
         try:
@@ -785,7 +818,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for round_number in range(1, args.rounds + 1):
                 order = rotated(systems, round_number)
                 for system in order:
-                    run = await bench.throughput(system, round_number, workload)
+                    run = await bench.throughput(system, round_number, signed.get(system, workload))
                     throughput_runs.append(run)
                     print(
                         f"throughput round {round_number} {system}: {run.requests_per_second} req/s, "
@@ -797,10 +830,14 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             latency_workload = forwardable(
                 estate, view, args.seed + 1, max(100, round(rate * args.latency_seconds))
             )
+            if signers is not None:
+                signed[VERIFIED] = signed_workload(latency_workload, signers)
             for round_number in range(1, args.latency_rounds + 1):
                 order = rotated(systems, round_number)
                 for system in order:
-                    lrun = await bench.latency(system, round_number, latency_workload, rate)
+                    lrun = await bench.latency(
+                        system, round_number, signed.get(system, latency_workload), rate
+                    )
                     latency_runs.append(lrun)
                     print(
                         f"latency round {round_number} {system} at {lrun.offered_per_second}/s: "
@@ -853,13 +890,14 @@ def summary(
         pair[GATEWAY] / pair[RELAY] for pair in by_round.values() if RELAY in pair and GATEWAY in pair
     ]
     baseline_ratios = [pair[GATEWAY] / pair[BASELINE] for pair in by_round.values() if BASELINE in pair]
+    verified_ratios = [pair[VERIFIED] / pair[GATEWAY] for pair in by_round.values() if VERIFIED in pair]
 
     def latency(system: str, key: str) -> float:
         return round(_median([getattr(r, key) for r in latency_runs if r.system == system]), 3)
 
     raw = {
         system: {key: latency(system, key) for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms")}
-        for system in (RELAY, GATEWAY, BASELINE)
+        for system in (RELAY, GATEWAY, BASELINE, VERIFIED)
         if any(r.system == system for r in latency_runs)
     }
     added = {key: round(raw[GATEWAY][key] - raw[RELAY][key], 3) for key in ("p50_ms", "p99_ms")}
@@ -892,6 +930,15 @@ def summary(
                     "gateway_vs_baseline": round(_median(baseline_ratios), 3),
                 }
                 if baseline_ratios
+                else {}
+            ),
+            **(
+                {
+                    "verified_requests_per_second": round(_median(rates(VERIFIED))),
+                    "verified_vs_gateway_per_round": [round(value, 3) for value in verified_ratios],
+                    "verified_vs_gateway": round(_median(verified_ratios), 3),
+                }
+                if verified_ratios
                 else {}
             ),
         },
@@ -982,6 +1029,20 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{base.get('p50_ms')} / {base.get('p99_ms')} ms."
             ),
         ]
+    if "verified_vs_gateway" in t:
+        ver = lat.get(VERIFIED, {})
+        lines += [
+            "",
+            (
+                f"Verifying every request's signature: {t['verified_requests_per_second']} req/s against "
+                f"{t['gateway_requests_per_second']} with verification off, ratio {t['verified_vs_gateway']} "
+                f"(rounds {t['verified_vs_gateway_per_round']})"
+            ),
+            (
+                f"p50 / p99 at half load: {ver.get('p50_ms')} / {ver.get('p99_ms')} ms against "
+                f"{lat['gateway']['p50_ms']} / {lat['gateway']['p99_ms']} ms."
+            ),
+        ]
     budget = result.get("latency_budget") or {}
     if budget:
         lines += ["", "Latency budget of the gateway at half load (gateway/budget.py), ms:", ""]
@@ -1019,7 +1080,13 @@ def main() -> int:
         help="also run the gateway of this checkout (e.g. a git worktree of the code before a change), "
         "side by side in every round",
     )
-    parser.add_argument("--serve", choices=(RELAY, GATEWAY), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=(RELAY, GATEWAY, VERIFIED), help=argparse.SUPPRESS)
+    parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run the gateway verifying every request's signature (the workload signed), side by side",
+    )
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
@@ -1032,6 +1099,8 @@ def main() -> int:
         help="record the gateway's latency budget per stage in its half-load runs (gateway/budget.py)",
     )
     args = parser.parse_args()
+    if args.pki is not None:  # the verified child: the PKI its parent made
+        PKI.append(args.pki)
     if args.serve:
         asyncio.run(
             serve(
