@@ -110,4 +110,4 @@ def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exposes() -> Non
 def test_the_systemd_unit_waits_for_readiness_and_does_not_restart_a_taken_over_gateway() -> None:
     unit = (DEPLOY / "mp169-gateway.service").read_text(encoding="utf-8")
     lines = set(unit.splitlines())
-    assert {"Type=notify", "NotifyAccess=main", "RestartPreventExitStatus=3"} <= lines
+    assert {"Type=notify", "NotifyAccess=main", "RestartPreventExitStatus=3 5"} <= lines
