@@ -163,6 +163,9 @@ class _Tracker:
         self.topics = topics
         self.expected = 0
         self.remaining = 0
+        self.undecided = 0
+        """Requests with no answer of any kind yet (an I99 counts): not yet decided by the gateway."""
+        self._first: dict[str, int] = defaultdict(int)
         self.done = asyncio.Event()
         self.progressed = asyncio.Event()
         self._finals: dict[str, int] = defaultdict(int)
@@ -178,6 +181,8 @@ class _Tracker:
         self.done.clear()
         if not isinstance(parsed, ParseError):
             self._finals[f"{user}|{parsed.request_id}"] += 1
+            self._first[f"{user}|{parsed.request_id}"] += 1
+            self.undecided += 1
             return
         pending = _Malformed()
         self._by_payload[payload].append(pending)
@@ -202,6 +207,10 @@ class _Tracker:
                 self._settle(self._anonymous.get(user))
             return
         key = f"{user}|{message.request_id}"
+        if self._first.get(key, 0) > 0:
+            self._first[key] -= 1
+            self.undecided -= 1
+            self.progressed.set()
         if message.response_code != ACKNOWLEDGED and self._finals.get(key, 0) > 0:
             self._finals[key] -= 1
             self._count_down()
@@ -219,6 +228,16 @@ class _Tracker:
         self.progressed.set()
         if self.remaining <= 0:
             self.done.set()
+
+    async def decided(self, patience: float) -> None:
+        """Wait until every request sent so far has its first answer (or `patience` passes without one):
+        the gateway has decided it, against the inventory as it was."""
+        while self.undecided > 0:
+            self.progressed.clear()
+            try:
+                await asyncio.wait_for(self.progressed.wait(), patience)
+            except TimeoutError:
+                return
 
     async def room(self, window: int, patience: float) -> None:
         """Wait until fewer than `window` requests await their answer (or `patience` passes without any)."""
@@ -287,6 +306,9 @@ class _Run:
                 if apply_inventory is None:
                     self.skipped += 1
                 else:
+                    # What was sent before the change is decided before it, as the stream orders them
+                    # (flat out over a broker, a request still queued would meet the new rows).
+                    await self.tracker.decided(patience)
                     # Logged as it starts: a gateway may route by the new rows before this returns.
                     rows = json.dumps([dict(row) for row in item.rows]).encode()
                     self.events.append(Event(self.now(), EventKind.INVENTORY, "", rows, item.scenario))
