@@ -32,6 +32,9 @@ import asyncpg
 from gateway.store import (
     CORE,
     DANGLING_REFERENCES,
+    DEVICE_COLUMN_LIST,
+    DEVICE_COLUMNS,
+    DEVICE_UPDATES,
     NO_COUNTER,
     CommitBatch,
     CommitResult,
@@ -194,30 +197,17 @@ _MIGRATIONS_TABLE = """
 """
 _MIGRATION_LOCK = 0x6D703136  # pg_advisory_xact_lock key: one migrating process at a time
 
-_DEVICE_COLUMNS = (
-    "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
-    " gas_supplier, tariff, wan, network_operator, gas_transporter"
-)
 _DEVICE_TYPES = (
     "text[], text[], integer[], text[], text[], text[], text[], text[], text[], text[], boolean[], text[],"
     " text[]"
 )
 _DEVICE_ARRAYS = ", ".join(f"${n}::{kind}" for n, kind in enumerate(_DEVICE_TYPES.split(", "), 1))
 _UPSERT_DEVICES = f"""
-    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) SELECT *, $14::bigint FROM unnest({_DEVICE_ARRAYS})
-    ON CONFLICT (device_id) DO UPDATE SET
-        device_type = excluded.device_type, smets = excluded.smets, status = excluded.status,
-        comms_hub_id = excluded.comms_hub_id, mpxn = excluded.mpxn,
-        import_supplier = excluded.import_supplier, export_supplier = excluded.export_supplier,
-        gas_supplier = excluded.gas_supplier, tariff = excluded.tariff, wan = excluded.wan,
-        network_operator = excluded.network_operator, gas_transporter = excluded.gas_transporter,
-        updated_seq = excluded.updated_seq
-    WHERE (devices.device_type, devices.smets, devices.status, devices.comms_hub_id, devices.mpxn,
-           devices.import_supplier, devices.export_supplier, devices.gas_supplier, devices.tariff,
-           devices.wan, devices.network_operator, devices.gas_transporter)
-        IS DISTINCT FROM (excluded.device_type, excluded.smets, excluded.status, excluded.comms_hub_id,
-           excluded.mpxn, excluded.import_supplier, excluded.export_supplier, excluded.gas_supplier,
-           excluded.tariff, excluded.wan, excluded.network_operator, excluded.gas_transporter)
+    INSERT INTO devices ({DEVICE_COLUMN_LIST}, updated_seq)
+    SELECT *, ${len(DEVICE_COLUMNS) + 1}::bigint FROM unnest({_DEVICE_ARRAYS})
+    ON CONFLICT (device_id) DO UPDATE SET {DEVICE_UPDATES}, updated_seq = excluded.updated_seq
+    WHERE ({", ".join(f"devices.{column}" for column in DEVICE_COLUMNS[1:])})
+        IS DISTINCT FROM ({", ".join(f"excluded.{column}" for column in DEVICE_COLUMNS[1:])})
     RETURNING xmax = 0
 """  # noqa: S608 - constant column lists; xmax = 0: the row was inserted, not updated
 _UPSERT_USERS = """
@@ -227,7 +217,7 @@ _UPSERT_USERS = """
     RETURNING xmax = 0
 """
 _NEXT_SEQ = "UPDATE cluster_state SET change_seq = change_seq + 1 RETURNING change_seq"
-_SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+_SELECT_DEVICES = f"SELECT {DEVICE_COLUMN_LIST} FROM devices"  # noqa: S608 - constant column list
 _HISTORY_COLUMNS = "device_id, action, requester, request_id, declaration, consumer_reference, outcome, at"
 _INSERT_HISTORY = f"""
     INSERT INTO flag_history ({_HISTORY_COLUMNS}, epoch)
@@ -468,7 +458,7 @@ class PostgresStore(Opened):
         last: tuple[int, str] = (seq, "")
         while True:
             rows = await self._db.fetch(
-                f"SELECT {_DEVICE_COLUMNS}, updated_seq FROM devices"  # noqa: S608 - constant column list
+                f"SELECT {DEVICE_COLUMN_LIST}, updated_seq FROM devices"  # noqa: S608 - constant column list
                 " WHERE updated_seq > $1 AND (updated_seq, device_id) > ($2, $3)"
                 " ORDER BY updated_seq, device_id LIMIT $4",
                 seq,

@@ -147,25 +147,31 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_DEVICE_COLUMNS = (
-    "device_id, device_type, smets, status, comms_hub_id, mpxn, import_supplier, export_supplier,"
-    " gas_supplier, tariff, wan, network_operator, gas_transporter"
+DEVICE_COLUMNS = (
+    "device_id",
+    "device_type",
+    "smets",
+    "status",
+    "comms_hub_id",
+    "mpxn",
+    "import_supplier",
+    "export_supplier",
+    "gas_supplier",
+    "tariff",
+    "wan",
+    "network_operator",
+    "gas_transporter",
 )
+"""The devices table's columns in DeviceRecord order: both stores build their device SQL from it."""
+DEVICE_COLUMN_LIST = ", ".join(DEVICE_COLUMNS)
+DEVICE_UPDATES = ", ".join(f"{column} = excluded.{column}" for column in DEVICE_COLUMNS[1:])
+"""The upsert's SET list: every column but the key."""
 _UPSERT_DEVICE = f"""
-    INSERT INTO devices ({_DEVICE_COLUMNS}, updated_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (device_id) DO UPDATE SET
-        device_type = excluded.device_type, smets = excluded.smets, status = excluded.status,
-        comms_hub_id = excluded.comms_hub_id, mpxn = excluded.mpxn,
-        import_supplier = excluded.import_supplier, export_supplier = excluded.export_supplier,
-        gas_supplier = excluded.gas_supplier, tariff = excluded.tariff, wan = excluded.wan,
-        network_operator = excluded.network_operator, gas_transporter = excluded.gas_transporter,
-        updated_seq = excluded.updated_seq
+    INSERT INTO devices ({DEVICE_COLUMN_LIST}, updated_seq)
+    VALUES ({", ".join("?" * (len(DEVICE_COLUMNS) + 1))})
+    ON CONFLICT (device_id) DO UPDATE SET {DEVICE_UPDATES}, updated_seq = excluded.updated_seq
     -- An unchanged row keeps its sequence number: re-importing a file costs a running gateway nothing.
-    WHERE ({_DEVICE_COLUMNS}) IS NOT (
-        excluded.device_id, excluded.device_type, excluded.smets, excluded.status,
-        excluded.comms_hub_id, excluded.mpxn, excluded.import_supplier, excluded.export_supplier,
-        excluded.gas_supplier, excluded.tariff, excluded.wan, excluded.network_operator,
-        excluded.gas_transporter)
+    WHERE ({DEVICE_COLUMN_LIST}) IS NOT ({", ".join(f"excluded.{column}" for column in DEVICE_COLUMNS)})
 """  # noqa: S608 - the column list is this module's constant
 _UPSERT_USER = """
     INSERT INTO users (user_id, roles, updated_seq) VALUES (?, ?, ?)
@@ -176,7 +182,7 @@ _LATEST_SEQ = (
     "SELECT max(coalesce((SELECT max(updated_seq) FROM devices), 0),"
     " coalesce((SELECT max(updated_seq) FROM users), 0))"
 )
-_SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+_SELECT_DEVICES = f"SELECT {DEVICE_COLUMN_LIST} FROM devices"  # noqa: S608 - constant column list
 # A device naming a comms hub not in the inventory, or a supplier not in the user registry: the same
 # SQL on both stores.
 DANGLING_REFERENCES = " UNION ALL ".join(
@@ -863,7 +869,7 @@ class SqliteStore(Opened):
         last = (seq, "")
         while True:
             rows = await self._fetchall(
-                f"SELECT {_DEVICE_COLUMNS}, updated_seq FROM devices"  # noqa: S608 - constant column list
+                f"SELECT {DEVICE_COLUMN_LIST}, updated_seq FROM devices"  # noqa: S608 - constant column list
                 " WHERE updated_seq > ? AND (updated_seq, device_id) > (?, ?)"
                 " ORDER BY updated_seq, device_id LIMIT ?",
                 (seq, *last, batch_size),
