@@ -19,14 +19,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.config import ConfigError, GatewaySettings
+from gateway.config import ConfigError
 from gateway.duis import DEFAULT_MAX_BYTES, ParseError, parse_request
 from gateway.options import eui_argument
 from gateway.signing import CertificateError, verify
 from gateway.verify import add_certs_argument, library_from, signature_fields
 from rules.codes import ResponseCode
 from rules.decide import Action, DeviceFacts, RequestFacts, decide
-from rules.domain import NO_PARTIES, DeviceParties, DeviceStatus, DeviceType, Eui, Role, parse_eui
+from rules.domain import DCC_EUI, NO_PARTIES, DeviceParties, DeviceStatus, DeviceType, Eui, Role
 from rules.table import default_table
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
-DEFAULT_DCC_EUI = parse_eui(str(GatewaySettings.model_fields["dcc_eui"].default))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,8 +73,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--dcc-eui",
         type=eui_argument,
-        default=DEFAULT_DCC_EUI,
-        help=f"target EUI of non-device requests (default {DEFAULT_DCC_EUI})",
+        default=DCC_EUI,
+        help=f"target EUI of non-device requests (default {DCC_EUI})",
     )
     parser.set_defaults(handler=run)
 
