@@ -172,6 +172,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pending_requests ADD COLUMN answer text;
     ALTER TABLE pending_requests ADD COLUMN answered_at timestamptz;
     ALTER TABLE pending_requests ADD COLUMN settled boolean NOT NULL DEFAULT false;
+    ALTER TABLE pending_requests ADD COLUMN owner text NOT NULL DEFAULT '';
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
@@ -291,9 +292,9 @@ _UNAPPLIED = (
 )
 _FORWARD_COLUMNS = "originator, target, counter, srv, service_reference, deadline"
 _INSERT_FORWARDS = f"""
-    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS})
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[],
-                         $7::timestamptz[])
+    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner)
+    SELECT *, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[],
+                             $7::timestamptz[])
     ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
     WHERE pending_requests.answer IS NULL
 """  # noqa: S608 - constant column list
@@ -602,6 +603,7 @@ class PostgresStore(Opened):
                 [entry.srv for entry in entries],
                 [entry.service_reference for entry in entries],
                 [entry.deadline for entry in entries],
+                batch.owner,
             )
         claimed: dict[RequestId, Claim] = {}
         if batch.answered:
@@ -621,9 +623,11 @@ class PostgresStore(Opened):
             await db.execute(_SETTLE, [str(rid) for rid in batch.settled])
         return claimed, answers
 
-    async def load_pending(self) -> list[ForwardedRequest]:
+    async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
         rows = await self._db.fetch(
-            f"SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL ORDER BY deadline"  # noqa: S608 - constant column list
+            f"SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL AND owner = $1"  # noqa: S608 - constant column list
+            " ORDER BY deadline",
+            owner,
         )
         return [_forward(row) for row in rows]
 

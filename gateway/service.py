@@ -191,7 +191,7 @@ class GatewayService:
                 overdue_grace_seconds=settings.store.lease_seconds if settings.store.postgres else 0.0,
             ),
             counters=await store.load_request_counters(),
-            pending=await store.load_pending(),
+            pending=await store.load_pending(settings.gateway.client_id if member is not None else ""),
         )
         metrics.signature_verification.set(1 if signatures.verify is not None else 0)
         shell = Shell(

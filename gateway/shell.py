@@ -336,6 +336,7 @@ class Shell:
                     plain,
                     grouped=self._member is not None,
                     grace_seconds=self.router.settings.overdue_grace_seconds,
+                    owner="" if self._member is None else self._member.instance,
                 )
                 result = await self._retrying(partial(self._store.commit, joined), "commit")
                 await self._settle_commit(plain, result)
@@ -472,7 +473,7 @@ class _Signing:
     payload: asyncio.Future[bytes]
 
 
-def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float) -> CommitBatch:
+def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float, owner: str) -> CommitBatch:
     """One transaction for consecutive commits: flag events in order, the highest counter per originator,
     and, in a group, every RequestID (a commit's counters are its request's originator and counter;
     one instance alone needs no record of them: its own memory decides)."""
@@ -490,4 +491,5 @@ def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float) -
         timed_out=tuple(rid for commit in commits for rid in commit.timed_out),
         settled=tuple(rid for commit in commits for rid in commit.settled),
         timeout_grace_seconds=grace_seconds,
+        owner=owner,
     )

@@ -154,6 +154,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pending_requests ADD COLUMN answer TEXT;
     ALTER TABLE pending_requests ADD COLUMN answered_at TEXT;
     ALTER TABLE pending_requests ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pending_requests ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
@@ -230,7 +231,7 @@ _ADVANCE_COUNTERS = """
 # (or, for E21, answered E21 by a claim that was never settled and is older than the grace).
 _FORWARD_COLUMNS = "originator, target, counter, srv, service_reference, deadline"
 _INSERT_FORWARD = f"""
-    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
     WHERE pending_requests.answer IS NULL
 """  # noqa: S608 - constant column list
@@ -247,7 +248,9 @@ _CLAIM_TIMEOUT = f"""
 """  # noqa: S608 - constant column list
 _ANSWERS = "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id IN ({marks})"
 _SETTLE = "UPDATE pending_requests SET settled = 1 WHERE request_id IN ({marks}) AND answer = 'timeout'"
-_WAITING = f"SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL ORDER BY deadline"  # noqa: S608
+_WAITING = f"""
+    SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL AND owner = ? ORDER BY deadline
+"""  # noqa: S608 - constant column list
 _OVERDUE = f"""
     SELECT {_FORWARD_COLUMNS} FROM pending_requests
     WHERE (answer IS NULL AND deadline < ?) OR (answer = 'timeout' AND settled = 0 AND answered_at < ?)
@@ -323,6 +326,9 @@ class CommitBatch:
     settled: Sequence[RequestId] = ()
     """Claimed E21s that have left: no sweep gives them again."""
     timeout_grace_seconds: float = 0.0
+    owner: str = ""
+    """The instance whose forwards `forwarded` are (its client id; "" for one instance alone): a
+    restarted instance takes back only its own, the sweep the others' once their holder is gone."""
 
 
 NO_COUNTER = -1
@@ -409,7 +415,7 @@ class FlagStore(Protocol):
     async def load_request_counters(self) -> dict[Eui, int]: ...
     async def purge_request_ids(self, before: datetime) -> int: ...
     async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]: ...
-    async def load_pending(self) -> list[ForwardedRequest]: ...
+    async def load_pending(self, owner: str = "") -> list[ForwardedRequest]: ...
 
     async def overdue_pending(self, grace_seconds: float, limit: int) -> list[ForwardedRequest]: ...
     async def change_seq(self) -> int: ...
@@ -905,7 +911,9 @@ class SqliteStore(Opened):
     ) -> tuple[dict[RequestId, Claim], dict[RequestId, str]]:
         """Forwards in, then claims (responses before timeouts), then settlements."""
         if batch.forwarded:
-            await db.executemany(_INSERT_FORWARD, [_forward_row(entry) for entry in batch.forwarded])
+            await db.executemany(
+                _INSERT_FORWARD, [(*_forward_row(entry), batch.owner) for entry in batch.forwarded]
+            )
         now = utc_now()
         at = _time_text(now)
         unsettled_before = _time_text(now - timedelta(seconds=batch.timeout_grace_seconds))
@@ -930,9 +938,9 @@ class SqliteStore(Opened):
             await db.execute(_SETTLE.format(marks=", ".join("?" * len(chunk))), chunk)
         return claimed, answers
 
-    async def load_pending(self) -> list[ForwardedRequest]:
-        """The forwarded requests still waiting for their device's answer, earliest deadline first."""
-        rows = await self._fetchall(_WAITING)
+    async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
+        """`owner`'s forwarded requests still waiting for their device's answer, earliest deadline first."""
+        rows = await self._fetchall(_WAITING, (owner,))
         return [_forward_from_row(row) for row in rows]
 
     async def overdue_pending(self, grace_seconds: float, limit: int) -> list[ForwardedRequest]:

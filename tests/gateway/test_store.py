@@ -431,6 +431,23 @@ async def test_pending_forwards_are_stored_with_their_commit_and_leave_when_clai
     assert await store.load_pending() == [first]
 
 
+async def test_a_restarted_instance_takes_back_only_its_own_forwards(store: FlagStore) -> None:
+    at = datetime.now(UTC)
+    mine, theirs = (
+        ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, n), "4.8.1", "4.8", at + timedelta(seconds=n))
+        for n in (1, 2)
+    )
+    await store.commit(CommitBatch(forwarded=(mine,), owner="gw-1"))
+    await store.commit(CommitBatch(forwarded=(theirs,), owner="gw-2"))
+    # A repeat forward by another instance leaves the forward with its first owner.
+    await store.commit(CommitBatch(forwarded=(mine,), owner="gw-2"))
+    assert await store.load_pending("gw-1") == [mine]
+    assert await store.load_pending("gw-2") == [theirs]
+    assert await store.load_pending() == []
+    # The others' are the sweep's, once overdue: whoever forwarded them.
+    assert await store.overdue_pending(-3.0, 10) == [mine, theirs]
+
+
 async def test_a_forward_is_claimed_once_for_its_final_answer(store: FlagStore) -> None:
     forward = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, 3), "4.8.1", "4.8", datetime.now(UTC))
     await store.commit(CommitBatch(forwarded=(forward,)))
