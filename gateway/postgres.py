@@ -295,8 +295,8 @@ _INSERT_FORWARDS = f"""
     INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner)
     SELECT *, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[],
                              $7::timestamptz[])
-    ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
-    WHERE pending_requests.answer IS NULL
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
 """  # noqa: S608 - constant column list
 # Row locks make the claims exact across instances: a second UPDATE of the same row waits for the
 # first to commit, then re-checks its WHERE against the committed row.
@@ -537,7 +537,7 @@ class PostgresStore(Opened):
             recorded = await db.fetch(
                 _RECORD_REQUEST_IDS, [name for name, _ in request_ids], [value for _, value in request_ids]
             )
-            claimed, answers = await self._apply_forwards(db, batch)
+            claimed, answers, known = await self._apply_forwards(db, batch)
         advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
         return CommitResult(
             advanced,
@@ -545,6 +545,7 @@ class PostgresStore(Opened):
             frozenset((row[0], int(row[1])) for row in recorded),
             claimed=claimed,
             answers=answers,
+            known_forwards=known,
         )
 
     @staticmethod
@@ -590,11 +591,12 @@ class PostgresStore(Opened):
     @staticmethod
     async def _apply_forwards(
         db: _Connection, batch: CommitBatch
-    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str]]:
+    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId]]:
         """As SqliteStore: forwards in, claims (responses before timeouts), settlements."""
+        known: frozenset[RequestId] = frozenset()
         if batch.forwarded:
             entries = batch.forwarded
-            await db.execute(
+            inserted = await db.fetch(
                 _INSERT_FORWARDS,
                 [str(entry.request_id) for entry in entries],
                 [entry.request_id.originator for entry in entries],
@@ -605,6 +607,8 @@ class PostgresStore(Opened):
                 [entry.deadline for entry in entries],
                 batch.owner,
             )
+            stored = {row[0] for row in inserted}
+            known = frozenset(entry.request_id for entry in entries if str(entry.request_id) not in stored)
         claimed: dict[RequestId, Claim] = {}
         if batch.answered:
             for row in await db.fetch(_CLAIM_RESPONSE, [str(rid) for rid in batch.answered]):
@@ -621,7 +625,7 @@ class PostgresStore(Opened):
             answers = {_request_id(row): row[3] for row in await db.fetch(_ANSWERS, unclaimed)}
         if batch.settled:
             await db.execute(_SETTLE, [str(rid) for rid in batch.settled])
-        return claimed, answers
+        return claimed, answers, known
 
     async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
         rows = await self._db.fetch(

@@ -122,6 +122,8 @@ class Committed:
     answers: Mapping[RequestId, str] = field(default_factory=dict)
     """Of the forwards these commits tried to claim and did not: the final answer already given
     (ANSWER_RESPONSE or ANSWER_TIMEOUT); missing: the store holds no such forward."""
+    known_forwards: frozenset[RequestId] = frozenset()
+    """The forwards of these commits the store held already (`CommitResult.known_forwards`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,10 +559,19 @@ class Router:
         self._claims_committed(step, event, now)
         forwarded = step.forwarded
         if forwarded is not None:
-            # The E21 clock starts now, as the forward is released; a repeat forward restarts it.
-            if self._pending.pop(forwarded.request_id, None) is not None and step.counted:
-                self._resolved(forwarded.request_id)
-            self._pending[forwarded.request_id] = PendingRequest(
+            request_id = forwarded.request_id
+            if request_id in event.known_forwards:
+                # Forwarded before, by a process that died (or another instance): its command may have
+                # left already, so it is not sent again (at most once to the device); the request keeps
+                # its first deadline in the store, and the sweep answers it E21 if nobody else does.
+                command = self.topics.command(request_id.target)
+                step.effects = [
+                    e for e in step.effects if not (isinstance(e, Publish) and e.topic == command)
+                ]
+            # The E21 clock starts now, as the forward is released.
+            if self._pending.pop(request_id, None) is not None and step.counted:
+                self._resolved(request_id)
+            self._pending[request_id] = PendingRequest(
                 forwarded.srv, forwarded.service_reference, now.monotonic
             )
         if step.flag_change is not None:

@@ -350,7 +350,7 @@ class Shell:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
                 taken = _taken(plain, result) if self._member is not None else frozenset()
-                self._feed(Committed(batches, taken, result.claimed, result.answers))
+                self._feed(Committed(batches, taken, result.claimed, result.answers, result.known_forwards))
             finally:
                 for _ in commits:
                     self._commits.task_done()

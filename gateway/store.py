@@ -230,10 +230,10 @@ _ADVANCE_COUNTERS = """
 # A forward's final answer is claimed by one UPDATE, which holds only while the row is unanswered
 # (or, for E21, answered E21 by a claim that was never settled and is older than the grace).
 _FORWARD_COLUMNS = "originator, target, counter, srv, service_reference, deadline"
-_INSERT_FORWARD = f"""
-    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
-    WHERE pending_requests.answer IS NULL
+_INSERT_FORWARDS = f"""
+    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner) VALUES {{rows}}
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
 """  # noqa: S608 - constant column list
 _CLAIM_RESPONSE = f"""
     UPDATE pending_requests SET answer = ?, answered_at = ?
@@ -260,7 +260,7 @@ _PURGE_ANSWERED = (
     "DELETE FROM pending_requests WHERE answer IS NOT NULL AND answered_at < ?"
     " AND (answer = 'response' OR settled = 1)"
 )
-_CLAIM_ROWS = 500  # request ids per claim statement
+_CLAIM_ROWS = 500  # request ids (or forwards, of 8 columns) per statement
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -316,8 +316,8 @@ class CommitBatch:
     request_ids: Sequence[tuple[Eui, int]] = ()
     """(originator, counter) of every request the batch acts on, each recorded once (`CommitResult.first`)."""
     forwarded: Sequence[ForwardedRequest] = ()
-    """Requests forwarded to their device, now waiting for its answer (a repeat forward of one still
-    unanswered restarts its deadline)."""
+    """Requests forwarded to their device, now waiting for its answer (one stored already is left as it
+    is: `CommitResult.known_forwards`)."""
     answered: Sequence[RequestId] = ()
     """Forwards to claim for their device's response: claimed only if still unanswered."""
     timed_out: Sequence[RequestId] = ()
@@ -359,6 +359,9 @@ class CommitResult:
     answers: Mapping[RequestId, str] = field(default_factory=dict)
     """The others' final answer, given already (ANSWER_RESPONSE, ANSWER_TIMEOUT); missing: no such
     forward is stored."""
+    known_forwards: frozenset[RequestId] = frozenset()
+    """The batch's `forwarded` that were stored before it: forwarded by an earlier process or another
+    instance, their command may have left already (the stored one keeps its deadline and owner)."""
 
     def first(self, originator: Eui, counter: int) -> bool:
         """Whether this commit recorded the RequestID, so no other commit acts on it (exact, whatever
@@ -812,12 +815,14 @@ class SqliteStore(Opened):
                     await self._apply_flag_events(db, batch.flag_events)
                 advanced = await self._advance_counters(db, counters)
                 recorded = await self._record_request_ids(db, request_ids)
-                claimed, answers = await self._apply_forwards(db, batch)
+                claimed, answers, known = await self._apply_forwards(db, batch)
                 await db.execute("COMMIT")
             except BaseException:
                 await _rollback(db)
                 raise
-        return CommitResult(advanced, recorded=recorded, claimed=claimed, answers=answers)
+        return CommitResult(
+            advanced, recorded=recorded, claimed=claimed, answers=answers, known_forwards=known
+        )
 
     @staticmethod
     async def _apply_flag_events(db: aiosqlite.Connection, events: Sequence[FlagEvent]) -> None:
@@ -908,12 +913,18 @@ class SqliteStore(Opened):
     @staticmethod
     async def _apply_forwards(
         db: aiosqlite.Connection, batch: CommitBatch
-    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str]]:
+    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId]]:
         """Forwards in, then claims (responses before timeouts), then settlements."""
-        if batch.forwarded:
-            await db.executemany(
-                _INSERT_FORWARD, [(*_forward_row(entry), batch.owner) for entry in batch.forwarded]
-            )
+        inserted: set[str] = set()
+        for start in range(0, len(batch.forwarded), _CLAIM_ROWS):
+            forwards = batch.forwarded[start : start + _CLAIM_ROWS]
+            statement = _INSERT_FORWARDS.format(rows=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(forwards)))
+            parameters = [part for entry in forwards for part in (*_forward_row(entry), batch.owner)]
+            async with db.execute(statement, parameters) as cursor:
+                inserted.update(row[0] for row in await cursor.fetchall())
+        known = frozenset(
+            entry.request_id for entry in batch.forwarded if str(entry.request_id) not in inserted
+        )
         now = utc_now()
         at = _time_text(now)
         unsettled_before = _time_text(now - timedelta(seconds=batch.timeout_grace_seconds))
@@ -936,7 +947,7 @@ class SqliteStore(Opened):
                 answers.update((_request_id(row), row[3]) for row in await cursor.fetchall())
         for chunk in _chunks([str(rid) for rid in batch.settled]):
             await db.execute(_SETTLE.format(marks=", ".join("?" * len(chunk))), chunk)
-        return claimed, answers
+        return claimed, answers, known
 
     async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
         """`owner`'s forwarded requests still waiting for their device's answer, earliest deadline first."""

@@ -73,6 +73,7 @@ class Durable:
         commits = list(commits)
         taken = set()
         claimed: dict[RequestId, Claim] = {}
+        known: set[RequestId] = set()
         for commit in commits:
             for request_id in commit.counters.items():
                 if request_id in self.request_ids:
@@ -84,10 +85,9 @@ class Durable:
                     (self.flags.add if event.set else self.flags.discard)(event.device_id)
             for originator, counter in commit.counters.items():
                 self.counters[originator] = max(counter, self.counters.get(originator, -1))
+            known.update(entry.request_id for entry in commit.forwarded if entry.request_id in self.pending)
             self.pending.update(
-                (entry.request_id, entry)
-                for entry in commit.forwarded
-                if entry.request_id not in self.answers
+                (entry.request_id, entry) for entry in commit.forwarded if entry.request_id not in known
             )
             for answer, request_ids in (
                 (ANSWER_RESPONSE, commit.answered),
@@ -106,7 +106,8 @@ class Durable:
             self.unsettled.difference_update(commit.settled)
         tried = {rid for commit in commits for rid in (*commit.answered, *commit.timed_out)}
         answers = {rid: self.answers[rid] for rid in tried - claimed.keys() if rid in self.answers}
-        return Committed(tuple(commit.batch for commit in commits), frozenset(taken), claimed, answers)
+        batches = tuple(commit.batch for commit in commits)
+        return Committed(batches, frozenset(taken), claimed, answers, frozenset(known))
 
     @property
     def waiting(self) -> dict[RequestId, ForwardedRequest]:

@@ -437,10 +437,13 @@ async def test_a_restarted_instance_takes_back_only_its_own_forwards(store: Flag
         ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, n), "4.8.1", "4.8", at + timedelta(seconds=n))
         for n in (1, 2)
     )
-    await store.commit(CommitBatch(forwarded=(mine,), owner="gw-1"))
+    first = await store.commit(CommitBatch(forwarded=(mine,), owner="gw-1"))
     await store.commit(CommitBatch(forwarded=(theirs,), owner="gw-2"))
-    # A repeat forward by another instance leaves the forward with its first owner.
-    await store.commit(CommitBatch(forwarded=(mine,), owner="gw-2"))
+    assert first.known_forwards == frozenset()
+    # A repeat forward by another instance is known (its command is not sent again) and leaves the
+    # forward with its first owner.
+    repeat = await store.commit(CommitBatch(forwarded=(mine,), owner="gw-2"))
+    assert repeat.known_forwards == {mine.request_id}
     assert await store.load_pending("gw-1") == [mine]
     assert await store.load_pending("gw-2") == [theirs]
     assert await store.load_pending() == []
