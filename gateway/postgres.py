@@ -324,6 +324,14 @@ _OVERDUE = f"""
         OR (answer = 'timeout' AND NOT settled AND answered_at < now() - make_interval(secs => $1))
     ORDER BY deadline LIMIT $2 FOR UPDATE SKIP LOCKED
 """  # noqa: S608 - constant column list
+_WITHDRAW = """
+    WITH withdrawn AS (
+        DELETE FROM pending_requests WHERE request_id = ANY($1::text[]) AND answer IS NULL AND owner = $2
+        RETURNING originator, counter
+    )
+    DELETE FROM request_ids USING withdrawn
+    WHERE request_ids.originator = withdrawn.originator AND request_ids.counter = withdrawn.counter
+"""
 _PURGE_ANSWERED = """
     DELETE FROM pending_requests WHERE answer IS NOT NULL AND answered_at < $1
         AND (answer = 'response' OR settled)
@@ -529,6 +537,8 @@ class PostgresStore(Opened):
         request_ids = checked_request_ids(batch.request_ids)
         epoch: int | None = None
         async with self._db.acquire() as db, db.transaction():
+            if batch.withdrawn:  # first: a retry in the same batch is then recorded afresh
+                await db.execute(_WITHDRAW, [str(rid) for rid in batch.withdrawn], batch.owner)
             if batch.flag_events:
                 epoch = await self._apply_flag_events(db, batch.flag_events)
             rows = await db.fetch(

@@ -176,6 +176,8 @@ class Commit:
     settled: tuple[RequestId, ...] = ()
     """Claimed E21s that were released: the shell makes this durable only after it handed them to the
     transport, so a crash repeats an E21 (the sweep finds it unsettled) rather than losing it."""
+    withdrawn: tuple[RequestId, ...] = ()
+    """Forwards answered STORE_FAILED: removed with their RequestID if a failed commit stored them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,13 +355,16 @@ class _Step:
     timed_out: dict[RequestId, PendingRequest] = field(default_factory=dict)
     """The forwards a timeout step claims for E21."""
     carried: _Carried | None = None
-    """The claims and settlements of earlier steps this step's commit carries (given back if it fails)."""
+    """The settlements and withdrawals of earlier steps this step's commit carries (given back if it
+    fails)."""
+    claim_again: bool = False
+    """A device answer whose claim's commit failed: held, and claimed again at the next tick."""
     flag_change: tuple[Eui, bool, datetime] | None = None
     """(device, set, when) of an accepted flag request that changes the flag; applied when durable."""
 
     @property
     def durable(self) -> bool:
-        return self.batch is None and not self.reading
+        return self.batch is None and not self.reading and not self.claim_again
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,8 +379,8 @@ class _DeviceAnswer:
 
 @dataclass(frozen=True, slots=True)
 class _Carried:
-    answered: tuple[RequestId, ...]
     settled: tuple[RequestId, ...]
+    withdrawn: tuple[RequestId, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,8 +431,11 @@ class Router:
         self._restored: list[ForwardedRequest] = sorted(pending, key=lambda entry: entry.deadline)
         # Claimed E21s released to the transport, settled in the store by the next commit.
         self._settle: list[RequestId] = []
-        # Device answers delivered although their claim's commit failed: claimed again by the next one.
-        self._reclaim: list[RequestId] = []
+        # Device answers whose claim's commit failed, held until claimed again at the next tick.
+        self._claims_again: list[_Step] = []
+        # Forwards whose commit failed (answered STORE_FAILED), withdrawn by the next commit in case the
+        # store did make them durable (a lost connection leaves it unknown).
+        self._withdraw: list[RequestId] = []
         # Forwards whose E21 claim failed to commit: claimed again at the next tick.
         self._unclaimed_timeouts: dict[RequestId, PendingRequest] = {}
         # Forwards this process is answering (a claim in flight, or an E21 not yet settled): the
@@ -486,8 +494,9 @@ class Router:
         else:
             self._expire(now, out)
             self._sweep(now, out)
+            self._claim_again(out)
         self._release(now, out)
-        if (self._settle or self._reclaim) and isinstance(event, TimePassed | Committed):
+        if (self._settle or self._withdraw) and isinstance(event, TimePassed | Committed):
             # No request came to carry the settlements: commit them on their own.
             self._commit(self._step(None), out)
             self._release(now, out)
@@ -521,18 +530,18 @@ class Router:
     def _commit(self, step: _Step, out: list[Effect], flag_events: tuple[FlagEvent, ...] = ()) -> None:
         """Ask for the step's state to be made durable; its publishes wait for the answer. Pending
         settlements and re-claims ride along."""
-        carried = _Carried(tuple(self._reclaim), tuple(self._settle))
+        carried = _Carried(tuple(self._settle), tuple(self._withdraw))
         if not (
             step.counters
             or flag_events
             or step.forwarded
             or step.answered
             or step.timed_out
-            or carried.answered
             or carried.settled
+            or carried.withdrawn
         ):
             return
-        self._reclaim, self._settle = [], []
+        self._settle, self._withdraw = [], []
         step.carried = carried
         step.batch = self._next_batch
         self._next_batch += 1
@@ -543,9 +552,10 @@ class Router:
                 flag_events,
                 dict(step.counters),
                 forwarded=() if step.forwarded is None else (step.forwarded,),
-                answered=(*carried.answered, *(() if step.answered is None else (step.answered,))),
+                answered=() if step.answered is None else (step.answered,),
                 timed_out=tuple(step.timed_out),
                 settled=carried.settled,
+                withdrawn=carried.withdrawn,
             )
         )
 
@@ -614,22 +624,25 @@ class Router:
         )
 
     def _rolled_back(self, step: _Step, error: str, now: Instant) -> None:
-        """The step's commit failed: undo its counters and answer STORE_FAILED instead. A device's
-        answer is still delivered (nothing to refuse; its claim is retried with the next commit), and
-        E21s are claimed again at the next tick."""
+        """The step's commit failed: undo its counters and answer STORE_FAILED instead (its forward is
+        withdrawn by the next commit, in case the store made it durable after all). A device's answer is
+        held and claimed again at the next tick (published only once a claim holds), and E21s are
+        claimed again at the next tick."""
         step.batch = None
         if step.carried is not None:
-            self._reclaim.extend(step.carried.answered)
             self._settle.extend(step.carried.settled)
+            self._withdraw.extend(step.carried.withdrawn)
         if step.timed_out:
             self._answering.difference_update(step.timed_out)
             self._unclaimed_timeouts.update(step.timed_out)
         request = step.request
         if request is None:
             if step.answered is not None and step.device_answer is not None:
-                self._reclaim.append(step.answered)
-                self._publish_answer(step, step.answered, step.device_answer, None, now)
+                step.claim_again = True
+                self._claims_again.append(step)
             return
+        if step.forwarded is not None and step.admission is Admission.NEW:
+            self._withdraw.append(step.forwarded.request_id)
         self._restore_counters(step.counters)
         if step.counted:
             self._resolved(request.request_id)
@@ -1244,6 +1257,12 @@ class Router:
             if self._pending.pop(request_id, None) is not None:
                 self._resolved(request_id)
         self._time_out(expired, out)
+
+    def _claim_again(self, out: list[Effect]) -> None:
+        steps, self._claims_again = self._claims_again, []
+        for step in steps:
+            step.claim_again = False
+            self._commit(step, out)
 
     def _sweep(self, now: Instant, out: list[Effect]) -> None:
         """Now and then, ask the store for the overdue forwards nobody here holds."""

@@ -490,6 +490,7 @@ def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float, o
         answered=tuple(rid for commit in commits for rid in commit.answered),
         timed_out=tuple(rid for commit in commits for rid in commit.timed_out),
         settled=tuple(rid for commit in commits for rid in commit.settled),
+        withdrawn=tuple(rid for commit in commits for rid in commit.withdrawn),
         timeout_grace_seconds=grace_seconds,
         owner=owner,
     )

@@ -256,6 +256,10 @@ _OVERDUE = f"""
     WHERE (answer IS NULL AND deadline < ?) OR (answer = 'timeout' AND settled = 0 AND answered_at < ?)
     ORDER BY deadline LIMIT ?
 """  # noqa: S608 - constant column list
+_WITHDRAW = """
+    DELETE FROM pending_requests WHERE request_id IN ({marks}) AND answer IS NULL AND owner = ?
+    RETURNING originator, counter
+"""
 _PURGE_ANSWERED = (
     "DELETE FROM pending_requests WHERE answer IS NOT NULL AND answered_at < ?"
     " AND (answer = 'response' OR settled = 1)"
@@ -325,6 +329,9 @@ class CommitBatch:
     for `timeout_grace_seconds` (its claimer died before it could know its E21 was out)."""
     settled: Sequence[RequestId] = ()
     """Claimed E21s that have left: no sweep gives them again."""
+    withdrawn: Sequence[RequestId] = ()
+    """Forwards of `owner` whose commit failed and were answered STORE_FAILED (send again): if that
+    commit stored them after all, they and their RequestIDs are removed (applied first)."""
     timeout_grace_seconds: float = 0.0
     owner: str = ""
     """The instance whose forwards `forwarded` are (its client id; "" for one instance alone): a
@@ -813,6 +820,7 @@ class SqliteStore(Opened):
             try:
                 if batch.flag_events:  # most batches carry only counters: spare the round trip
                     await self._apply_flag_events(db, batch.flag_events)
+                await self._withdraw(db, batch)
                 advanced = await self._advance_counters(db, counters)
                 recorded = await self._record_request_ids(db, request_ids)
                 claimed, answers, known = await self._apply_forwards(db, batch)
@@ -909,6 +917,18 @@ class SqliteStore(Opened):
             )
             await self._conn.execute(_PURGE_ANSWERED, (_time_text(before),))
             return cursor.rowcount
+
+    @staticmethod
+    async def _withdraw(db: aiosqlite.Connection, batch: CommitBatch) -> None:
+        """First: a retry in the same batch is then recorded afresh."""
+        for chunk in _chunks([str(rid) for rid in batch.withdrawn]):
+            statement = _WITHDRAW.format(marks=", ".join("?" * len(chunk)))
+            async with db.execute(statement, (*chunk, batch.owner)) as cursor:
+                rows = await cursor.fetchall()
+            await db.executemany(
+                "DELETE FROM request_ids WHERE originator = ? AND counter = ?",
+                [(row[0], f"{int(row[1]):0{_COUNTER_DIGITS}d}") for row in rows],
+            )
 
     @staticmethod
     async def _apply_forwards(

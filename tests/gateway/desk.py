@@ -75,6 +75,10 @@ class Durable:
         claimed: dict[RequestId, Claim] = {}
         known: set[RequestId] = set()
         for commit in commits:
+            for withdrawn in commit.withdrawn:
+                if withdrawn in self.pending and withdrawn not in self.answers:
+                    del self.pending[withdrawn]
+                    self.request_ids.discard((withdrawn.originator, withdrawn.counter))
             for request_id in commit.counters.items():
                 if request_id in self.request_ids:
                     taken.add(commit.batch)
@@ -220,6 +224,12 @@ class Desk:
         start = len(self.published)
         self.feed(self._commit(error))
         return self.published[start:]
+
+    def commit_lost(self, error: str) -> list[Publish]:
+        """The waiting commits become durable, but their answer is lost (the connection dropped): the
+        router hears that they failed."""
+        self.durable.apply(self.waiting_commits)
+        return self.commit(error)
 
     def read(self, error: str | None = None) -> list[Publish]:
         start = len(self.published)

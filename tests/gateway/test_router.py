@@ -27,7 +27,7 @@ from gateway.router import (
 )
 from gateway.signing import Verification, document_parser
 from rules.codes import ResponseCode
-from rules.domain import ANSWER_RESPONSE, Eui, RequestId
+from rules.domain import ANSWER_RESPONSE, ANSWER_TIMEOUT, Eui, RequestId
 from rules.table import default_table
 from tests.gateway.desk import TOPICS, Desk, Durable
 from tests.gateway.messages import (
@@ -391,6 +391,7 @@ def test_a_failed_commit_keeps_the_counters_of_commits_still_in_flight() -> None
     desk.feed(gateway.router.CommitFailed((failed.batch,), "disk full"))
     assert desk.router.counters == {IMPORT_SUPPLIER: 2}
     desk.commit()
+    desk.commit()  # the withdrawal of 1's forward, in a commit of its own
     # Counter 2 is durable now: a retry of 1 comes too late, as DUIS's rising counters require.
     assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, read(1))) == [
         ResponseCode.DUPLICATE_REQUEST_ID
@@ -647,17 +648,47 @@ def test_a_device_answer_is_released_once_its_forward_left_the_store() -> None:
     assert desk.durable.waiting == {}
 
 
-def test_an_answer_whose_claim_failed_is_delivered_and_the_claim_retried() -> None:
+def test_an_answer_whose_claim_failed_is_held_and_claimed_again() -> None:
     desk = Desk(hold=True)
     desk.send(IMPORT_SUPPLIER, read(1))
     desk.commit()
     desk.device_says(METER, meter_reading_answer(1))
-    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit(error="disk I/O error")) == [ResponseCode.SUCCESS]
-    assert len(desk.durable.waiting) == 1
-    desk.send(IMPORT_SUPPLIER, read(2))  # the next commit carries the claim
-    desk.commit()
-    assert list(desk.durable.waiting) == [RequestId(IMPORT_SUPPLIER, METER, 2)]
+    assert desk.commit(error="disk I/O error") == []  # not published: no claim holds
+    assert desk.acknowledged == [0]  # held, unacknowledged
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.SUCCESS]
+    assert desk.acknowledged == [0, 1]
     assert desk.durable.answers == {RequestId(IMPORT_SUPPLIER, METER, 1): ANSWER_RESPONSE}
+
+
+def test_an_answer_whose_claim_was_lost_is_not_given_after_the_e21() -> None:
+    desk = Desk(hold=True, target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    desk.device_says(METER, meter_reading_answer(1))
+    desk.commit(error="connection lost")
+    # Meanwhile (another instance's sweep) the forward was answered E21.
+    desk.durable.answers[RequestId(IMPORT_SUPPLIER, METER, 1)] = ANSWER_TIMEOUT
+    desk.pass_time(1.0)
+    assert desk.commit() == []
+    assert [o.delivery for o in desk.observed if isinstance(o, DeviceMessageRouted)] == ["late"]
+
+
+def test_a_forward_whose_commit_outcome_was_lost_is_withdrawn_and_may_be_sent_again() -> None:
+    # The store committed it, the gateway heard a failure and answered "send it again": the next
+    # commit withdraws the forward and its RequestID, so no E21 follows and the retry is new.
+    desk = Desk(hold=True, target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    out = desk.commit_lost("connection lost")
+    assert desk.answers_to(IMPORT_SUPPLIER, out) == [ResponseCode.STORE_FAILED]
+    assert desk.commands(out) == []
+    desk.pass_time(1.0)
+    desk.commit()
+    assert desk.durable.waiting == {}
+    desk.pass_time(60.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []
+    desk.send(IMPORT_SUPPLIER, read(1))
+    assert desk.commands(desk.commit()) == [TOPICS.command(METER)]
 
 
 def test_a_crash_between_an_e21_claim_and_its_settlement_repeats_the_e21() -> None:

@@ -451,6 +451,27 @@ async def test_a_restarted_instance_takes_back_only_its_own_forwards(store: Flag
     assert await store.overdue_pending(-3.0, 10) == [mine, theirs]
 
 
+async def test_a_withdrawn_forward_leaves_with_its_request_id_if_its_owner_stored_it(
+    store: FlagStore,
+) -> None:
+    at = datetime.now(UTC)
+    kept, withdrawn, answered = (
+        ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, n), "4.8.1", "4.8", at + timedelta(seconds=n))
+        for n in (1, 2, 3)
+    )
+    ids = [(IMPORT_SUPPLIER, n) for n in (1, 2, 3)]
+    await store.commit(CommitBatch(request_ids=ids, forwarded=(kept, withdrawn, answered), owner="gw-1"))
+    await store.commit(CommitBatch(answered=(answered.request_id,)))
+    # Another instance cannot withdraw gw-1's forward; gw-1 withdraws only an unanswered one.
+    everything = tuple(f.request_id for f in (kept, withdrawn, answered))
+    await store.commit(CommitBatch(withdrawn=everything[:2], owner="gw-2"))
+    await store.commit(CommitBatch(withdrawn=everything[1:], owner="gw-1"))
+    assert await store.load_pending("gw-1") == [kept]
+    again = await store.commit(CommitBatch(request_ids=ids, forwarded=(withdrawn,), owner="gw-1"))
+    assert again.recorded == {(IMPORT_SUPPLIER, 2)}  # the retry is new
+    assert again.known_forwards == frozenset()
+
+
 async def test_a_forward_is_claimed_once_for_its_final_answer(store: FlagStore) -> None:
     forward = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, 3), "4.8.1", "4.8", datetime.now(UTC))
     await store.commit(CommitBatch(forwarded=(forward,)))
