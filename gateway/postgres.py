@@ -173,6 +173,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pending_requests ADD COLUMN answered_at timestamptz;
     ALTER TABLE pending_requests ADD COLUMN settled boolean NOT NULL DEFAULT false;
     ALTER TABLE pending_requests ADD COLUMN owner text NOT NULL DEFAULT '';
+    ALTER TABLE pending_requests ADD COLUMN sent boolean NOT NULL DEFAULT false;
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
@@ -314,6 +315,8 @@ _CLAIM_TIMEOUT = f"""
 _ANSWERS = (
     "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id = ANY($1::text[])"
 )
+_SENT = "SELECT request_id FROM pending_requests WHERE request_id = ANY($1::text[]) AND sent"
+_MARK_SENT = "UPDATE pending_requests SET sent = true WHERE request_id = ANY($1::text[])"
 _SETTLE = (
     "UPDATE pending_requests SET settled = true WHERE request_id = ANY($1::text[]) AND answer = 'timeout'"
 )
@@ -555,7 +558,7 @@ class PostgresStore(Opened):
             frozenset((row[0], int(row[1])) for row in recorded),
             claimed=claimed,
             answers=answers,
-            known_forwards=known,
+            sent_forwards=known,
         )
 
     @staticmethod
@@ -618,7 +621,12 @@ class PostgresStore(Opened):
                 batch.owner,
             )
             stored = {row[0] for row in inserted}
-            known = frozenset(entry.request_id for entry in entries if str(entry.request_id) not in stored)
+            repeats = [str(entry.request_id) for entry in entries if str(entry.request_id) not in stored]
+            if repeats:
+                sent = {row[0] for row in await db.fetch(_SENT, repeats)}
+                known = frozenset(entry.request_id for entry in entries if str(entry.request_id) in sent)
+        if batch.sent:
+            await db.execute(_MARK_SENT, [str(rid) for rid in batch.sent])
         claimed: dict[RequestId, Claim] = {}
         if batch.answered:
             for row in await db.fetch(_CLAIM_RESPONSE, [str(rid) for rid in batch.answered]):

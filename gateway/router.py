@@ -122,8 +122,8 @@ class Committed:
     answers: Mapping[RequestId, str] = field(default_factory=dict)
     """Of the forwards these commits tried to claim and did not: the final answer already given
     (ANSWER_RESPONSE or ANSWER_TIMEOUT); missing: the store holds no such forward."""
-    known_forwards: frozenset[RequestId] = frozenset()
-    """The forwards of these commits the store held already (`CommitResult.known_forwards`)."""
+    sent_forwards: frozenset[RequestId] = frozenset()
+    """The forwards of these commits whose command was sent already (`CommitResult.sent_forwards`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +178,9 @@ class Commit:
     transport, so a crash repeats an E21 (the sweep finds it unsettled) rather than losing it."""
     withdrawn: tuple[RequestId, ...] = ()
     """Forwards answered STORE_FAILED: removed with their RequestID if a failed commit stored them."""
+    sent: tuple[RequestId, ...] = ()
+    """Forwards whose command was released: the shell makes this durable only after it handed the
+    command to the transport, so a redelivered request is sent again only if its command never left."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +384,7 @@ class _DeviceAnswer:
 class _Carried:
     settled: tuple[RequestId, ...]
     withdrawn: tuple[RequestId, ...]
+    sent: tuple[RequestId, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +440,8 @@ class Router:
         # Forwards whose commit failed (answered STORE_FAILED), withdrawn by the next commit in case the
         # store did make them durable (a lost connection leaves it unknown).
         self._withdraw: list[RequestId] = []
+        # Forwards whose command was released, marked sent by the next commit.
+        self._sent: list[RequestId] = []
         # Forwards whose E21 claim failed to commit: claimed again at the next tick.
         self._unclaimed_timeouts: dict[RequestId, PendingRequest] = {}
         # Forwards this process is answering (a claim in flight, or an E21 not yet settled): the
@@ -496,7 +502,10 @@ class Router:
             self._sweep(now, out)
             self._claim_again(out)
         self._release(now, out)
-        if (self._settle or self._withdraw) and isinstance(event, TimePassed | Committed):
+        # (Sent marks wait for a request's commit, or the tick: they only narrow a crash's repeats.)
+        if ((self._settle or self._withdraw) and isinstance(event, TimePassed | Committed)) or (
+            self._sent and isinstance(event, TimePassed)
+        ):
             # No request came to carry the settlements: commit them on their own.
             self._commit(self._step(None), out)
             self._release(now, out)
@@ -530,7 +539,7 @@ class Router:
     def _commit(self, step: _Step, out: list[Effect], flag_events: tuple[FlagEvent, ...] = ()) -> None:
         """Ask for the step's state to be made durable; its publishes wait for the answer. Pending
         settlements and re-claims ride along."""
-        carried = _Carried(tuple(self._settle), tuple(self._withdraw))
+        carried = _Carried(tuple(self._settle), tuple(self._withdraw), tuple(self._sent))
         if not (
             step.counters
             or flag_events
@@ -539,9 +548,10 @@ class Router:
             or step.timed_out
             or carried.settled
             or carried.withdrawn
+            or carried.sent
         ):
             return
-        self._settle, self._withdraw = [], []
+        self._settle, self._withdraw, self._sent = [], [], []
         step.carried = carried
         step.batch = self._next_batch
         self._next_batch += 1
@@ -556,6 +566,7 @@ class Router:
                 timed_out=tuple(step.timed_out),
                 settled=carried.settled,
                 withdrawn=carried.withdrawn,
+                sent=carried.sent,
             )
         )
 
@@ -570,10 +581,10 @@ class Router:
         forwarded = step.forwarded
         if forwarded is not None:
             request_id = forwarded.request_id
-            if request_id in event.known_forwards:
-                # Forwarded before, by a process that died (or another instance): its command may have
-                # left already, so it is not sent again (at most once to the device); the request keeps
-                # its first deadline in the store, and the sweep answers it E21 if nobody else does.
+            if request_id in event.sent_forwards:
+                # Sent before, by a process that died (or another instance): not sent again (at most
+                # once to the device); the request keeps its first deadline in the store, and the sweep
+                # answers it E21 if nobody else does. One stored but never marked sent is sent now.
                 command = self.topics.command(request_id.target)
                 step.effects = [
                     e for e in step.effects if not (isinstance(e, Publish) and e.topic == command)
@@ -590,6 +601,10 @@ class Router:
                 self.view.set_flag(device, at)
             else:
                 self.view.clear_flag(device)
+
+    def _sends_command(self, step: _Step) -> bool:
+        command = self.topics.command(step.forwarded.request_id.target) if step.forwarded else None
+        return any(isinstance(effect, Publish) and effect.topic == command for effect in step.effects)
 
     def _claims_committed(self, step: _Step, event: Committed, now: Instant) -> None:
         if step.answered is not None:
@@ -632,6 +647,7 @@ class Router:
         if step.carried is not None:
             self._settle.extend(step.carried.settled)
             self._withdraw.extend(step.carried.withdrawn)
+            self._sent.extend(step.carried.sent)
         if step.timed_out:
             self._answering.difference_update(step.timed_out)
             self._unclaimed_timeouts.update(step.timed_out)
@@ -700,8 +716,11 @@ class Router:
                 out.extend(step.effects)
                 if step.ticket is not None:
                     out.append(Acknowledge(step.ticket))
-                # Settled only by a commit the shell makes after these E21s were handed over.
+                # Settled (marked sent) only by a commit the shell makes after these E21s (this
+                # command) were handed over.
                 self._settle.extend(rid for rid in step.timed_out if rid in self._answering)
+                if step.forwarded is not None and self._sends_command(step):
+                    self._sent.append(step.forwarded.request_id)
             flag_step = self._flag_step
             if flag_step is None or not flag_step.durable:
                 return

@@ -328,9 +328,10 @@ class Shell:
             if self._budget is not None:
                 self._budget.commit_started(batches, started)
             try:
-                # E21 answers leave before they are settled: repeated after a crash, never lost.
+                # E21 answers and commands leave before they are settled or marked sent: a crash repeats
+                # them rather than losing them.
                 await self._handed_over(
-                    max((queued for commit, queued in commits if commit.settled), default=0)
+                    max((queued for commit, queued in commits if commit.settled or commit.sent), default=0)
                 )
                 joined = _joined(
                     plain,
@@ -350,7 +351,7 @@ class Shell:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
                 taken = _taken(plain, result) if self._member is not None else frozenset()
-                self._feed(Committed(batches, taken, result.claimed, result.answers, result.known_forwards))
+                self._feed(Committed(batches, taken, result.claimed, result.answers, result.sent_forwards))
             finally:
                 for _ in commits:
                     self._commits.task_done()
@@ -491,6 +492,7 @@ def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float, o
         timed_out=tuple(rid for commit in commits for rid in commit.timed_out),
         settled=tuple(rid for commit in commits for rid in commit.settled),
         withdrawn=tuple(rid for commit in commits for rid in commit.withdrawn),
+        sent=tuple(rid for commit in commits for rid in commit.sent),
         timeout_grace_seconds=grace_seconds,
         owner=owner,
     )

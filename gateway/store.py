@@ -155,6 +155,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pending_requests ADD COLUMN answered_at TEXT;
     ALTER TABLE pending_requests ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE pending_requests ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE pending_requests ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
@@ -247,6 +248,8 @@ _CLAIM_TIMEOUT = f"""
     RETURNING {_FORWARD_COLUMNS}
 """  # noqa: S608 - constant column list
 _ANSWERS = "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id IN ({marks})"
+_SENT = "SELECT request_id FROM pending_requests WHERE request_id IN ({marks}) AND sent = 1"
+_MARK_SENT = "UPDATE pending_requests SET sent = 1 WHERE request_id IN ({marks})"
 _SETTLE = "UPDATE pending_requests SET settled = 1 WHERE request_id IN ({marks}) AND answer = 'timeout'"
 _WAITING = f"""
     SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL AND owner = ? ORDER BY deadline
@@ -321,7 +324,7 @@ class CommitBatch:
     """(originator, counter) of every request the batch acts on, each recorded once (`CommitResult.first`)."""
     forwarded: Sequence[ForwardedRequest] = ()
     """Requests forwarded to their device, now waiting for its answer (one stored already is left as it
-    is: `CommitResult.known_forwards`)."""
+    is: `CommitResult.sent_forwards`)."""
     answered: Sequence[RequestId] = ()
     """Forwards to claim for their device's response: claimed only if still unanswered."""
     timed_out: Sequence[RequestId] = ()
@@ -329,6 +332,8 @@ class CommitBatch:
     for `timeout_grace_seconds` (its claimer died before it could know its E21 was out)."""
     settled: Sequence[RequestId] = ()
     """Claimed E21s that have left: no sweep gives them again."""
+    sent: Sequence[RequestId] = ()
+    """Forwards whose command was handed to the broker (applied after `forwarded`)."""
     withdrawn: Sequence[RequestId] = ()
     """Forwards of `owner` whose commit failed and were answered STORE_FAILED (send again): if that
     commit stored them after all, they and their RequestIDs are removed (applied first)."""
@@ -366,9 +371,10 @@ class CommitResult:
     answers: Mapping[RequestId, str] = field(default_factory=dict)
     """The others' final answer, given already (ANSWER_RESPONSE, ANSWER_TIMEOUT); missing: no such
     forward is stored."""
-    known_forwards: frozenset[RequestId] = frozenset()
-    """The batch's `forwarded` that were stored before it: forwarded by an earlier process or another
-    instance, their command may have left already (the stored one keeps its deadline and owner)."""
+    sent_forwards: frozenset[RequestId] = frozenset()
+    """The batch's `forwarded` that were stored before it and whose command was marked sent (by an
+    earlier process or another instance): not to be sent again. The stored one keeps its deadline and
+    owner."""
 
     def first(self, originator: Eui, counter: int) -> bool:
         """Whether this commit recorded the RequestID, so no other commit acts on it (exact, whatever
@@ -829,7 +835,7 @@ class SqliteStore(Opened):
                 await _rollback(db)
                 raise
         return CommitResult(
-            advanced, recorded=recorded, claimed=claimed, answers=answers, known_forwards=known
+            advanced, recorded=recorded, claimed=claimed, answers=answers, sent_forwards=known
         )
 
     @staticmethod
@@ -942,9 +948,15 @@ class SqliteStore(Opened):
             parameters = [part for entry in forwards for part in (*_forward_row(entry), batch.owner)]
             async with db.execute(statement, parameters) as cursor:
                 inserted.update(row[0] for row in await cursor.fetchall())
-        known = frozenset(
-            entry.request_id for entry in batch.forwarded if str(entry.request_id) not in inserted
-        )
+        sent: set[str] = set()
+        for chunk in _chunks(
+            [str(e.request_id) for e in batch.forwarded if str(e.request_id) not in inserted]
+        ):
+            async with db.execute(_SENT.format(marks=", ".join("?" * len(chunk))), chunk) as cursor:
+                sent.update(row[0] for row in await cursor.fetchall())
+        for chunk in _chunks([str(rid) for rid in batch.sent]):
+            await db.execute(_MARK_SENT.format(marks=", ".join("?" * len(chunk))), chunk)
+        known = frozenset(entry.request_id for entry in batch.forwarded if str(entry.request_id) in sent)
         now = utc_now()
         at = _time_text(now)
         unsettled_before = _time_text(now - timedelta(seconds=batch.timeout_grace_seconds))

@@ -249,10 +249,16 @@ def test_a_redelivery_after_a_restart_is_routed_again_and_forwarded_at_most_once
     desk.send(IMPORT_SUPPLIER, payload)
     refused = read(9)
     desk.send(IMPORT_SUPPLIER, refused)
-    desk.restart()
+    unsent = request(SECURITY_SRV, IMPORT_SUPPLIER, METER, 10)
+    desk.pass_time(1.0)  # the tick's commit marks 7's command sent
+    desk.hold = True
+    desk.send(IMPORT_SUPPLIER, unsent)
+    desk.crash_after_commit()  # 10 is stored; the process dies before its command leaves
+    desk.hold = False
     again = desk.send(IMPORT_SUPPLIER, payload, redelivered=True)
     assert desk.commands(again) == []
     assert desk.answers_to(IMPORT_SUPPLIER, again) == [ResponseCode.ACKNOWLEDGED]
+    assert desk.commands(desk.send(IMPORT_SUPPLIER, unsent, redelivered=True)) == [TOPICS.command(METER)]
     assert desk.answers_to(IMPORT_SUPPLIER, desk.send(IMPORT_SUPPLIER, refused, redelivered=True)) == [
         ResponseCode.CONSUMER_CHOICE
     ]
@@ -459,7 +465,7 @@ def test_the_timeout_clock_starts_when_the_forward_is_durable() -> None:
     desk.seconds = 100.0  # a slow commit
     desk.commit()
     desk.pass_time(29.0)
-    assert not desk.waiting_commits  # not yet due: nothing to claim
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []  # not yet due: nothing claimed
     desk.pass_time(1.0)
     assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.DEVICE_TIMEOUT]
 
@@ -759,9 +765,10 @@ def test_a_failed_forward_frees_its_place() -> None:
 def test_a_forward_routed_again_after_a_restart_takes_no_second_place_and_is_not_sent_again() -> None:
     desk = Desk(max_forwards_per_user=1)
     desk.send(IMPORT_SUPPLIER, read(1))
+    desk.pass_time(1.0)  # the tick's commit marks the command sent
     desk.restart()
     again = desk.send(IMPORT_SUPPLIER, read(1), redelivered=True)
-    # Stored already: its command may have left before the crash; the user is acknowledged again.
+    # Stored and sent already: not sent again; the user is acknowledged again.
     assert desk.commands(again) == []
     assert desk.answers_to(IMPORT_SUPPLIER, again) == [ResponseCode.ACKNOWLEDGED]
     desk.device_says(METER, meter_reading_answer(1))
