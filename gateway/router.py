@@ -360,14 +360,12 @@ class _Step:
     carried: _Carried | None = None
     """The settlements and withdrawals of earlier steps this step's commit carries (given back if it
     fails)."""
-    claim_again: bool = False
-    """A device answer whose claim's commit failed: held, and claimed again at the next tick."""
     flag_change: tuple[Eui, bool, datetime] | None = None
     """(device, set, when) of an accepted flag request that changes the flag; applied when durable."""
 
     @property
     def durable(self) -> bool:
-        return self.batch is None and not self.reading and not self.claim_again
+        return self.batch is None and not self.reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,8 +433,10 @@ class Router:
         self._restored: list[ForwardedRequest] = sorted(pending, key=lambda entry: entry.deadline)
         # Claimed E21s released to the transport, settled in the store by the next commit.
         self._settle: list[RequestId] = []
-        # Device answers whose claim's commit failed, held until claimed again at the next tick.
-        self._claims_again: list[_Step] = []
+        # Device answers whose claim's commit failed, claimed again at the next tick. Their own message
+        # is acknowledged: holding it would hold every later message, and a cluster member catching
+        # up waits for those (while its commits fail until it has caught up).
+        self._claims_again: list[tuple[RequestId, _DeviceAnswer]] = []
         # Forwards whose commit failed (answered STORE_FAILED), withdrawn by the next commit in case the
         # store did make them durable (a lost connection leaves it unknown).
         self._withdraw: list[RequestId] = []
@@ -640,9 +640,8 @@ class Router:
 
     def _rolled_back(self, step: _Step, error: str, now: Instant) -> None:
         """The step's commit failed: undo its counters and answer STORE_FAILED instead (its forward is
-        withdrawn by the next commit, in case the store made it durable after all). A device's answer is
-        held and claimed again at the next tick (published only once a claim holds), and E21s are
-        claimed again at the next tick."""
+        withdrawn by the next commit, in case the store made it durable after all). A device's answer
+        and E21s are claimed again at the next tick (published only once a claim holds)."""
         step.batch = None
         if step.carried is not None:
             self._settle.extend(step.carried.settled)
@@ -654,8 +653,7 @@ class Router:
         request = step.request
         if request is None:
             if step.answered is not None and step.device_answer is not None:
-                step.claim_again = True
-                self._claims_again.append(step)
+                self._claims_again.append((step.answered, step.device_answer))
             return
         if step.forwarded is not None and step.admission is Admission.NEW:
             self._withdraw.append(step.forwarded.request_id)
@@ -1278,9 +1276,11 @@ class Router:
         self._time_out(expired, out)
 
     def _claim_again(self, out: list[Effect]) -> None:
-        steps, self._claims_again = self._claims_again, []
-        for step in steps:
-            step.claim_again = False
+        answers, self._claims_again = self._claims_again, []
+        for request_id, answer in answers:
+            step = self._step(None)
+            step.answered, step.device_answer = request_id, answer
+            self._answering.add(request_id)
             self._commit(step, out)
 
     def _sweep(self, now: Instant, out: list[Effect]) -> None:
