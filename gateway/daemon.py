@@ -24,6 +24,7 @@ import structlog
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.health import Health
+from gateway.inbound import InboundSessions
 from gateway.interrupt import stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics, MetricsServer
@@ -146,11 +147,17 @@ async def serve(
     )
     devices.on_failure = lambda _: stop.set()
     session = DeviceSession(devices, transport.flushed)
+    inbound = None
+    if settings.gateway.inbound_sessions > 1:
+        inbound = InboundSessions.from_settings(
+            settings, transport, on_reconnect=metrics.reconnects.inc, on_failure=lambda _: stop.set()
+        )
     heartbeat = asyncio.create_task(health.heartbeat(), name="mp169-heartbeat")
     try:
         try:
             service = await unless_stopped(
-                GatewayService.start(settings, transport, metrics=metrics, devices=session), stop
+                GatewayService.start(settings, transport, metrics=metrics, devices=session, inbound=inbound),
+                stop,
             )
         except StoreCorruptError as exc:
             log.critical("store-corrupt", error=str(exc))
@@ -181,7 +188,7 @@ async def serve(
             await heartbeat
         if server is not None:
             server.close()
-    failure = transport.failure or devices.failure
+    failure = transport.failure or devices.failure or (inbound.failure if inbound is not None else None)
     if failure is not None:
         error("run", f"stopped: {failure}")
         return EXIT_BROKER

@@ -163,6 +163,7 @@ class _Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
 
     async def open(
         self,
@@ -185,8 +186,14 @@ class _Link:
             )
         except gmqtt.MQTTConnectError as exc:
             raise BrokerRefusedError(f"broker refused the connection: {exc}") from exc
+        await self.subscribe(subscriptions, within=timeout)
+
+    async def subscribe(self, subscriptions: Sequence[str], *, within: float) -> None:
+        """Subscribe at QoS 1 and wait (up to `within` seconds) for the SUBACK; raises
+        BrokerRefusedError, ConnectionLostError, TimeoutError."""
         if not subscriptions:
             return
+        timeout = within
         mid = self.client.subscribe([gmqtt.Subscription(topic, qos=_QOS_1) for topic in subscriptions])
         granted = asyncio.get_running_loop().create_future()
         self._subacks[mid] = granted
@@ -218,6 +225,14 @@ class _Link:
         if self.lost.is_set():
             raise ConnectionLostError("connection lost before it was ready")
         raise TimeoutError(f"broker did not answer within {seconds} s")
+
+    async def unsubscribe(self, subscriptions: Sequence[str], *, within: float) -> None:
+        """Unsubscribe and wait (up to `within` seconds) for the UNSUBACK; raises ConnectionLostError,
+        TimeoutError. A filter the session did not hold is answered 0x11, which is no error here."""
+        mid = self.client.unsubscribe(list(subscriptions))
+        answered = asyncio.get_running_loop().create_future()
+        self._subacks[mid] = answered
+        await self._until_lost(answered, within)
 
     def send(self, item: Outbound) -> None:
         """Write a QoS 1 PUBLISH. OverflowError: the broker's Receive Maximum of unacknowledged
@@ -256,6 +271,9 @@ class _Link:
         future = self._subacks.pop(mid, None)
         if future is not None and not future.done():
             future.set_result(list(granted))
+
+    def _on_unsubscribe(self, _client: Any, mid: int, codes: Sequence[int]) -> None:
+        self._on_subscribe(_client, mid, codes, None)
 
     def _mark_lost(self) -> None:
         self.lost.set()
@@ -428,6 +446,34 @@ class MqttTransport:
         finally:
             if not sent:
                 self._settle(item[2])
+
+    async def subscribe(self, subscriptions: Sequence[str]) -> None:
+        """Add subscriptions to a started transport: made now (the SUBACK awaited) if connected, and on
+        every later connection. BrokerRefusedError if the broker refuses one (the others stand)."""
+        if self._handler is None:
+            raise RuntimeError("transport not started")
+        for subscription in subscriptions:
+            split_shared(subscription)
+        self._subscriptions += tuple(subscriptions)
+        link = self._link
+        if link is None:
+            return  # the next connection subscribes them
+        # A lost connection: the next one subscribes them.
+        with contextlib.suppress(ConnectionLostError, TimeoutError):
+            await link.subscribe(subscriptions, within=self.settings.keepalive_seconds)
+
+    async def unsubscribe(self, subscriptions: Sequence[str]) -> None:
+        """Drop subscriptions, such as those the persistent session holds from an earlier
+        configuration; returns once the broker confirmed it or the connection is lost. Messages
+        already queued for the session are still delivered."""
+        unwanted = set(subscriptions)
+        self._subscriptions = tuple(s for s in self._subscriptions if s not in unwanted)
+        link = self._link
+        if not subscriptions or link is None:
+            return
+        # Lost: the session keeps them until the next start unsubscribes again.
+        with contextlib.suppress(ConnectionLostError, TimeoutError):
+            await link.unsubscribe(subscriptions, within=self.settings.keepalive_seconds)
 
     async def flushed(self) -> None:
         """Return once every publish made before this call was acknowledged by the broker (or failed).
