@@ -24,7 +24,7 @@ import structlog
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.health import Health
-from gateway.inbound import InboundSessions
+from gateway.inbound import InboundSessions, session_window
 from gateway.interrupt import stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics, MetricsServer
@@ -142,13 +142,17 @@ async def serve(
     transport = MqttTransport.from_settings(settings, on_reconnect=metrics.reconnects.inc)
     transport.on_connection_event = health.connection_event
     transport.on_failure = lambda _: stop.set()
+    fair = settings.gateway.inbound_sessions > 1
     devices = MqttTransport.from_settings(
-        settings, f"{settings.gateway.client_id}{DEVICE_SESSION_SUFFIX}", on_reconnect=metrics.reconnects.inc
+        settings,
+        f"{settings.gateway.client_id}{DEVICE_SESSION_SUFFIX}",
+        on_reconnect=metrics.reconnects.inc,
+        receive_maximum=session_window(settings) if fair else None,
     )
     devices.on_failure = lambda _: stop.set()
     session = DeviceSession(devices, transport.flushed)
     inbound = None
-    if settings.gateway.inbound_sessions > 1:
+    if fair:
         inbound = InboundSessions.from_settings(
             settings, transport, on_reconnect=metrics.reconnects.inc, on_failure=lambda _: stop.set()
         )

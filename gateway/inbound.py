@@ -7,9 +7,10 @@ through them. With `inbound_sessions = N > 1`, `mp169 run` opens N more sessions
 `<client_id>-in-<k>`: each subscribes `dsp/in/<user>` for the registered Users whose EUI hashes to k
 (`shard_of`), and has its own broker queue and window. The gateway takes their messages round-robin
 (`FairQueue`) and lets at most `gateway.inflight_window` of them into the router at once
-(`FairFeed`), so a burst fills only its own session's queue and window: a message of a User in
-another session waits behind at most `inflight_window + N - 1` messages of others (README, "Fair
-sessions"). Users in the burst's session are not protected.
+(`FairFeed`), so a burst fills only its own session's queue and window (`session_window`): a
+request of a User in another session is decided behind at most N windows of others' messages, the
+device session's included (README, "Fair sessions"). Users in the burst's session are not
+protected.
 
 - Ordering: one User's topic is one session's, delivered in order, taken in order: per-user arrival
   order is kept. Across sessions, arrival is the order the round-robin takes them in; the router's
@@ -57,10 +58,12 @@ def shard_of(user: Eui, shards: int) -> int:
     return zlib.crc32(str(user).encode("ascii")) % shards
 
 
-def session_window(inflight_window: int, sessions: int) -> int:
-    """Each inbound session's Receive Maximum: together they hold at most `inflight_window` (the
-    feed's places), so one session's burst never holds the place another session's message needs."""
-    return max(1, inflight_window // sessions)
+def session_window(settings: Settings) -> int:
+    """The Receive Maximum of each inbound session and of the device session, with inbound sessions:
+    together they hold at most `gateway.inflight_window` messages (the feed's places), so one
+    session's burst never holds the place another session's message needs, and a message is decided
+    behind at most `inbound_sessions` windows of others (the device session's included)."""
+    return max(1, settings.gateway.inflight_window // (settings.gateway.inbound_sessions + 1))
 
 
 class FairQueue(Generic[T]):
@@ -188,12 +191,11 @@ class InboundSessions:
         client_id = settings.gateway.client_id
         count = settings.gateway.inbound_sessions
         sessions = [
-            MqttTransport(
-                settings.broker,
+            MqttTransport.from_settings(
+                settings,
                 f"{client_id}{INBOUND_SESSION_SUFFIX}{k}",
-                receive_maximum=session_window(settings.gateway.inflight_window, count),
-                stop_timeout_seconds=settings.gateway.stop_timeout_seconds,
                 on_reconnect=on_reconnect,
+                receive_maximum=session_window(settings),
             )
             for k in range(count)
         ]
