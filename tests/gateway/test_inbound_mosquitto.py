@@ -151,3 +151,48 @@ async def test_what_one_session_left_queued_is_answered_once_by_several(estate: 
             ]
     finally:
         await several.stop()
+
+
+async def test_instances_in_a_shared_group_share_each_users_topic(mosquitto: Mosquitto) -> None:
+    settings = settings_for(mosquitto.url)
+    handled: dict[str, list[bytes]] = {"a": [], "b": []}
+    changed = asyncio.Event()
+    instances: list[tuple[MqttTransport, InboundSessions]] = []
+    for name, into in handled.items():
+        main = MqttTransport(settings, f"gw-{name}")
+        sessions = [MqttTransport(settings, f"gw-{name}-in-{k}") for k in range(SHARDS)]
+        inbound = InboundSessions(main, sessions, inbound="dsp/in", shared_group="gw")
+
+        async def record(message: Message, payloads: list[bytes] = into) -> None:
+            payloads.append(message.payload)
+            changed.set()
+
+        await main.start([], inbound.attach(record))
+        await inbound.start([LOUD, QUIET])
+        instances.append((main, inbound))
+    users = MqttTransport(settings, "test-users")
+    await users.start([], Inbox())
+    try:
+        sent = [(user, b"%s %d" % (user.encode(), n)) for n in range(50) for user in (LOUD, QUIET)]
+        for user, payload in sent:
+            await users.publish(f"dsp/in/{user}", payload)
+        async with asyncio.timeout(GUARD_SECONDS):
+            while sum(len(payloads) for payloads in handled.values()) < len(sent):
+                changed.clear()
+                await changed.wait()
+        # A later message through both instances' sessions proves nothing more was on its way.
+        await users.publish(f"dsp/in/{QUIET}", b"last")
+        async with asyncio.timeout(GUARD_SECONDS):
+            while not any(b"last" in payloads for payloads in handled.values()):
+                changed.clear()
+                await changed.wait()
+        everything = handled["a"] + handled["b"]
+        # Each message handled once, by one of the instances; both took a share.
+        assert sorted(everything) == sorted([payload for _, payload in sent] + [b"last"])
+        assert handled["a"]
+        assert handled["b"]
+    finally:
+        for main, inbound in instances:
+            await inbound.stop()
+            await main.stop()
+        await users.abort()
