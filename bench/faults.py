@@ -1,22 +1,28 @@
-"""Fault campaign: one User's burst against a quiet User, through `mp169 run` and a private Mosquitto.
+"""Fault campaign: one User's burst or garbage against a quiet User, through `mp169 run` and a private
+Mosquitto, with one inbound session and with several (`gateway.inbound_sessions`), side by side.
 
-The gateway is the real daemon (`python -m gateway.cli run`, its own process, the two MQTT sessions
-it runs in production) on a private Mosquitto started with the shipped deploy/mosquitto.conf
-limits; simulated devices (simulator.devices, answering at once) and the two Users are MQTT clients
-of this process. In one run, side by side:
+The gateway is the real daemon (`python -m gateway.cli run`, its own process, the MQTT sessions it
+runs in production) on a private Mosquitto started with the shipped deploy/mosquitto.conf limits;
+simulated devices (simulator.devices, answering at once) and the Users are MQTT clients of this
+process. For each configuration (a fresh broker, store and daemon each):
 
 1. quiet alone: the quiet User sends QUIET requests (4.8.1 to its own meters) paced at QUIET_RATE/s;
-   latency = publish -> its first answer (the gateway's I99), one clock (this process).
-2. burst: the burst User publishes BURST requests (4.8.1 to its meters) as fast as its client can,
+   latency = publish -> its first answer (the gateway's I99), one clock (the quiet User's own
+   process, `Probe`).
+2. burst: the loud User publishes BURST requests (4.8.1 to its meters) as fast as its client can,
    while the quiet User sends the same paced requests again.
+3. garbage: the loud User publishes GARBAGE messages that are not XML as fast as it can, while the
+   quiet User sends the paced requests again.
 
-Reported: the quiet User's p50/p99 in both phases and their ratio; for every request, whether it
-got exactly one first answer (I99, or E16921 when over the forward limit) and exactly one final
-answer (the device's or E21): lost = none, duplicated = more than one; the gateway's peak RSS
-(VmHWM). Writes bench/results/faults.json and prints Markdown.
+The loud and quiet Users are in different sessions when there are several (a quiet User in the loud
+one's session is not protected: README, "Fair sessions"). Reported: the quiet User's p50/p99 in each
+phase; for every request, whether it got exactly one first answer (I99, or E16921 when over the
+forward limit) and exactly one final answer (the device's or E21): lost = none, duplicated = more than
+one; every garbage message dead-lettered once; the gateway's peak RSS (VmHWM). Writes
+bench/results/faults.json and prints Markdown.
 
-    python -m bench.faults            # ~1 min: 20,000-request burst
-    python -m bench.faults --quick    # ~15 s: 2,000-request burst
+    python -m bench.faults            # ~4 min: 20,000-request burst, 50,000 garbage messages
+    python -m bench.faults --quick    # ~1.5 min: 2,000 and 5,000
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -31,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +47,7 @@ from lxml import etree
 
 from gateway.config import BrokerSettings
 from gateway.duis import PARSER
+from gateway.inbound import shard_of
 from gateway.mqtt import MqttTransport
 from gateway.store import SqliteStore
 from rules.codes import ResponseCode
@@ -56,6 +65,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "faults.json"
 SRV = "4.8.1"
 QUIET = 200
+SHARDS = 4
+# (gateway.inbound_sessions, gateway.inflight_window): one session (as before), several with the
+# default window, and several with a smaller window (the bound is proportional to it).
+CONFIGS = ((1, 1000), (SHARDS, 1000), (SHARDS, 200))
 QUIET_RATE = 20.0
 GUARD_SECONDS = 300.0
 SR = "{http://www.dccinterface.co.uk/ServiceUserGateway}"
@@ -76,8 +89,13 @@ class Answers:
     codes: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     first_at: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    deadletters: int = 0
 
     async def __call__(self, message: Message) -> None:
+        if message.topic == "dsp/deadletter":
+            self.deadletters += 1
+            self.changed.set()
+            return
         request_id, code = header(message.payload)
         self.codes[request_id].append(code)
         self.first_at.setdefault(request_id, time.perf_counter())
@@ -86,6 +104,12 @@ class Answers:
     async def until(self, ids: list[str], *, final: bool) -> None:
         async with asyncio.timeout(GUARD_SECONDS):
             while not all(self.done(i, final=final) for i in ids):
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def until_deadletters(self, count: int) -> None:
+        async with asyncio.timeout(GUARD_SECONDS):
+            while self.deadletters < count:
                 self.changed.clear()
                 await self.changed.wait()
 
@@ -159,115 +183,198 @@ def outcome(answers: Answers, ids: list[str]) -> dict[str, int]:
     }
 
 
-async def campaign(burst: int, workdir: Path) -> dict[str, Any]:
+def users_apart(devices: tuple[DeviceRecord, ...]) -> tuple[Eui, Eui]:
+    """The loud User (most meters) and the quiet one (most meters in another of SHARDS sessions)."""
+    suppliers = Counter(d.import_supplier for d in devices if d.device_type is DeviceType.ESME)
+    ranked = [supplier for supplier, _ in suppliers.most_common() if supplier is not None]
+    loud = ranked[0]
+    quiet = next(user for user in ranked[1:] if shard_of(user, SHARDS) != shard_of(loud, SHARDS))
+    return loud, quiet
+
+
+def garbage_for(count: int) -> list[tuple[str, bytes]]:
+    return [("", b"<not-xml %d" % n) for n in range(count)]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The quiet User's run, as its own process reports it: latency to the first answer, by RequestID,
+    and every answer's code. Its own process: in this one it would wait behind the loud User's answers
+    and the device commands this process parses, and the bench would measure itself."""
+
+    latencies: dict[str, float]
+    codes: dict[str, list[str]]
+
+
+def quiet_probe(url: str, user: str, requests: list[tuple[str, bytes]]) -> Probe:
+    return asyncio.run(_quiet_probe(url, user, requests))
+
+
+async def _quiet_probe(url: str, user: str, requests: list[tuple[str, bytes]]) -> Probe:
+    answers = Answers()
+    client = MqttTransport(BrokerSettings(url=url), "bench-quiet")
+    await client.start([f"dsp/out/{user}"], answers)
+    try:
+        sent = await paced(client, f"dsp/in/{user}", requests)
+        await answers.until(list(sent), final=True)
+    finally:
+        await client.abort()
+    return Probe({i: answers.first_at[i] - t for i, t in sent.items()}, dict(answers.codes))
+
+
+async def campaign(
+    config: tuple[int, int], burst: int, garbage: int, workdir: Path, pool: ProcessPoolExecutor
+) -> dict[str, Any]:
+    sessions, window = config
     broker = Mosquitto(workdir / "mosquitto", shipped_limits())
     broker.start()
     estate = generate_estate(1, 300)
     async with SqliteStore(workdir / "gw.sqlite3") as store:
         await store.upsert_devices(estate.devices)
         await store.upsert_users(estate.users)
-    suppliers = Counter(d.import_supplier for d in estate.devices if d.device_type is DeviceType.ESME)
-    (loud, _), (quiet, _) = suppliers.most_common(2)
-    assert loud is not None
-    assert quiet is not None
-    config = workdir / "config.toml"
-    config.write_text(
+    config_file = workdir / "config.toml"
+    config_file.write_text(
         f'[broker]\nurl = "{broker.url}"\n[store]\npath = "{workdir / "gw.sqlite3"}"\n'
-        '[gateway]\nmetrics_port = 0\nlog_level = "info"\n'
+        f'[gateway]\nmetrics_port = 0\nlog_level = "info"\ninbound_sessions = {sessions}\n'
+        f"inflight_window = {window}\n"
+        # The bench's requests are unsigned (verification's cost is bench.gateway_mqtt --verify's).
+        "[signing]\nverify = false\n"
     )
     log = workdir / "gateway.log"
     with log.open("wb") as stderr:
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "run", "--config", str(config),
+            sys.executable, "-m", "gateway.cli", "run", "--config", str(config_file),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
     async with asyncio.timeout(GUARD_SECONDS):  # subscribed: requests published now are not dropped
         while b"daemon-ready" not in log.read_bytes():  # noqa: ASYNC110 - another process's log file
             await asyncio.sleep(0.05)
     settings = BrokerSettings(url=broker.url)
+    loud, quiet = users_apart(estate.devices)
     answers = Answers()
-    users = MqttTransport(settings, "bench-users")
-    await users.start(["dsp/out/+"], answers)
-    devices = DeviceSimulator(MqttTransport(settings, "bench-devices"), DeviceConfig())
+    watcher = MqttTransport(settings, "bench-watcher")
+    await watcher.start([f"dsp/out/{loud}", "dsp/deadletter"], answers)
+    device_client = MqttTransport(settings, "bench-devices")
+    devices = DeviceSimulator(device_client, DeviceConfig())
     await devices.start()
     loud_client = MqttTransport(settings, "bench-loud")
     await loud_client.start([], answers)
+    loop = asyncio.get_running_loop()
+    quiet_meters = meters_of(estate.devices, quiet)
+    loud_topic = f"dsp/in/{loud}"
+
+    async def probe(first: int) -> Probe:
+        requests = requests_for(quiet, quiet_meters, first, QUIET)
+        return await loop.run_in_executor(pool, quiet_probe, broker.url, str(quiet), requests)
+
     try:
-        # Warm-up: the daemon is up and routing once one request is answered.
-        warm = requests_for(quiet, meters_of(estate.devices, quiet), 1, 1)
-        await flood(users, f"dsp/in/{quiet}", warm)
-        await answers.until([warm[0][0]], final=True)
-        alone = requests_for(quiet, meters_of(estate.devices, quiet), 2, QUIET)
-        sent_alone = await paced(users, f"dsp/in/{quiet}", alone)
-        await answers.until(list(sent_alone), final=True)
-        loud_requests = requests_for(loud, meters_of(estate.devices, loud), 1, burst)
-        beside = requests_for(quiet, meters_of(estate.devices, quiet), 2 + QUIET, QUIET)
-        started = time.perf_counter()
-        _, sent_beside = await asyncio.gather(
-            flood(loud_client, f"dsp/in/{loud}", loud_requests), paced(users, f"dsp/in/{quiet}", beside)
+        # Warm-up: the daemon is up and routing once one request is answered (and the probe's
+        # process is running).
+        warm = await loop.run_in_executor(
+            pool, quiet_probe, broker.url, str(quiet), requests_for(quiet, quiet_meters, 1, 1)
         )
+        assert len(warm.latencies) == 1
+        alone = await probe(2)
+        loud_requests = requests_for(loud, meters_of(estate.devices, loud), 1, burst)
+        started = time.perf_counter()
+        _, with_burst = await asyncio.gather(flood(loud_client, loud_topic, loud_requests), probe(2 + QUIET))
         loud_ids = [i for i, _ in loud_requests]
-        await answers.until(loud_ids + list(sent_beside), final=True)
+        await answers.until(loud_ids, final=True)
         burst_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        _, with_garbage = await asyncio.gather(
+            flood(loud_client, loud_topic, garbage_for(garbage)), probe(2 + 2 * QUIET)
+        )
+        await answers.until_deadletters(garbage)
+        garbage_seconds = time.perf_counter() - started
         rss = peak_rss_mb(daemon.pid)
     finally:
         daemon.terminate()
         await daemon.wait()
-        for transport in (loud_client, devices.transport, users):
+        for transport in (loud_client, device_client, watcher):
             await transport.abort()
         broker.stop()
-    quiet_alone = percentiles([answers.first_at[i] - t for i, t in sent_alone.items()])
-    quiet_beside = percentiles([answers.first_at[i] - t for i, t in sent_beside.items()])
+    quiet_answers = Answers()
+    for run in (alone, with_burst, with_garbage):
+        quiet_answers.codes.update(run.codes)
     return {
-        "burst_requests": burst,
+        "inbound_sessions": sessions,
+        "inflight_window": window,
+        "loud_user": str(loud),
+        "quiet_user": str(quiet),
         "burst_seconds": round(burst_seconds, 2),
-        "quiet_alone": quiet_alone,
-        "quiet_beside_burst": quiet_beside,
-        "quiet_p50_ratio": round(quiet_beside["p50_ms"] / quiet_alone["p50_ms"], 2),
-        "quiet_p99_ratio": round(quiet_beside["p99_ms"] / quiet_alone["p99_ms"], 2),
+        "garbage_seconds": round(garbage_seconds, 2),
+        "quiet_alone": percentiles(list(alone.latencies.values())),
+        "quiet_beside_burst": percentiles(list(with_burst.latencies.values())),
+        "quiet_beside_garbage": percentiles(list(with_garbage.latencies.values())),
         "burst_outcome": outcome(answers, loud_ids),
-        "quiet_outcome": outcome(answers, list(sent_alone) + list(sent_beside)),
+        "quiet_outcome": outcome(
+            quiet_answers, [*alone.latencies, *with_burst.latencies, *with_garbage.latencies]
+        ),
+        "garbage_deadlettered": answers.deadletters,
         "gateway_peak_rss_mb": rss,
         "daemon_exit": daemon.returncode,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    alone, beside = result["quiet_alone"], result["quiet_beside_burst"]
-    burst, quiet = result["burst_outcome"], result["quiet_outcome"]
-    return "\n".join(
-        [
-            (
-                f"Burst of {result['burst_requests']:,} from one User ({result['burst_seconds']} s), "
-                f"quiet User at {QUIET_RATE:g}/s:"
-            ),
-            "",
-            "| | quiet p50 | quiet p99 |",
-            "|---|---|---|",
-            f"| alone | {alone['p50_ms']} ms | {alone['p99_ms']} ms |",
-            f"| beside the burst | {beside['p50_ms']} ms | {beside['p99_ms']} ms |",
-            "",
-            (
-                f"Burst: lost {burst['lost']}, duplicated {burst['duplicated_first']} + "
-                f"{burst['duplicated_final']}, E16921 {burst.get('code_E16921', 0)}; quiet: lost "
-                f"{quiet['lost']}, duplicated {quiet['duplicated_first']} + {quiet['duplicated_final']}; "
-                f"gateway peak RSS {result['gateway_peak_rss_mb']} MB."
-            ),
+    lines = [
+        (
+            f"Quiet User at {QUIET_RATE:g}/s beside one User's burst of {result['burst_requests']:,} "
+            f"requests or {result['garbage_messages']:,} garbage messages (p50 / p99, ms):"
+        ),
+        "",
+        (
+            "| inbound sessions | window | alone | beside the burst | beside the garbage "
+            "| burst E16921 | burst lost / dup | garbage dead-lettered | peak RSS |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        burst = run["burst_outcome"]
+        cells = [
+            f"{run[phase]['p50_ms']} / {run[phase]['p99_ms']}"
+            for phase in ("quiet_alone", "quiet_beside_burst", "quiet_beside_garbage")
         ]
-    )
+        lines.append(
+            f"| {run['inbound_sessions']} | {run['inflight_window']} | {' | '.join(cells)} | "
+            f"{burst.get('code_E16921', 0):,} | {burst['lost']} / "
+            f"{burst['duplicated_first'] + burst['duplicated_final']} | {run['garbage_deadlettered']:,} | "
+            f"{run['gateway_peak_rss_mb']} MB |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 2,000-request burst")
+    parser.add_argument("--quick", action="store_true", help="a 2,000-request burst, 5,000 garbage messages")
     args = parser.parse_args()
-    burst = 2_000 if args.quick else 20_000
-    with tempfile.TemporaryDirectory(prefix="mp169-faults-") as workdir:
-        result = asyncio.run(campaign(burst, Path(workdir)))
+    burst, garbage = (2_000, 5_000) if args.quick else (20_000, 50_000)
+    runs = []
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for config in CONFIGS:
+            with tempfile.TemporaryDirectory(prefix="mp169-faults-") as workdir:
+                runs.append(asyncio.run(campaign(config, burst, garbage, Path(workdir), pool)))
+    result: dict[str, Any] = {"burst_requests": burst, "garbage_messages": garbage, "runs": runs}
+    one = runs[0]
+    # Each run's quiet p99 beside the burst and beside the garbage, against one session's.
+    result["p99_ratios_to_one_session"] = [
+        {
+            "inbound_sessions": run["inbound_sessions"],
+            "inflight_window": run["inflight_window"],
+            **{
+                phase: round(run[phase]["p99_ms"] / one[phase]["p99_ms"], 3)
+                for phase in ("quiet_beside_burst", "quiet_beside_garbage")
+            },
+        }
+        for run in runs[1:]
+    ]
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "shared": True}
     if not args.quick:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
+    if args.quick:
+        print(json.dumps(runs, indent=1))
     return 0
 
 

@@ -104,6 +104,10 @@ class GatewaySettings(_Section):
     """The DCC's own EUI: the target of non-device requests (CommandVariant 8)."""
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     inflight_window: Annotated[int, Field(ge=1, le=65535)] = 1000
+    inbound_sessions: Annotated[int, Field(ge=1, le=64)] = 1
+    """Broker sessions the Users' requests arrive on (`mp169 run`): above 1, each User's inbound topic
+    goes to one of them by a hash of its EUI, and the gateway takes them round-robin, so one User's
+    burst waits in its own session's queue (gateway/inbound.py)."""
     target_response_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_forwards_per_user: Annotated[int, Field(ge=1)] = 2_000
     """Requests of one User awaiting their device's answer; more are answered E16921 (busy) at once."""

@@ -24,6 +24,7 @@ import structlog
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.health import Health
+from gateway.inbound import InboundSessions, session_window
 from gateway.interrupt import stop_on_signals, unless_stopped
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics, MetricsServer
@@ -141,16 +142,26 @@ async def serve(
     transport = MqttTransport.from_settings(settings, on_reconnect=metrics.reconnects.inc)
     transport.on_connection_event = health.connection_event
     transport.on_failure = lambda _: stop.set()
+    fair = settings.gateway.inbound_sessions > 1
     devices = MqttTransport.from_settings(
-        settings, f"{settings.gateway.client_id}{DEVICE_SESSION_SUFFIX}", on_reconnect=metrics.reconnects.inc
+        settings,
+        f"{settings.gateway.client_id}{DEVICE_SESSION_SUFFIX}",
+        on_reconnect=metrics.reconnects.inc,
+        receive_maximum=session_window(settings) if fair else None,
     )
     devices.on_failure = lambda _: stop.set()
     session = DeviceSession(devices, transport.flushed)
+    inbound = None
+    if fair:
+        inbound = InboundSessions.from_settings(
+            settings, transport, on_reconnect=metrics.reconnects.inc, on_failure=lambda _: stop.set()
+        )
     heartbeat = asyncio.create_task(health.heartbeat(), name="mp169-heartbeat")
     try:
         try:
             service = await unless_stopped(
-                GatewayService.start(settings, transport, metrics=metrics, devices=session), stop
+                GatewayService.start(settings, transport, metrics=metrics, devices=session, inbound=inbound),
+                stop,
             )
         except StoreCorruptError as exc:
             log.critical("store-corrupt", error=str(exc))
@@ -181,7 +192,7 @@ async def serve(
             await heartbeat
         if server is not None:
             server.close()
-    failure = transport.failure or devices.failure
+    failure = transport.failure or devices.failure or (inbound.failure if inbound is not None else None)
     if failure is not None:
         error("run", f"stopped: {failure}")
         return EXIT_BROKER

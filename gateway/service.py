@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from gateway.budget import LatencyBudget
     from gateway.config import Settings
+    from gateway.inbound import InboundSessions
     from gateway.signing import Verification
     from gateway.store import FlagStore
     from gateway.transport import Message, Transport
@@ -129,6 +130,8 @@ class GatewayService:
     """The session device responses and alerts arrive on, when not `transport`'s."""
     _clock: Clock = utc_now
     member: ClusterMember | None = None
+    inbound: InboundSessions | None = None
+    """The sessions Users' requests arrive on, when not `transport`'s (`gateway.inbound_sessions`)."""
     _housekeeping: asyncio.Task[None] | None = None
 
     @classmethod
@@ -141,11 +144,15 @@ class GatewayService:
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         devices: DeviceSession | None = None,
+        inbound: InboundSessions | None = None,
         budget: LatencyBudget | None = None,
     ) -> GatewayService:
         """`devices`: a second session for device responses and alerts, so they never wait behind
         requests at the broker or in `transport`'s in-flight window (`mp169 run` uses one).
-        `budget`: record where each message's time goes (benchmarks only)."""
+        `inbound`: the sessions Users' requests arrive on instead of `transport`, taken fairly (needs
+        `devices`). `budget`: record where each message's time goes (benchmarks only)."""
+        if inbound is not None and devices is None:
+            raise ValueError("inbound sessions need a device session: device messages bypass the fair feed")
         table = load_rules(settings)
         # Before anything is opened: a bad key or certificate file stops the start, naming it.
         signatures = Signatures.from_settings(settings)
@@ -211,30 +218,28 @@ class GatewayService:
         )
         shell.start()
         service = cls(
-            settings, store, view, recorder, router, shell, transport, signatures, devices, clock, member
+            settings,
+            store,
+            view,
+            recorder,
+            router,
+            shell,
+            transport,
+            signatures,
+            devices,
+            clock,
+            member,
+            inbound,
         )
-        group = settings.topics.shared_group
         try:
-            if devices is None:
-                await transport.start(topics.subscriptions(group), shell.handle)
-            else:
-                # The request session first (every answer leaves on it; a second instance with the
-                # same client id is noticed on it as before), but no request is decided until the
-                # device session is subscribed: no device answer finds it missing.
-                subscribed = asyncio.Event()
-
-                async def handle_request(message: Message) -> None:
-                    await subscribed.wait()
-                    await shell.handle(message)
-
-                await transport.start(topics.request_subscriptions(group), handle_request)
-                await devices.transport.start(topics.device_subscriptions(group), devices.handler(shell))
-                subscribed.set()
+            await service._subscribe(topics)
         except BaseException:
             # Cancelled by a signal, or the broker refused or stayed unreachable: close what was
             # opened, or the store's thread outlives the event loop ("Event loop is closed").
             if devices is not None:
                 await devices.transport.stop()
+            if inbound is not None:
+                await inbound.stop()
             await shell.stop()
             if member is not None:
                 await member.stop()
@@ -245,6 +250,31 @@ class GatewayService:
         service._housekeeping = asyncio.create_task(service._housekeep(), name="mp169-housekeeping")
         log.info("gateway-started", client_id=settings.gateway.client_id, store=settings.store.name)
         return service
+
+    async def _subscribe(self, topics: Topics) -> None:
+        """Start the transports: from now on messages reach the shell."""
+        group = self.settings.topics.shared_group
+        shell, devices, inbound = self.shell, self.devices, self.inbound
+        if devices is None:
+            await self.transport.start(topics.subscriptions(group), shell.handle)
+            return
+        # The request session first (every answer leaves on it; a second instance with the same client
+        # id is noticed on it as before), but no request is decided until the device session is
+        # subscribed: no device answer finds it missing.
+        subscribed = asyncio.Event()
+
+        async def handle_request(message: Message) -> None:
+            await subscribed.wait()
+            await shell.handle(message)
+
+        if inbound is None:
+            await self.transport.start(topics.request_subscriptions(group), handle_request)
+        else:
+            await self.transport.start([], inbound.attach(handle_request))
+        await devices.transport.start(topics.device_subscriptions(group), devices.handler(shell))
+        if inbound is not None:
+            await inbound.start(self.view.users)
+        subscribed.set()
 
     def reload_rules(self) -> bool:
         """Swap in a freshly loaded rules table; a bad table leaves the running one in place."""
@@ -270,6 +300,8 @@ class GatewayService:
             try:
                 self.shell.tick()
                 await self.refresh_inventory()
+                if self.inbound is not None:
+                    await self.inbound.add_users(self.view.users)
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + _ORPHAN_SWEEP_SECONDS
                     # Twice the target: a request this process still waits for is never swept.
@@ -286,6 +318,8 @@ class GatewayService:
                 await self._housekeeping
         if self.devices is not None:
             await self.devices.transport.stop()
+        if self.inbound is not None:
+            await self.inbound.stop()  # before `transport`: their handlers publish on it
         await self.transport.stop()
         await self.shell.stop()
         if self.member is not None:

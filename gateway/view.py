@@ -448,6 +448,11 @@ class RoutingView:
             gas_transporter=profile.gas_transporter,
         )
 
+    @property
+    def users(self) -> frozenset[Eui]:
+        """The registered Users."""
+        return frozenset(self._roles)
+
     def roles(self, user: Eui) -> frozenset[Role]:
         """The user's roles; empty for a user not in the registry."""
         return self._roles.get(user, frozenset())

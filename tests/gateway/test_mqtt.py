@@ -146,6 +146,36 @@ async def test_a_message_is_acknowledged_only_after_its_handler_returns(connect:
     ]
 
 
+async def test_acknowledgements_keep_the_order_the_messages_came_in(connect: Connect) -> None:
+    blocked, later_done = asyncio.Event(), asyncio.Event()
+
+    async def handler(message: Message) -> None:
+        if message.payload == b"blocks":
+            blocked.set()
+            await asyncio.Event().wait()
+        later_done.set()
+
+    gateway = await connect("gw", ["dsp/in/+"], handler)
+    user = await connect("user")
+    await user.publish(f"dsp/in/{USER_A}", b"blocks")
+    await user.publish(f"dsp/in/{USER_A}", b"finished after it")
+    async with asyncio.timeout(GUARD_SECONDS):
+        await blocked.wait()
+        await later_done.wait()
+    await gateway.abort()  # the later message's handler returned, the earlier one's did not
+
+    inbox = Inbox()
+    await connect("gw", ["dsp/in/+"], inbox)
+    await user.publish(f"dsp/in/{USER_A}", b"after")
+    await inbox.until_payload(b"after")
+    # Not acknowledged before the one ahead of it (MQTT-4.6.0-2): both come again, in order.
+    assert [(message.payload, message.redelivered) for message in inbox.messages] == [
+        (b"blocks", True),
+        (b"finished after it", True),
+        (b"after", False),
+    ]
+
+
 async def test_stop_finishes_running_handlers_and_leaves_the_rest_to_the_session(connect: Connect) -> None:
     running = asyncio.Event()
     release = asyncio.Event()
