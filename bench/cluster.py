@@ -6,13 +6,16 @@ Each instance is `GatewayService` as `mp169 run` builds it, in a process of its 
 simulated estate), `topics.shared_group = "mp169"` so the broker hands each request to one instance,
 the outcome recorder writing into the same database, verification off (bench/signing.py measures it).
 The load generator, the "devices" sink and the "users" client are bench/gateway_mqtt.py's (the same
-forwardable DUIS requests, each producing exactly one command and one I99), in the parent process.
+forwardable DUIS requests, each producing exactly one command and one I99), in the parent process,
+and so is the baseline: its zero-logic relay (one process, republishing each request to the device
+topic), through the same broker in the same rounds.
 
 1. Throughput: the generator publishes N requests as fast as the broker acknowledges them (a window
    of in-flight publishes); rate = N / (first publish -> last command at the sink). Median over rounds;
    the headline is median(k instances) / median(1 instance), measured in the same run.
-2. Latency: requests paced at half the one-instance median rate, the same offered load for 1, 2 and 3
-   instances; latency = command at the sink - publish (one clock); the first 10 % is warm-up.
+2. Latency: requests paced at half the one-instance median rate, the same offered load for the relay
+   and 1, 2 and 3 instances; latency = command at the sink - publish (one clock); the first 10 % is
+   warm-up. Added latency = instances' p50 / p99 - the relay's (medians over rounds).
 
 Every run reports the CPU (share of one core, from /proc) of the gateway processes, the broker, the
 PostgreSQL server (postmaster and backends) and the driver in its measured window: on a 2-core
@@ -46,6 +49,7 @@ import asyncpg
 
 from bench.gateway_mqtt import (
     GUARD_SECONDS,
+    RELAY,
     WARMUP_SHARE,
     WINDOW,
     Child,
@@ -78,8 +82,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "cluster.json"
 GROUP = "mp169"
 INSTANCES = (1, 2, 3)
+SYSTEMS = (0, *INSTANCES)
+"""0: the relay baseline."""
 TEMPLATE = "estate"
-OURS = ("gateways", "broker", "postgres", "driver")
+OURS = ("system", "broker", "postgres", "driver")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -257,13 +263,14 @@ class Cluster:
     async def run(
         self, instances: int, round_number: int, workload: list[Request], rate: float | None
     ) -> Run:
-        """Throughput (rate None: flat out) or latency (paced at `rate`) through `instances` instances."""
+        """Throughput (rate None: flat out) or latency (paced at `rate`) through `instances` instances
+        (0: the relay)."""
         self.runs += 1
         root, name = f"c{self.runs}", f"run{self.runs}"
         await self._database(name)
         store = self.postgres.url(name)
         sink = Sink({request.key: number for number, request in enumerate(workload)})
-        users = Users(len(workload))
+        users = Users(len(workload) if instances else 0)
         devices = MqttTransport(self.driver_settings, f"{root}-devices", receive_maximum=WINDOW)
         await devices.start([f"{root}/dsp/device/+/cmd"], sink)
         answers = MqttTransport(self.driver_settings, f"{root}-users", receive_maximum=WINDOW)
@@ -274,14 +281,22 @@ class Cluster:
         reports: list[dict[str, Any]] = []
         sent = [0] * len(workload)
         try:
-            children = [await spawn(self.broker.url, store, root, f"{root}-gw{n}") for n in range(instances)]
+            if instances:
+                children = [
+                    await spawn(self.broker.url, store, root, f"{root}-gw{n}") for n in range(instances)
+                ]
+            else:
+                relay = f"{root}-relay"
+                children = [
+                    await Child.spawn(RELAY, self.broker.url, root, client_id=relay, store=Path(relay))
+                ]
             for child in children:
                 await child.ready()
             assert self.broker._process is not None  # noqa: SLF001 - the broker's pid, for its CPU time
             assert self.postgres._process is not None  # noqa: SLF001
             cpu = Window(
                 {
-                    "gateways": [child.pid for child in children],
+                    "system": [child.pid for child in children],
                     "broker": [self.broker._process.pid],  # noqa: SLF001
                     "postgres": [self.postgres._process.pid],  # noqa: SLF001
                     "driver": [os.getpid()],
@@ -401,11 +416,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             workload = forwardable(estate, view, args.seed, args.requests)
             cluster = Cluster(broker, postgres)
             for round_number in range(1, args.rounds + 1):
-                for instances in rotated(INSTANCES, round_number):
+                for instances in rotated(SYSTEMS, round_number):
                     run = await cluster.run(int(instances), round_number, workload, None)
                     runs.append(run)
                     print(
-                        f"throughput round {round_number}, {instances} instance(s): "
+                        f"throughput round {round_number}, {label(instances)}: "
                         f"{run.requests_per_second} req/s, lost {run.lost}, outcome rows {run.outcome_rows}, "
                         f"cpu {run.cpu}",
                         flush=True,
@@ -414,11 +429,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rate = one / 2
             paced = forwardable(estate, view, args.seed + 1, max(200, round(rate * args.latency_seconds)))
             for round_number in range(1, args.latency_rounds + 1):
-                for instances in rotated(INSTANCES, round_number):
+                for instances in rotated(SYSTEMS, round_number):
                     run = await cluster.run(int(instances), round_number, paced, rate)
                     runs.append(run)
                     print(
-                        f"latency round {round_number}, {instances} instance(s) at "
+                        f"latency round {round_number}, {label(instances)} at "
                         f"{run.offered_per_second}/s: p50 {run.p50_ms} ms, p99 {run.p99_ms} ms, "
                         f"lost {run.lost}",
                         flush=True,
@@ -430,6 +445,10 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return summary(args, runs, code, time.perf_counter() - started)
 
 
+def label(instances: int) -> str:
+    return "relay (no logic)" if instances == 0 else f"{instances} instance{'s' if instances > 1 else ''}"
+
+
 def _cpu_medians(runs: list[Run]) -> dict[str, float]:
     return {name: _median([r.cpu[name]["core_percent"] for r in runs]) for name in runs[0].cpu}
 
@@ -437,36 +456,40 @@ def _cpu_medians(runs: list[Run]) -> dict[str, float]:
 def summary(
     args: argparse.Namespace, runs: list[Run], code: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
-    throughput = {n: [r for r in runs if r.kind == "throughput" and r.instances == n] for n in INSTANCES}
-    latency = {n: [r for r in runs if r.kind == "latency" and r.instances == n] for n in INSTANCES}
+    throughput = {n: [r for r in runs if r.kind == "throughput" and r.instances == n] for n in SYSTEMS}
+    latency = {n: [r for r in runs if r.kind == "latency" and r.instances == n] for n in SYSTEMS}
     one = _median([r.requests_per_second for r in throughput[1]])
-    p50_one = _median([r.p50_ms or 0.0 for r in latency[1]])
-    p99_one = _median([r.p99_ms or 0.0 for r in latency[1]])
+    p50_relay = _median([r.p50_ms or 0.0 for r in latency[0]])
+    p99_relay = _median([r.p99_ms or 0.0 for r in latency[0]])
     per_instances: dict[str, Any] = {}
-    for n in INSTANCES:
+    for n in SYSTEMS:
         rate = _median([r.requests_per_second for r in throughput[n]])
         cpu = _cpu_medians(throughput[n])
         p50 = _median([r.p50_ms or 0.0 for r in latency[n]])
         p99 = _median([r.p99_ms or 0.0 for r in latency[n]])
-        per_instances[str(n)] = {
+        per_instances["relay" if n == 0 else str(n)] = {
             "requests_per_second": rate,
             "ratio_to_one": round(rate / one, 3) if one else None,
+            "ratio_to_one_per_round": [
+                round(run.requests_per_second / base.requests_per_second, 3)
+                for run, base in zip(throughput[n], throughput[1], strict=True)
+            ],
             "cpu_core_percent": cpu,
             "cpu_total_percent": round(sum(cpu[name] for name in OURS), 1),
-            "gateway_cpu_us_per_request": _median(
-                [r.cpu["gateways"]["us_per_request"] for r in throughput[n]]
-            ),
+            "system_cpu_us_per_request": _median([r.cpu["system"]["us_per_request"] for r in throughput[n]]),
             "postgres_cpu_us_per_request": _median(
                 [r.cpu["postgres"]["us_per_request"] for r in throughput[n]]
             ),
             "broker_cpu_us_per_request": _median([r.cpu["broker"]["us_per_request"] for r in throughput[n]]),
             "latency_p50_ms": p50,
             "latency_p99_ms": p99,
-            "added_p50_ms_vs_one": round(p50 - p50_one, 3),
-            "added_p99_ms_vs_one": round(p99 - p99_one, 3),
+            "added_p50_ms": round(p50 - p50_relay, 3),
+            "added_p99_ms": round(p99 - p99_relay, 3),
         }
     complete = all(
-        r.lost == 0 and r.duplicates == 0 and r.acknowledged == r.requests and r.outcome_rows == r.requests
+        r.lost == 0
+        and r.duplicates == 0
+        and (r.instances == 0 or (r.acknowledged == r.requests and r.outcome_rows == r.requests))
         for r in runs
     )
     return {
@@ -496,17 +519,20 @@ def summary(
 def markdown(result: dict[str, Any]) -> str:
     rate = result["config"]["latency_offered_per_second"]
     header = (
-        "| Instances | Requests/s (median) | Ratio to 1 | CPU, % of one core: gateways / broker / PostgreSQL"
-        f" / driver = ours; whole machine (of 200) | p50 / p99 ms at {rate}/s |"
+        "| System | Requests/s (median) | Ratio to 1 instance | CPU, % of one core: system / broker / "
+        f"PostgreSQL / driver = ours; whole machine (of 200) | p50 / p99 ms at {rate}/s"
+        " | added p50 / p99 ms |"
     )
-    lines = [header, "|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|"]
     for n, figures in result["by_instances"].items():
         cpu = figures["cpu_core_percent"]
         parts = " / ".join(f"{cpu[name]:.0f}" for name in OURS)
         latency = f"{figures['latency_p50_ms']:.1f} / {figures['latency_p99_ms']:.1f}"
+        added = "-" if n == "relay" else f"{figures['added_p50_ms']:+.1f} / {figures['added_p99_ms']:+.1f}"
+        name = label(0 if n == "relay" else int(n))
         lines.append(
-            f"| {n} | {figures['requests_per_second']:,.0f} | {figures['ratio_to_one']:.2f} | {parts}"
-            f" = {figures['cpu_total_percent']:.0f}; {cpu['machine']:.0f} | {latency} |"
+            f"| {name} | {figures['requests_per_second']:,.0f} | {figures['ratio_to_one']:.2f} | {parts}"
+            f" = {figures['cpu_total_percent']:.0f}; {cpu['machine']:.0f} | {latency} | {added} |"
         )
     return "\n".join(lines)
 

@@ -127,6 +127,7 @@ def _configuration(args: argparse.Namespace) -> Configuration:
         overrides["store.url"] = args.store
     elif args.store is not None:
         overrides["store.url"] = ""  # a SQLite file, whatever the configuration's store
+        overrides["topics.shared_group"] = ""  # a group's configuration, reporting on one file: no topics
         overrides["store.path"] = args.store
         overrides["outcomes.path"] = ""  # beside the store given, unless --outcomes
     if args.outcomes is not None:

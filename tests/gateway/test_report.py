@@ -840,3 +840,16 @@ def test_an_outcome_database_of_an_older_schema_is_named_not_a_traceback(outcome
     asyncio.run(migrate_to_first_version(path))
     assert report_command(*where(path), "--since", "2024-05-01", "--until", UNTIL) == 1
     assert "schema version 1, this report needs 2" in capsys.readouterr().err
+
+
+def test_a_sqlite_store_given_wins_over_a_configured_postgresql_group(tmp_path, capsys):
+    database = fixture_database(tmp_path / "mp169.sqlite3")
+    capsys.readouterr()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[store]\nurl = "postgresql://mp169@127.0.0.1:1/absent"\n[topics]\nshared_group = "gw"\n'
+    )
+    assert report_command("--config", str(config), *on(database), "--format", "json") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["totals"] == figures(TOTALS)
+    assert f"store {database} (store.path from command line)" in err
