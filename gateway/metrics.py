@@ -35,7 +35,7 @@ class Metrics:
         )
         self.device_responses = Counter(
             "mp169_device_responses",
-            "Device responses by delivery (deliver, withhold, reject, late).",
+            "Device responses by delivery (deliver, withhold, reject, late, duplicate).",
             ["delivery"],
             registry=self.registry,
         )

@@ -95,8 +95,9 @@ class LogObserver:
                     decision=observation.delivery,
                     reason=observation.reason,
                 )
-            elif observation.delivery == "late":
-                self._log.info("late-response-dropped", device=observation.device)
+            elif observation.delivery in {"late", "duplicate"}:
+                # The request has its final answer already (this instance's or another's).
+                self._log.info(f"{observation.delivery}-response-dropped", device=observation.device)
         elif isinstance(observation, DeadLettered):
             self._log.info(
                 "deadletter", topic=observation.topic, reason=observation.reason, detail=observation.detail

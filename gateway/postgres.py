@@ -12,8 +12,9 @@ on top is component "cluster" (docs/multi-instance.md):
   `unapplied(epoch)` names the live instances that have not applied an epoch yet (an I0 to a flag
   request waits until none is left); an instance whose lease lapsed rejoins only with the current
   epoch applied (`join`);
-- **pending forwards** (`pending_forwards`): a forwarded request and its deadline, by the database's
-  clock; a device's answer or a timeout `claim`s it with a DELETE, so exactly one instance answers.
+- **claims** on the shared pending forwards (core `pending_requests`): a device's answer or a
+  timeout claims a forward in its commit with an UPDATE that holds only while the forward is
+  unanswered, so of all the instances exactly one gives it its final answer.
 
 Connections come from a pool; the listener has a connection of its own. The inventory's change
 sequence is one row of `cluster_state` too, locked by each upsert until it commits, so sequence
@@ -51,8 +52,11 @@ from gateway.store import (
     user_from_row,
 )
 from rules.domain import (
+    ANSWER_RESPONSE,
+    ANSWER_TIMEOUT,
     NOT_A_DEVICE,
     OUTCOME_ACCEPTED,
+    Claim,
     DeviceRecord,
     Eui,
     FlagEvent,
@@ -163,6 +167,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN gas_transporter text;
     UPDATE flag_history SET outcome = 'E081509' WHERE outcome = 'E3';
     """,
+    # 6: an answered forward keeps its row with its answer (its claim), as SQLite's migration 6.
+    """
+    ALTER TABLE pending_requests ADD COLUMN answer text;
+    ALTER TABLE pending_requests ADD COLUMN answered_at timestamptz;
+    ALTER TABLE pending_requests ADD COLUMN settled boolean NOT NULL DEFAULT false;
+    ALTER TABLE pending_requests ADD COLUMN owner text NOT NULL DEFAULT '';
+    CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
+    CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
+    """,
 )
 
 # Component "cluster": what several instances over one database need. Append; never edit.
@@ -185,6 +198,10 @@ CLUSTER_MIGRATIONS: tuple[str, ...] = (
         deadline timestamptz NOT NULL
     );
     CREATE INDEX pending_forwards_deadline ON pending_forwards (deadline);
+    """,
+    # 2: the claims live on core's pending_requests, which every instance shares.
+    """
+    DROP TABLE pending_forwards;
     """,
 )
 
@@ -273,21 +290,44 @@ _JOIN = """
 _UNAPPLIED = (
     "SELECT instance FROM instance_leases WHERE expires_at > now() AND applied_epoch < $1 ORDER BY instance"
 )
-_PENDING_COLUMNS = "request_id, owner, srv, service_reference, forwarded_at, deadline"
-_ADD_PENDING = """
-    INSERT INTO pending_forwards (request_id, owner, srv, service_reference, deadline)
-    SELECT r, $2, s, ref, now() + make_interval(secs => $5)
-    FROM unnest($1::text[], $3::text[], $4::text[]) AS p(r, s, ref)
-    ON CONFLICT (request_id) DO NOTHING
-"""
-_CLAIM = f"DELETE FROM pending_forwards WHERE request_id = $1 RETURNING {_PENDING_COLUMNS}"  # noqa: S608
-# SKIP LOCKED: instances sweeping together take disjoint rows instead of queueing on each other.
-_CLAIM_EXPIRED = f"""
-    DELETE FROM pending_forwards WHERE request_id IN (
-        SELECT request_id FROM pending_forwards WHERE deadline <= now()
-        ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED
-    ) RETURNING {_PENDING_COLUMNS}
+_FORWARD_COLUMNS = "originator, target, counter, srv, service_reference, deadline"
+_INSERT_FORWARDS = f"""
+    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner)
+    SELECT *, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[],
+                             $7::timestamptz[])
+    ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
+    WHERE pending_requests.answer IS NULL
 """  # noqa: S608 - constant column list
+# Row locks make the claims exact across instances: a second UPDATE of the same row waits for the
+# first to commit, then re-checks its WHERE against the committed row.
+_CLAIM_RESPONSE = f"""
+    UPDATE pending_requests SET answer = 'response', answered_at = now()
+    WHERE request_id = ANY($1::text[]) AND answer IS NULL
+    RETURNING {_FORWARD_COLUMNS}
+"""  # noqa: S608 - constant column list
+_CLAIM_TIMEOUT = f"""
+    UPDATE pending_requests SET answer = 'timeout', answered_at = now(), settled = false
+    WHERE request_id = ANY($1::text[]) AND (answer IS NULL
+        OR (answer = 'timeout' AND NOT settled AND answered_at < now() - make_interval(secs => $2)))
+    RETURNING {_FORWARD_COLUMNS}
+"""  # noqa: S608 - constant column list
+_ANSWERS = (
+    "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id = ANY($1::text[])"
+)
+_SETTLE = (
+    "UPDATE pending_requests SET settled = true WHERE request_id = ANY($1::text[]) AND answer = 'timeout'"
+)
+# SKIP LOCKED: a row another instance is claiming right now is not overdue for this one.
+_OVERDUE = f"""
+    SELECT {_FORWARD_COLUMNS} FROM pending_requests
+    WHERE (answer IS NULL AND deadline < now() - make_interval(secs => $1))
+        OR (answer = 'timeout' AND NOT settled AND answered_at < now() - make_interval(secs => $1))
+    ORDER BY deadline LIMIT $2 FOR UPDATE SKIP LOCKED
+"""  # noqa: S608 - constant column list
+_PURGE_ANSWERED = """
+    DELETE FROM pending_requests WHERE answer IS NOT NULL AND answered_at < $1
+        AND (answer = 'response' OR settled)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,22 +338,12 @@ class FlagChanges:
     flagged: dict[Eui, bool]
 
 
-@dataclass(frozen=True, slots=True)
-class PendingForward:
-    """A forwarded request waiting for its device's answer, shared by the instances."""
-
-    request_id: str
-    owner: str
-    """The instance that forwarded it (for operators: whoever claims it answers)."""
-    srv: str
-    service_reference: str
-    forwarded_at: datetime
-    deadline: datetime
-    """By the database's clock: one clock for every instance."""
+def _request_id(row: Row) -> RequestId:
+    return RequestId(Eui(row[0]), Eui(row[1]), int(row[2]))
 
 
-def _pending(row: Row) -> PendingForward:
-    return PendingForward(row[0], row[1], row[2], row[3], row[4], row[5])
+def _forward(row: Row) -> ForwardedRequest:
+    return ForwardedRequest(_request_id(row), row[3], row[4], row[5])
 
 
 async def migrate_component(db: _Connection, component: str, migrations: Sequence[str]) -> None:
@@ -507,9 +537,15 @@ class PostgresStore(Opened):
             recorded = await db.fetch(
                 _RECORD_REQUEST_IDS, [name for name, _ in request_ids], [value for _, value in request_ids]
             )
-            await self._apply_pending(db, batch.forwarded, batch.resolved)
+            claimed, answers = await self._apply_forwards(db, batch)
         advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
-        return CommitResult(advanced, epoch, frozenset((row[0], int(row[1])) for row in recorded))
+        return CommitResult(
+            advanced,
+            epoch,
+            frozenset((row[0], int(row[1])) for row in recorded),
+            claimed=claimed,
+            answers=answers,
+        )
 
     @staticmethod
     async def _apply_flag_events(db: _Connection, events: Sequence[FlagEvent]) -> int | None:
@@ -546,48 +582,59 @@ class PostgresStore(Opened):
         return epoch
 
     async def purge_request_ids(self, before: datetime) -> int:
-        """Forget RequestIDs recorded before `before` (older than any redelivery can be); how many."""
+        """As SqliteStore.purge_request_ids."""
         status = await self._db.execute("DELETE FROM request_ids WHERE accepted_at < $1", before)
+        await self._db.execute(_PURGE_ANSWERED, before)
         return int(status.rsplit(" ", 1)[-1])
 
     @staticmethod
-    async def _apply_pending(
-        db: _Connection, forwarded: Sequence[ForwardedRequest], resolved: Sequence[RequestId]
-    ) -> None:
-        """As SqliteStore: this instance's forwards awaiting their device (core `pending_requests`)."""
-        if forwarded:
-            await db.executemany(
-                "INSERT INTO pending_requests (request_id, originator, target, counter, srv,"
-                " service_reference, deadline) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline",
-                [
-                    (
-                        str(entry.request_id),
-                        entry.request_id.originator,
-                        entry.request_id.target,
-                        entry.request_id.counter,
-                        entry.srv,
-                        entry.service_reference,
-                        entry.deadline,
-                    )
-                    for entry in forwarded
-                ],
-            )
-        if resolved:
+    async def _apply_forwards(
+        db: _Connection, batch: CommitBatch
+    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str]]:
+        """As SqliteStore: forwards in, claims (responses before timeouts), settlements."""
+        if batch.forwarded:
+            entries = batch.forwarded
             await db.execute(
-                "DELETE FROM pending_requests WHERE request_id = ANY($1::text[])",
-                [str(rid) for rid in resolved],
+                _INSERT_FORWARDS,
+                [str(entry.request_id) for entry in entries],
+                [entry.request_id.originator for entry in entries],
+                [entry.request_id.target for entry in entries],
+                [entry.request_id.counter for entry in entries],
+                [entry.srv for entry in entries],
+                [entry.service_reference for entry in entries],
+                [entry.deadline for entry in entries],
+                batch.owner,
             )
+        claimed: dict[RequestId, Claim] = {}
+        if batch.answered:
+            for row in await db.fetch(_CLAIM_RESPONSE, [str(rid) for rid in batch.answered]):
+                forward = _forward(row)
+                claimed[forward.request_id] = Claim(ANSWER_RESPONSE, forward)
+        timing_out = [str(rid) for rid in batch.timed_out if rid not in claimed]
+        if timing_out:
+            for row in await db.fetch(_CLAIM_TIMEOUT, timing_out, batch.timeout_grace_seconds):
+                forward = _forward(row)
+                claimed[forward.request_id] = Claim(ANSWER_TIMEOUT, forward)
+        unclaimed = [str(rid) for rid in (*batch.answered, *batch.timed_out) if rid not in claimed]
+        answers: dict[RequestId, str] = {}
+        if unclaimed:
+            answers = {_request_id(row): row[3] for row in await db.fetch(_ANSWERS, unclaimed)}
+        if batch.settled:
+            await db.execute(_SETTLE, [str(rid) for rid in batch.settled])
+        return claimed, answers
 
-    async def load_pending(self) -> list[ForwardedRequest]:
+    async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
         rows = await self._db.fetch(
-            "SELECT originator, target, counter, srv, service_reference, deadline FROM pending_requests"
-            " ORDER BY deadline"
+            f"SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL AND owner = $1"  # noqa: S608 - constant column list
+            " ORDER BY deadline",
+            owner,
         )
-        return [
-            ForwardedRequest(RequestId(Eui(row[0]), Eui(row[1]), int(row[2])), row[3], row[4], row[5])
-            for row in rows
-        ]
+        return [_forward(row) for row in rows]
+
+    async def overdue_pending(self, grace_seconds: float, limit: int) -> list[ForwardedRequest]:
+        """As SqliteStore.overdue_pending, by the database's clock (one clock for every instance)."""
+        async with self._db.acquire() as db, db.transaction():
+            return [_forward(row) for row in await db.fetch(_OVERDUE, grace_seconds, limit)]
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._db.fetch("SELECT originator, counter FROM request_counters")
@@ -681,28 +728,3 @@ class PostgresStore(Opened):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._acked.wait(), poll_seconds)
-
-    async def add_pending(
-        self, owner: str, forwards: Iterable[tuple[str, str, str]], timeout_seconds: float
-    ) -> None:
-        """Record forwarded requests (RequestID, SRV, service reference), each due `timeout_seconds`
-        from now by the database's clock; a request recorded already keeps its first deadline."""
-        rows = list(forwards)
-        await self._db.execute(
-            _ADD_PENDING,
-            [row[0] for row in rows],
-            owner,
-            [row[1] for row in rows],
-            [row[2] for row in rows],
-            timeout_seconds,
-        )
-
-    async def claim(self, request_id: str) -> PendingForward | None:
-        """Take a pending request for its device's answer; None: answered or timed out already."""
-        row = await self._db.fetchrow(_CLAIM, request_id)
-        return None if row is None else _pending(row)
-
-    async def claim_expired(self, limit: int = 1_000) -> list[PendingForward]:
-        """Take up to `limit` pending requests past their deadline, whoever forwarded them: each is
-        taken by exactly one instance, which answers it with the timeout."""
-        return [_pending(row) for row in await self._db.fetch(_CLAIM_EXPIRED, limit)]

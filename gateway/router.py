@@ -48,19 +48,28 @@ from gateway.responses import (
 from gateway.topics import Topics
 from rules.codes import ResponseCode
 from rules.decide import Action, Decision, Delivery, decide, decide_device_message
-from rules.domain import FLAG_SRVS, DeviceMessageKind, FlagEvent, ForwardedRequest, parse_eui
+from rules.domain import (
+    ANSWER_RESPONSE,
+    ANSWER_TIMEOUT,
+    FLAG_SRVS,
+    DeviceMessageKind,
+    FlagEvent,
+    ForwardedRequest,
+    parse_eui,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
     from gateway.signing import Verification
     from gateway.view import RoutingView
-    from rules.decide import RequestFacts
-    from rules.domain import DeviceMessage, DeviceRecord, Eui, RequestId, Role, ServiceRequest
+    from rules.decide import MessageDecision, RequestFacts
+    from rules.domain import Claim, DeviceMessage, DeviceRecord, Eui, RequestId, Role, ServiceRequest
     from rules.table import RulesTable
 
-# Late answers to requests already answered with a timeout are dropped; remember this many.
-_TIMED_OUT_MEMORY = 100_000
+# Requests this process decided, remembered to tell a redelivery of one of them (ANSWERED) from a
+# redelivery of a request another process decided (AGAIN); beyond this many, the oldest are AGAIN.
+_DECIDED_MEMORY = 65_536
 # A dead letter always fits the broker's packet limit (deploy/mosquitto.conf allows 1 MiB): the
 # reason is clipped and at most this much of the original payload travels with its digest.
 DEADLETTER_PAYLOAD_BYTES = 64 * 1024
@@ -108,6 +117,11 @@ class Committed:
     taken: frozenset[int] = frozenset()
     """Those whose RequestID the store had recorded already, from another instance sharing it
     (`CommitResult.first` was false): their new requests are refused as duplicates, not acted on."""
+    claimed: Mapping[RequestId, Claim] = field(default_factory=dict)
+    """The forwards whose final answer these commits claimed (`Commit.answered` / `timed_out`)."""
+    answers: Mapping[RequestId, str] = field(default_factory=dict)
+    """Of the forwards these commits tried to claim and did not: the final answer already given
+    (ANSWER_RESPONSE or ANSWER_TIMEOUT); missing: the store holds no such forward."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +137,14 @@ class TimePassed:
     """Time went by: forwarded requests past the target response time are answered E21."""
 
 
-Event = Received | FlagSubjectRead | Committed | CommitFailed | TimePassed
+@dataclass(frozen=True, slots=True)
+class OverdueRead:
+    """The store read asked for by `ReadOverdue` finished (empty also when it failed)."""
+
+    forwards: tuple[ForwardedRequest, ...]
+
+
+Event = Received | FlagSubjectRead | Committed | CommitFailed | TimePassed | OverdueRead
 
 
 # -- effects: what the router asks the shell to do -------------------------------------------------
@@ -146,10 +167,22 @@ class Commit:
     forwarded: tuple[ForwardedRequest, ...] = ()
     """Forwards now waiting for their device's answer."""
     answered: tuple[RequestId, ...] = ()
-    """Forwards whose device answered (the answer is released once this is durable)."""
-    expired: tuple[RequestId, ...] = ()
-    """Forwards answered E21. Their answers were released before: the shell makes this durable only
-    after it handed them to the transport, so a crash repeats an E21 rather than losing it."""
+    """Forwards whose device answered: claimed for that answer, released only if this commit claims it."""
+    timed_out: tuple[RequestId, ...] = ()
+    """Forwards past their deadline: claimed for E21 (also one whose E21 another instance claimed more
+    than the grace ago and never settled), released only if this commit claims it."""
+    settled: tuple[RequestId, ...] = ()
+    """Claimed E21s that were released: the shell makes this durable only after it handed them to the
+    transport, so a crash repeats an E21 (the sweep finds it unsettled) rather than losing it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOverdue:
+    """Read the forwards overdue by more than `grace_seconds` (any instance's, or a previous process's),
+    up to `limit`, and report `OverdueRead`."""
+
+    grace_seconds: float
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +269,8 @@ class DeviceMessageRouted:
     srv: str | None
     alert_code: str | None
     delivery: str
-    """deliver, withhold, reject, or late (a response after its request was timed out)."""
+    """deliver, withhold, reject; late (its request was answered E21), or duplicate (its request was
+    answered already): neither of those is delivered."""
     reason: str
     category: str | None
     outcome: str | None
@@ -279,7 +313,7 @@ Observation = (
     | RequestTimedOut
     | CommitRolledBack
 )
-Effect = Publish | Commit | ReadFlagSubject | Acknowledge | Observation
+Effect = Publish | Commit | ReadFlagSubject | ReadOverdue | Acknowledge | Observation
 
 
 # -- the router --------------------------------------------------------------------------------------
@@ -312,15 +346,34 @@ class _Step:
     counted: bool = False
     """The forward took a place under the forward limits (a repeat of a pending one does not)."""
     answered: RequestId | None = None
-    """The forward a device response step answers: no longer pending once its commit is durable."""
-    expired: tuple[RequestId, ...] = ()
-    """The deferred E21 removals this step's commit carries (re-deferred if it fails)."""
+    """The forward a device response step claims; its answer is published only if the claim holds."""
+    device_answer: _DeviceAnswer | None = None
+    timed_out: dict[RequestId, PendingRequest] = field(default_factory=dict)
+    """The forwards a timeout step claims for E21."""
+    carried: _Carried | None = None
+    """The claims and settlements of earlier steps this step's commit carries (given back if it fails)."""
     flag_change: tuple[Eui, bool, datetime] | None = None
     """(device, set, when) of an accepted flag request that changes the flag; applied when durable."""
 
     @property
     def durable(self) -> bool:
         return self.batch is None and not self.reading
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceAnswer:
+    """A device's response as decided, published once its claim is durable."""
+
+    device: Eui
+    response: DeviceMessage
+    verdict: MessageDecision
+    received: Received
+
+
+@dataclass(frozen=True, slots=True)
+class _Carried:
+    answered: tuple[RequestId, ...]
+    settled: tuple[RequestId, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +387,13 @@ class RouterSettings:
     GATEWAY_BUSY at once: one User's burst costs the others only the time to refuse it."""
     max_forwards: int = 20_000
     """Forwards awaiting their device's answer, all Users together: bounds memory and device load."""
+    sweep_seconds: float = 5.0
+    """How often the store is read for overdue forwards this process does not hold: a previous
+    process's unsettled E21s, or (with several instances) the forwards of an instance that died."""
+    overdue_grace_seconds: float = 0.0
+    """How long past its deadline another holder has to answer a forward before the sweep does (with
+    several instances: their lease time; one instance alone holds everything it did not restore)."""
+    sweep_limit: int = 1_000
 
 
 class Router:
@@ -356,18 +416,26 @@ class Router:
         # in flight) and committed.
         self._counters: dict[Eui, int] = dict(counters or {})
         self._committed_counters: dict[Eui, int] = dict(self._counters)
-        # The counters as this process found them: a redelivered request at or below them was
-        # handled by an earlier process, which may have died between its commit and its publishes.
-        self._counters_at_start: dict[Eui, int] = dict(self._counters)
+        # Requests this process decided: a redelivery of one is ANSWERED, of any other AGAIN (decided
+        # by a process that may have died between its commit and its publishes).
+        self._decided: OrderedDict[RequestId, None] = OrderedDict()
         self._pending: dict[RequestId, PendingRequest] = {}
         # Forwards a previous process left waiting: timed from their stored deadline at the first event.
         self._restored: list[ForwardedRequest] = sorted(pending, key=lambda entry: entry.deadline)
-        # Timed-out forwards whose removal from the store rides on the next commit.
-        self._expired: list[RequestId] = []
+        # Claimed E21s released to the transport, settled in the store by the next commit.
+        self._settle: list[RequestId] = []
+        # Device answers delivered although their claim's commit failed: claimed again by the next one.
+        self._reclaim: list[RequestId] = []
+        # Forwards whose E21 claim failed to commit: claimed again at the next tick.
+        self._unclaimed_timeouts: dict[RequestId, PendingRequest] = {}
+        # Forwards this process is answering (a claim in flight, or an E21 not yet settled): the
+        # sweep leaves them alone.
+        self._answering: set[RequestId] = set()
+        self._next_sweep: float | None = None
+        self._sweeping = False
         # Forwards awaiting their device's answer per originator: pending, or deciding/committing.
         self._outstanding: Counter[Eui] = Counter()
         self._outstanding_total = 0
-        self._timed_out: OrderedDict[RequestId, None] = OrderedDict()
         self._steps: deque[_Step] = deque()
         self._by_batch: dict[int, _Step] = {}
         self._next_batch = 0
@@ -410,11 +478,15 @@ class Router:
         elif isinstance(event, CommitFailed):
             for batch in event.batches:
                 self._rolled_back(self._by_batch.pop(batch), event.error, now)
+        elif isinstance(event, OverdueRead):
+            self._sweeping = False
+            self._overdue(event.forwards, out)
         else:
-            self._expire(now)
+            self._expire(now, out)
+            self._sweep(now, out)
         self._release(now, out)
-        if self._expired and isinstance(event, TimePassed):
-            # No request came to carry the E21 removals: commit them on their own.
+        if (self._settle or self._reclaim) and isinstance(event, TimePassed | Committed):
+            # No request came to carry the settlements: commit them on their own.
             self._commit(self._step(None), out)
             self._release(now, out)
         return out
@@ -424,7 +496,7 @@ class Router:
             step = self._by_batch.pop(batch)
             if batch in event.taken:
                 self._taken_elsewhere(step, now)
-            self._committed(step, now)
+            self._committed(step, event, now)
 
     def _restore(self, now: Instant) -> None:
         """Time the previous process's forwards on this process's clock, earliest deadline first."""
@@ -445,11 +517,21 @@ class Router:
         return step
 
     def _commit(self, step: _Step, out: list[Effect], flag_events: tuple[FlagEvent, ...] = ()) -> None:
-        """Ask for the step's state to be made durable; its publishes wait for the answer. Pending E21
-        removals ride along."""
-        if not (step.counters or flag_events or step.forwarded or step.answered or self._expired):
+        """Ask for the step's state to be made durable; its publishes wait for the answer. Pending
+        settlements and re-claims ride along."""
+        carried = _Carried(tuple(self._reclaim), tuple(self._settle))
+        if not (
+            step.counters
+            or flag_events
+            or step.forwarded
+            or step.answered
+            or step.timed_out
+            or carried.answered
+            or carried.settled
+        ):
             return
-        step.expired, self._expired = tuple(self._expired), []
+        self._reclaim, self._settle = [], []
+        step.carried = carried
         step.batch = self._next_batch
         self._next_batch += 1
         self._by_batch[step.batch] = step
@@ -459,16 +541,20 @@ class Router:
                 flag_events,
                 dict(step.counters),
                 forwarded=() if step.forwarded is None else (step.forwarded,),
-                answered=() if step.answered is None else (step.answered,),
-                expired=step.expired,
+                answered=(*carried.answered, *(() if step.answered is None else (step.answered,))),
+                timed_out=tuple(step.timed_out),
+                settled=carried.settled,
             )
         )
 
-    def _committed(self, step: _Step, now: Instant) -> None:
+    def _committed(self, step: _Step, event: Committed, now: Instant) -> None:
         step.batch = None
+        if step.carried is not None:
+            self._answering.difference_update(step.carried.settled)
         for originator, counter in step.counters.items():
             if counter > self._committed_counters.get(originator, -1):
                 self._committed_counters[originator] = counter
+        self._claims_committed(step, event, now)
         forwarded = step.forwarded
         if forwarded is not None:
             # The E21 clock starts now, as the forward is released; a repeat forward restarts it.
@@ -484,6 +570,14 @@ class Router:
             else:
                 self.view.clear_flag(device)
 
+    def _claims_committed(self, step: _Step, event: Committed, now: Instant) -> None:
+        if step.answered is not None:
+            self._answering.discard(step.answered)
+            if step.device_answer is not None:
+                self._finish_answer(step, step.answered, step.device_answer, event, now)
+        if step.timed_out:
+            self._finish_timeouts(step, event, now)
+
     def _taken_elsewhere(self, step: _Step, now: Instant) -> None:
         """Another instance recorded this RequestID first and acts on it; this one answers E16901, as for
         any repeated RequestID. A redelivery (AGAIN) stays at least once, and a flag request stays as
@@ -492,12 +586,10 @@ class Router:
         if request is None or step.admission is not Admission.NEW or step.flag_change is not None:
             return
         step.effects.clear()
-        if step.forwarded is not None:
-            # Its pending row went into the store with this commit: it leaves with the next one.
-            self._expired.append(request.request_id)
-            if step.counted:
-                self._resolved(request.request_id)
-                step.counted = False
+        # Its pending row is the first instance's (the store keeps that one's deadline and answer).
+        if step.forwarded is not None and step.counted:
+            self._resolved(request.request_id)
+            step.counted = False
         step.forwarded = None
         self._refuse_before_rules(
             step,
@@ -512,14 +604,20 @@ class Router:
 
     def _rolled_back(self, step: _Step, error: str, now: Instant) -> None:
         """The step's commit failed: undo its counters and answer STORE_FAILED instead. A device's
-        answer is still delivered (nothing to refuse); its removal, like the E21 ones, is retried
-        with the next commit."""
+        answer is still delivered (nothing to refuse; its claim is retried with the next commit), and
+        E21s are claimed again at the next tick."""
         step.batch = None
-        self._expired.extend(step.expired)
+        if step.carried is not None:
+            self._reclaim.extend(step.carried.answered)
+            self._settle.extend(step.carried.settled)
+        if step.timed_out:
+            self._answering.difference_update(step.timed_out)
+            self._unclaimed_timeouts.update(step.timed_out)
         request = step.request
         if request is None:
-            if step.answered is not None:
-                self._expired.append(step.answered)
+            if step.answered is not None and step.device_answer is not None:
+                self._reclaim.append(step.answered)
+                self._publish_answer(step, step.answered, step.device_answer, None, now)
             return
         self._restore_counters(step.counters)
         if step.counted:
@@ -578,6 +676,8 @@ class Router:
                 out.extend(step.effects)
                 if step.ticket is not None:
                     out.append(Acknowledge(step.ticket))
+                # Settled only by a commit the shell makes after these E21s were handed over.
+                self._settle.extend(rid for rid in step.timed_out if rid in self._answering)
             flag_step = self._flag_step
             if flag_step is None or not flag_step.durable:
                 return
@@ -702,13 +802,20 @@ class Router:
             return Admission.SPOOFED
         if request_id.counter > self._counters.get(user, -1):
             self._counters[user] = request_id.counter
-            return Admission.NEW
-        if not redelivered:
+            admission = Admission.NEW
+        elif not redelivered:
             return Admission.DUPLICATE
-        if request_id.counter <= self._counters_at_start.get(user, -1):
-            # At-least-once: decide and publish again (devices and users discard repeats by RequestID).
-            return Admission.AGAIN
-        return Admission.ANSWERED
+        elif request_id in self._decided:
+            return Admission.ANSWERED
+        else:
+            # Decided by an earlier process (or another instance) that may have died between its commit
+            # and its publishes. At-least-once: decide and publish again (devices and users discard
+            # repeats by RequestID).
+            admission = Admission.AGAIN
+        self._decided[request_id] = None
+        if len(self._decided) > _DECIDED_MEMORY:
+            self._decided.popitem(last=False)
+        return admission
 
     def _act(
         self,
@@ -954,6 +1061,8 @@ class Router:
     def _device_response(
         self, step: _Step, device: Eui, response: DeviceMessage, event: Received, now: Instant
     ) -> None:
+        """Decide a device's response; it is published once the step's commit claims its forward (any
+        instance's: the store holds every forward), so the request gets one final answer."""
         request_id = response.request_id
         if request_id is None or request_id.target != device:
             self._deadletter(
@@ -964,50 +1073,85 @@ class Router:
                 now,
             )
             return
-        pending = self._pending.pop(request_id, None)
-        if pending is not None:
-            step.answered = request_id
+        if self._pending.pop(request_id, None) is not None:
             self._resolved(request_id)
-        if pending is None and request_id in self._timed_out:
-            step.effects.append(self._routed(now, device, response, "late", "late-response"))
-            return
         verdict = decide_device_message(response, self.view.device_facts(device), self.table)
-        category = verdict.category.value if verdict.category is not None else None
         if verdict.delivery is Delivery.REJECT:
+            category = verdict.category.value if verdict.category is not None else None
             self._deadletter(step, event, verdict.reason, verdict.detail, now)
             step.effects.append(
                 self._routed(now, device, response, verdict.delivery, verdict.reason, category=category)
             )
             return
+        if verdict.delivery is Delivery.WITHHOLD and response.srv is None:
+            # decide_device_message withholds by the rule of the SRV
+            raise ValueError(f"response to {request_id} withheld without an SRV")
+        step.answered = request_id
+        step.device_answer = _DeviceAnswer(device, response, verdict, event)
+        self._answering.add(request_id)
+
+    def _finish_answer(
+        self, step: _Step, request_id: RequestId, answer: _DeviceAnswer, event: Committed, now: Instant
+    ) -> None:
+        """The claim is durable: publish the answer if it holds; otherwise the request has its final
+        answer already (or the device answers a request no instance forwarded)."""
+        claim = event.claimed.get(request_id)
+        given = event.answers.get(request_id)
+        if claim is not None and claim.answer == ANSWER_RESPONSE:
+            self._publish_answer(step, request_id, answer, claim.forward, now)
+        elif given == ANSWER_RESPONSE and answer.received.redelivered:
+            # Redelivered after a crash between the claim and the publish: at least once.
+            self._publish_answer(step, request_id, answer, None, now)
+        elif given is None:
+            self._deadletter_answer(step, answer, now)
+        else:
+            reason = "late-response" if given == ANSWER_TIMEOUT else "duplicate-response"
+            delivery = "late" if given == ANSWER_TIMEOUT else "duplicate"
+            step.effects.append(self._routed(now, answer.device, answer.response, delivery, reason))
+
+    def _publish_answer(
+        self,
+        step: _Step,
+        request_id: RequestId,
+        answer: _DeviceAnswer,
+        forward: ForwardedRequest | None,
+        now: Instant,
+    ) -> None:
+        response, verdict = answer.response, answer.verdict
         outcome = "success" if response.response_code == ResponseCode.SUCCESS else "failure"
         originator = request_id.originator
-        if verdict.delivery is Delivery.WITHHOLD:
+        if verdict.delivery is Delivery.WITHHOLD and response.srv is not None:
             outcome = "withheld"  # a consumer-choice exception, as the user experienced it
             # The request still gets its one final answer: the refusal, not the data.
-            if response.srv is None:  # decide_device_message withholds by the rule of the SRV
-                raise ValueError(f"response to {request_id} withheld without an SRV")
             payload = response_xml(
                 request_id=request_id,
                 code=ResponseCode.CONSUMER_CHOICE,
-                service_reference=pending.service_reference if pending else None,
+                service_reference=None if forward is None else forward.service_reference,
                 srv=response.srv,
                 at=now.wall,
                 reason=f"{verdict.reason}: {verdict.detail}",
             )
         else:
-            payload = event.payload
+            payload = answer.received.payload
         step.effects.append(Publish(self.topics.out(originator), payload))
         step.effects.append(
             self._routed(
                 now,
-                device,
+                answer.device,
                 response,
                 verdict.delivery,
                 verdict.reason,
-                category=category,
+                category=verdict.category.value if verdict.category is not None else None,
                 recipients=(originator,),
                 outcome=outcome,
             )
+        )
+
+    def _deadletter_answer(self, step: _Step, answer: _DeviceAnswer, now: Instant) -> None:
+        detail = f"no gateway instance forwarded {answer.response.request_id} (or its record was purged)"
+        self._deadletter(step, answer.received, "unknown-request", detail, now)
+        step.effects.append(
+            self._routed(now, answer.device, answer.response, Delivery.REJECT, "unknown-request")
         )
 
     def _alert(self, step: _Step, device: Eui, alert: DeviceMessage, event: Received, now: Instant) -> None:
@@ -1075,26 +1219,55 @@ class Router:
 
     # -- timeouts and dead letters -------------------------------------------------------------
 
-    def _expire(self, now: Instant) -> None:
-        """Answer forwarded requests whose device has not answered in time (E21)."""
-        target = self.settings.target_response_seconds
-        deadline = now.monotonic - target
-        expired: list[tuple[RequestId, PendingRequest]] = []
+    def _expire(self, now: Instant, out: list[Effect]) -> None:
+        """Claim the forwarded requests whose device has not answered in time, to answer them E21."""
+        deadline = now.monotonic - self.settings.target_response_seconds
+        expired = self._unclaimed_timeouts
+        self._unclaimed_timeouts = {}
         # Insertion order is forwarding order: the expired requests are a prefix.
         for request_id, pending in self._pending.items():
             if pending.forwarded_at > deadline:
                 break
-            expired.append((request_id, pending))
+            expired[request_id] = pending
+        for request_id in expired:
+            if self._pending.pop(request_id, None) is not None:
+                self._resolved(request_id)
+        self._time_out(expired, out)
+
+    def _sweep(self, now: Instant, out: list[Effect]) -> None:
+        """Now and then, ask the store for the overdue forwards nobody here holds."""
+        if self._sweeping or (self._next_sweep is not None and now.monotonic < self._next_sweep):
+            return
+        self._sweeping = True
+        self._next_sweep = now.monotonic + self.settings.sweep_seconds
+        out.append(ReadOverdue(self.settings.overdue_grace_seconds, self.settings.sweep_limit))
+
+    def _overdue(self, forwards: Iterable[ForwardedRequest], out: list[Effect]) -> None:
+        """Overdue forwards of a dead instance or an earlier process (the store judged them overdue, by
+        its clock): claimed for E21 like this one's own."""
+        orphans = {
+            entry.request_id: PendingRequest(entry.srv, entry.service_reference, 0.0)
+            for entry in forwards
+            if entry.request_id not in self._pending and entry.request_id not in self._answering
+        }
+        self._time_out(orphans, out)
+
+    def _time_out(self, expired: dict[RequestId, PendingRequest], out: list[Effect]) -> None:
         if not expired:
             return
         step = self._step(None)
-        for request_id, pending in expired:
-            del self._pending[request_id]
-            self._resolved(request_id)
-            self._expired.append(request_id)
-            self._timed_out[request_id] = None
-            if len(self._timed_out) > _TIMED_OUT_MEMORY:
-                self._timed_out.popitem(last=False)
+        step.timed_out = expired
+        self._answering.update(expired)
+        self._commit(step, out)
+
+    def _finish_timeouts(self, step: _Step, event: Committed, now: Instant) -> None:
+        """Publish E21 for each forward the commit claimed; the others were answered elsewhere."""
+        target = self.settings.target_response_seconds
+        for request_id, pending in step.timed_out.items():
+            claim = event.claimed.get(request_id)
+            if claim is None or claim.answer != ANSWER_TIMEOUT:
+                self._answering.discard(request_id)
+                continue
             step.effects.append(
                 Publish(
                     self.topics.out(request_id.originator),
@@ -1149,5 +1322,5 @@ def observations(effects: Iterable[Effect]) -> list[Observation]:
     return [
         effect
         for effect in effects
-        if not isinstance(effect, Publish | Commit | ReadFlagSubject | Acknowledge)
+        if not isinstance(effect, Publish | Commit | ReadFlagSubject | ReadOverdue | Acknowledge)
     ]

@@ -186,9 +186,12 @@ class GatewayService:
                 target_response_seconds=settings.gateway.target_response_seconds,
                 max_forwards_per_user=settings.gateway.max_forwards_per_user,
                 max_forwards=settings.gateway.max_forwards,
+                # Over PostgreSQL another instance may hold a forward: it has its lease time to answer
+                # it before this one's sweep does.
+                overdue_grace_seconds=settings.store.lease_seconds if settings.store.postgres else 0.0,
             ),
             counters=await store.load_request_counters(),
-            pending=await store.load_pending(),
+            pending=await store.load_pending(settings.gateway.client_id if member is not None else ""),
         )
         metrics.signature_verification.set(1 if signatures.verify is not None else 0)
         shell = Shell(

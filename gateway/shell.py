@@ -43,8 +43,10 @@ from gateway.router import (
     Committed,
     FlagSubjectRead,
     Instant,
+    OverdueRead,
     Publish,
     ReadFlagSubject,
+    ReadOverdue,
     Received,
     Router,
     TimePassed,
@@ -54,7 +56,7 @@ from gateway.store import CommitBatch, retryable
 from rules.domain import utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
     from concurrent.futures import Executor
     from datetime import datetime
 
@@ -275,11 +277,16 @@ class Shell:
                 self._commits.put_nowait((effect, self._queued_publishes))
             elif isinstance(effect, ReadFlagSubject):
                 self._flag_ticket = effect.ticket
-                task = asyncio.create_task(self._read_flag_subject(effect), name="mp169-flag-read")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._read_flag_subject(effect), "mp169-flag-read")
+            elif isinstance(effect, ReadOverdue):
+                self._spawn(self._read_overdue(effect), "mp169-overdue-read")
             else:
                 self._observe(effect)
+
+    def _spawn(self, work: Coroutine[None, None, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _queue_publish(self, publish: Publish) -> None:
         """Into the outbox in order; a document to a user is signed in the executor meanwhile."""
@@ -321,11 +328,16 @@ class Shell:
             if self._budget is not None:
                 self._budget.commit_started(batches, started)
             try:
-                # E21 answers leave before their forwards leave the store: repeated after a crash, never lost.
+                # E21 answers leave before they are settled: repeated after a crash, never lost.
                 await self._handed_over(
-                    max((queued for commit, queued in commits if commit.expired), default=0)
+                    max((queued for commit, queued in commits if commit.settled), default=0)
                 )
-                joined = _joined(plain, grouped=self._member is not None)
+                joined = _joined(
+                    plain,
+                    grouped=self._member is not None,
+                    grace_seconds=self.router.settings.overdue_grace_seconds,
+                    owner="" if self._member is None else self._member.instance,
+                )
                 result = await self._retrying(partial(self._store.commit, joined), "commit")
                 await self._settle_commit(plain, result)
             except Exception as exc:  # noqa: BLE001 - the router answers every request of the batch
@@ -338,7 +350,7 @@ class Shell:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
                 taken = _taken(plain, result) if self._member is not None else frozenset()
-                self._feed(Committed(batches, taken))
+                self._feed(Committed(batches, taken, result.claimed, result.answers))
             finally:
                 for _ in commits:
                     self._commits.task_done()
@@ -422,6 +434,14 @@ class Shell:
         else:
             self._feed(FlagSubjectRead(read.ticket, device, hub))
 
+    async def _read_overdue(self, read: ReadOverdue) -> None:
+        try:
+            forwards = await self._store.overdue_pending(read.grace_seconds, read.limit)
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            log.warning("store-read-failed", error=f"{type(exc).__name__}: {exc}", read="overdue")
+            forwards = []
+        self._feed(OverdueRead(tuple(forwards)))
+
     async def _deadletter_now(self, message: Message, detail: str) -> None:
         received = Received(-1, message.topic, message.payload, message.redelivered)
         try:
@@ -453,7 +473,7 @@ class _Signing:
     payload: asyncio.Future[bytes]
 
 
-def _joined(commits: Sequence[Commit], *, grouped: bool) -> CommitBatch:
+def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float, owner: str) -> CommitBatch:
     """One transaction for consecutive commits: flag events in order, the highest counter per originator,
     and, in a group, every RequestID (a commit's counters are its request's originator and counter;
     one instance alone needs no record of them: its own memory decides)."""
@@ -467,5 +487,9 @@ def _joined(commits: Sequence[Commit], *, grouped: bool) -> CommitBatch:
         counters=counters,
         request_ids=request_ids,
         forwarded=tuple(entry for commit in commits for entry in commit.forwarded),
-        resolved=tuple(rid for commit in commits for rid in (*commit.answered, *commit.expired)),
+        answered=tuple(rid for commit in commits for rid in commit.answered),
+        timed_out=tuple(rid for commit in commits for rid in commit.timed_out),
+        settled=tuple(rid for commit in commits for rid in commit.settled),
+        timeout_grace_seconds=grace_seconds,
+        owner=owner,
     )

@@ -26,15 +26,18 @@ import asyncio
 import sqlite3
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import aiosqlite
 
 from rules.domain import (
+    ANSWER_RESPONSE,
+    ANSWER_TIMEOUT,
     MAX_COUNTER,
     NOT_A_DEVICE,
     OUTCOME_ACCEPTED,
+    Claim,
     DeviceRecord,
     DeviceStatus,
     DeviceType,
@@ -49,7 +52,7 @@ from rules.domain import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
     from pathlib import Path
     from types import TracebackType
 
@@ -145,6 +148,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN gas_transporter TEXT;
     UPDATE flag_history SET outcome = 'E081509' WHERE outcome = 'E3';
     """,
+    # 6: a forward keeps its row once answered, with the answer it got (issue 12: the final answer is
+    # claimed, once, by whichever instance or process gives it; a later response is known late).
+    """
+    ALTER TABLE pending_requests ADD COLUMN answer TEXT;
+    ALTER TABLE pending_requests ADD COLUMN answered_at TEXT;
+    ALTER TABLE pending_requests ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pending_requests ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
+    CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
+    """,
 )
 
 DEVICE_COLUMNS = (
@@ -214,6 +227,68 @@ _ADVANCE_COUNTERS = """
     RETURNING originator, previous
 """
 
+# A forward's final answer is claimed by one UPDATE, which holds only while the row is unanswered
+# (or, for E21, answered E21 by a claim that was never settled and is older than the grace).
+_FORWARD_COLUMNS = "originator, target, counter, srv, service_reference, deadline"
+_INSERT_FORWARD = f"""
+    INSERT INTO pending_requests (request_id, {_FORWARD_COLUMNS}, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
+    WHERE pending_requests.answer IS NULL
+"""  # noqa: S608 - constant column list
+_CLAIM_RESPONSE = f"""
+    UPDATE pending_requests SET answer = ?, answered_at = ?
+    WHERE request_id IN ({{marks}}) AND answer IS NULL
+    RETURNING {_FORWARD_COLUMNS}
+"""  # noqa: S608 - constant column list
+_CLAIM_TIMEOUT = f"""
+    UPDATE pending_requests SET answer = ?, answered_at = ?, settled = 0
+    WHERE request_id IN ({{marks}})
+        AND (answer IS NULL OR (answer = 'timeout' AND settled = 0 AND answered_at < ?))
+    RETURNING {_FORWARD_COLUMNS}
+"""  # noqa: S608 - constant column list
+_ANSWERS = "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id IN ({marks})"
+_SETTLE = "UPDATE pending_requests SET settled = 1 WHERE request_id IN ({marks}) AND answer = 'timeout'"
+_WAITING = f"""
+    SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL AND owner = ? ORDER BY deadline
+"""  # noqa: S608 - constant column list
+_OVERDUE = f"""
+    SELECT {_FORWARD_COLUMNS} FROM pending_requests
+    WHERE (answer IS NULL AND deadline < ?) OR (answer = 'timeout' AND settled = 0 AND answered_at < ?)
+    ORDER BY deadline LIMIT ?
+"""  # noqa: S608 - constant column list
+_PURGE_ANSWERED = (
+    "DELETE FROM pending_requests WHERE answer IS NOT NULL AND answered_at < ?"
+    " AND (answer = 'response' OR settled = 1)"
+)
+_CLAIM_ROWS = 500  # request ids per claim statement
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CLAIM_ROWS):
+        yield items[start : start + _CLAIM_ROWS]
+
+
+def _request_id(row: Row) -> RequestId:
+    return RequestId(Eui(row[0]), Eui(row[1]), int(row[2]))
+
+
+def _forward_row(entry: ForwardedRequest) -> tuple[str, ...]:
+    request_id = entry.request_id
+    return (
+        str(request_id),
+        request_id.originator,
+        request_id.target,
+        str(request_id.counter),
+        entry.srv,
+        entry.service_reference,
+        _time_text(entry.deadline),
+    )
+
+
+def _forward_from_row(row: Row) -> ForwardedRequest:
+    return ForwardedRequest(_request_id(row), row[3], row[4], datetime.fromisoformat(row[5]))
+
+
 # SQLite's primary result codes for "another connection holds the lock": worth trying again.
 _RETRYABLE_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
@@ -241,9 +316,19 @@ class CommitBatch:
     request_ids: Sequence[tuple[Eui, int]] = ()
     """(originator, counter) of every request the batch acts on, each recorded once (`CommitResult.first`)."""
     forwarded: Sequence[ForwardedRequest] = ()
-    """Requests forwarded to their device, now waiting for its answer."""
-    resolved: Sequence[RequestId] = ()
-    """Forwarded requests that got their final answer (applied after `forwarded`)."""
+    """Requests forwarded to their device, now waiting for its answer (a repeat forward of one still
+    unanswered restarts its deadline)."""
+    answered: Sequence[RequestId] = ()
+    """Forwards to claim for their device's response: claimed only if still unanswered."""
+    timed_out: Sequence[RequestId] = ()
+    """Forwards to claim for E21: claimed if still unanswered, or answered E21 by a claim not settled
+    for `timeout_grace_seconds` (its claimer died before it could know its E21 was out)."""
+    settled: Sequence[RequestId] = ()
+    """Claimed E21s that have left: no sweep gives them again."""
+    timeout_grace_seconds: float = 0.0
+    owner: str = ""
+    """The instance whose forwards `forwarded` are (its client id; "" for one instance alone): a
+    restarted instance takes back only its own, the sweep the others' once their holder is gone."""
 
 
 NO_COUNTER = -1
@@ -269,6 +354,11 @@ class CommitResult:
     recorded: frozenset[tuple[Eui, int]] = frozenset()
     """The batch's `request_ids` this commit recorded; the others were recorded before, by another
     instance (or by this process before a restart)."""
+    claimed: Mapping[RequestId, Claim] = field(default_factory=dict)
+    """The batch's `answered` and `timed_out` forwards whose final answer this commit claimed."""
+    answers: Mapping[RequestId, str] = field(default_factory=dict)
+    """The others' final answer, given already (ANSWER_RESPONSE, ANSWER_TIMEOUT); missing: no such
+    forward is stored."""
 
     def first(self, originator: Eui, counter: int) -> bool:
         """Whether this commit recorded the RequestID, so no other commit acts on it (exact, whatever
@@ -325,7 +415,9 @@ class FlagStore(Protocol):
     async def load_request_counters(self) -> dict[Eui, int]: ...
     async def purge_request_ids(self, before: datetime) -> int: ...
     async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]: ...
-    async def load_pending(self) -> list[ForwardedRequest]: ...
+    async def load_pending(self, owner: str = "") -> list[ForwardedRequest]: ...
+
+    async def overdue_pending(self, grace_seconds: float, limit: int) -> list[ForwardedRequest]: ...
     async def change_seq(self) -> int: ...
     def devices_changed_since(
         self, seq: int, batch_size: int = _BATCH
@@ -720,12 +812,12 @@ class SqliteStore(Opened):
                     await self._apply_flag_events(db, batch.flag_events)
                 advanced = await self._advance_counters(db, counters)
                 recorded = await self._record_request_ids(db, request_ids)
-                await self._apply_pending(db, batch.forwarded, batch.resolved)
+                claimed, answers = await self._apply_forwards(db, batch)
                 await db.execute("COMMIT")
             except BaseException:
                 await _rollback(db)
                 raise
-        return CommitResult(advanced, recorded=recorded)
+        return CommitResult(advanced, recorded=recorded, claimed=claimed, answers=answers)
 
     @staticmethod
     async def _apply_flag_events(db: aiosqlite.Connection, events: Sequence[FlagEvent]) -> None:
@@ -804,54 +896,59 @@ class SqliteStore(Opened):
         return frozenset(recorded)
 
     async def purge_request_ids(self, before: datetime) -> int:
-        """Forget RequestIDs recorded before `before` (older than any redelivery can be); how many."""
+        """Forget RequestIDs recorded, and forwards answered, before `before` (older than any redelivery
+        or late device response can be); how many RequestIDs."""
         async with self._lock:
             cursor = await self._conn.execute(
                 "DELETE FROM request_ids WHERE accepted_at < ?", (_time_text(before),)
             )
+            await self._conn.execute(_PURGE_ANSWERED, (_time_text(before),))
             return cursor.rowcount
 
     @staticmethod
-    async def _apply_pending(
-        db: aiosqlite.Connection, forwarded: Sequence[ForwardedRequest], resolved: Sequence[RequestId]
-    ) -> None:
-        if forwarded:
+    async def _apply_forwards(
+        db: aiosqlite.Connection, batch: CommitBatch
+    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str]]:
+        """Forwards in, then claims (responses before timeouts), then settlements."""
+        if batch.forwarded:
             await db.executemany(
-                "INSERT OR REPLACE INTO pending_requests (request_id, originator, target, counter, srv,"
-                " service_reference, deadline) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        str(entry.request_id),
-                        entry.request_id.originator,
-                        entry.request_id.target,
-                        str(entry.request_id.counter),
-                        entry.srv,
-                        entry.service_reference,
-                        _time_text(entry.deadline),
-                    )
-                    for entry in forwarded
-                ],
+                _INSERT_FORWARD, [(*_forward_row(entry), batch.owner) for entry in batch.forwarded]
             )
-        if resolved:
-            await db.executemany(
-                "DELETE FROM pending_requests WHERE request_id = ?", [(str(rid),) for rid in resolved]
-            )
+        now = utc_now()
+        at = _time_text(now)
+        unsettled_before = _time_text(now - timedelta(seconds=batch.timeout_grace_seconds))
+        claimed: dict[RequestId, Claim] = {}
+        for answer, sql, request_ids, extra in (
+            (ANSWER_RESPONSE, _CLAIM_RESPONSE, batch.answered, ()),
+            (ANSWER_TIMEOUT, _CLAIM_TIMEOUT, batch.timed_out, (unsettled_before,)),
+        ):
+            for chunk in _chunks([str(rid) for rid in request_ids if rid not in claimed]):
+                statement = sql.format(marks=", ".join("?" * len(chunk)))
+                async with db.execute(statement, (answer, at, *chunk, *extra)) as cursor:
+                    for row in await cursor.fetchall():
+                        forward = _forward_from_row(row)
+                        claimed[forward.request_id] = Claim(answer, forward)
+        answers: dict[RequestId, str] = {}
+        unclaimed = [str(rid) for rid in (*batch.answered, *batch.timed_out) if rid not in claimed]
+        for chunk in _chunks(unclaimed):
+            statement = _ANSWERS.format(marks=", ".join("?" * len(chunk)))
+            async with db.execute(statement, chunk) as cursor:
+                answers.update((_request_id(row), row[3]) for row in await cursor.fetchall())
+        for chunk in _chunks([str(rid) for rid in batch.settled]):
+            await db.execute(_SETTLE.format(marks=", ".join("?" * len(chunk))), chunk)
+        return claimed, answers
 
-    async def load_pending(self) -> list[ForwardedRequest]:
-        """The forwarded requests still waiting for their device's answer, earliest deadline first."""
-        rows = await self._fetchall(
-            "SELECT originator, target, counter, srv, service_reference, deadline FROM pending_requests"
-        )
-        pending = [
-            ForwardedRequest(
-                RequestId(Eui(row[0]), Eui(row[1]), int(row[2])),
-                row[3],
-                row[4],
-                datetime.fromisoformat(row[5]),
-            )
-            for row in rows
-        ]
-        return sorted(pending, key=lambda entry: entry.deadline)
+    async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
+        """`owner`'s forwarded requests still waiting for their device's answer, earliest deadline first."""
+        rows = await self._fetchall(_WAITING, (owner,))
+        return [_forward_from_row(row) for row in rows]
+
+    async def overdue_pending(self, grace_seconds: float, limit: int) -> list[ForwardedRequest]:
+        """Forwards unanswered more than `grace_seconds` past their deadline, and E21 claims not settled
+        that long after they were made (their claimer died before it knew its E21 was out)."""
+        before = _time_text(utc_now() - timedelta(seconds=grace_seconds))
+        rows = await self._fetchall(_OVERDUE, (before, before, limit))
+        return [_forward_from_row(row) for row in rows]
 
     async def load_request_counters(self) -> dict[Eui, int]:
         rows = await self._fetchall("SELECT originator, counter FROM request_counters")

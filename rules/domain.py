@@ -283,6 +283,22 @@ class ForwardedRequest:
     """When the target response time runs out (timezone-aware)."""
 
 
+ANSWER_RESPONSE = "response"
+"""A forward's final answer was its device's response (relayed, or withheld as E169)."""
+ANSWER_TIMEOUT = "timeout"
+"""A forward's final answer was E21: no device response within the target response time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A commit took the right to give a forward its one final answer (of every gateway instance
+    sharing the store, exactly one commit claims each forward)."""
+
+    answer: str
+    """ANSWER_RESPONSE or ANSWER_TIMEOUT."""
+    forward: ForwardedRequest
+
+
 @dataclass(frozen=True, slots=True)
 class FlagEvent:
     """One flag Service Request and its outcome: a flag_history row."""

@@ -38,6 +38,10 @@ counterexamples. The definitions (docs/simulator.md repeats them):
   user not registered for the device that sent it (an answer or alert carrying a RequestID goes to
   that request's originator). Checked, and reported, only when the analysis is given the estate.
 
+For several instances (tests/gateway/test_failover.py), not part of `check_analysis`: exactly-one-final
+(no request gets two different final answers; byte-identical repeats are counted apart), none-lost
+(every parsed request has a final answer), forwarded-once (no RequestID reaches /cmd twice).
+
 "Flagged" is judged by whose data it is: a device's flag covers the device itself, and a GSME's also
 its GPF (the GPF holds the GSME's registers, profiles and prepayment values), when the analysis is
 given the estate (the comms hub relations); without it, only the addressed device counts.
@@ -449,15 +453,45 @@ def check_no_consumption_to_flagged(
         found.checked += 1
         for device in _devices_of(command, request):
             flag_request = analysis.flagged_by(device, command.index)
-            if flag_request is not None:
-                found.fail(
-                    f"{request.srv} {request.request_id} reached {command.eui} at t={command.t:.3f}s "
-                    f"while {analysis.owners.get(device, device)} was flagged (by {flag_request})"
-                )
+            if flag_request is None:
+                continue
+            meter = analysis.owners.get(device, device)
+            example = (
+                f"{request.srv} {request.request_id} reached {command.eui} at t={command.t:.3f}s "
+                f"while {meter} was flagged (by {flag_request})"
+            )
+            # Told apart for diagnosis: the clear was already sent, its I0 not yet seen.
+            clear = _clear_in_flight(analysis, meter, command.index)
+            if clear is not None:
+                found.counts["while-clear-in-flight"] += 1
+                example += f"; its 8.15.2 {clear.parsed.request_id} was sent at t={clear.t:.3f}s"
+            found.fail(example)
     return found.result(
         "no-consumption-to-flagged",
         "no consumption-related command reached a device after its flag-set was acknowledged",
     )
+
+
+def _clear_in_flight(analysis: Analysis, meter: Eui, index: int) -> RequestRecord | None:
+    """An 8.15.2 for `meter` published before log position `index` whose I0 came after it."""
+    for record in analysis.requests:
+        request = record.parsed
+        if record.index > index:
+            break
+        if (
+            isinstance(request, ServiceRequest)
+            and request.flag is not None
+            and not request.flag.set
+            and request.flag.device_id == meter
+            and any(
+                answer.index > index
+                and isinstance(answer.parsed, DeviceMessage)
+                and answer.parsed.response_code == ResponseCode.SUCCESS.value
+                for answer in analysis.answers_by_key.get(record.key or "", ())
+            )
+        ):
+            return record
+    return None
 
 
 def check_protected_traffic_delivered(
@@ -560,6 +594,78 @@ def check_one_final_answer(analysis: Analysis, *, limit: int = 10) -> InvariantR
         len(answers) for key, answers in analysis.answers_by_key.items() if key not in known
     )
     return found.result("one-final-answer", "every request got exactly one final answer")
+
+
+def _finals_per_request(analysis: Analysis) -> dict[str, tuple[list[RequestRecord], list[bytes]]]:
+    """Per '<topic user>|<RequestID>': the parsed requests sent with it, and the payloads of every final
+    answer (any response but the I99 acknowledgement) observed for it, in order."""
+    groups: dict[str, tuple[list[RequestRecord], list[bytes]]] = {}
+    for record in analysis.requests:
+        if record.key is not None:
+            groups.setdefault(record.key, ([], []))[0].append(record)
+    for key, (_, finals) in groups.items():
+        finals.extend(
+            answer.payload
+            for answer in analysis.answers_by_key.get(key, ())
+            if isinstance(answer.parsed, DeviceMessage) and answer.parsed.response_code != ACKNOWLEDGED
+        )
+    return groups
+
+
+def check_exactly_one_final(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
+    """No request gets two different final answers. A byte-for-byte repeat of a final answer (a QoS 1
+    redelivery, or the same relayed response published again) is the same answer: counted apart
+    (`repeated-finals`), not failed. k requests sharing a RequestID may have k different finals."""
+    found = _Collector(limit)
+    for key, (records, finals) in _finals_per_request(analysis).items():
+        found.checked += len(records)
+        different = len(set(finals))
+        found.counts["repeated-finals"] += len(finals) - different
+        if different <= len(records):
+            continue
+        found.counts["different-finals"] += different - len(records)
+        request_id = key.split("|", 1)[1]
+        codes = " ".join(_codes(analysis.answers_by_key[key]))
+        found.fail(
+            f"{request_id} ({records[0].scenario or 'request'}): {different} different final answers "
+            f"for {len(records)} request(s), answers {codes}"
+        )
+    return found.result("exactly-one-final", "no request got two different final answers")
+
+
+def check_none_lost(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
+    """Every parsed request got a final answer (k requests sharing a RequestID: k different ones)."""
+    found = _Collector(limit)
+    for key, (records, finals) in _finals_per_request(analysis).items():
+        found.checked += len(records)
+        missing = len(records) - len(set(finals))
+        if missing <= 0:
+            continue
+        found.counts["missing"] += missing
+        request_id = key.split("|", 1)[1]
+        codes = " ".join(_codes(analysis.answers_by_key.get(key, ()))) or "none"
+        found.fail(f"{request_id} ({records[0].scenario or 'request'}): no final answer, answers {codes}")
+    return found.result("none-lost", "every request got a final answer")
+
+
+def check_forwarded_once(analysis: Analysis, *, limit: int = 10) -> InvariantResult:
+    """Each RequestID reached a device's /cmd at most once, whoever forwarded it (byte-identical copies
+    and different ones both fail; `identical-copies` and `different-copies` say which)."""
+    found = _Collector(limit)
+    copies: dict[str, list[MessageRecord]] = defaultdict(list)
+    for command in analysis.commands:
+        if isinstance(command.parsed, ServiceRequest):
+            copies[str(command.parsed.request_id)].append(command)
+    for request_id, commands in copies.items():
+        found.checked += 1
+        if len(commands) == 1:
+            continue
+        different = len({command.payload for command in commands})
+        found.counts["different-copies"] += different - 1
+        found.counts["identical-copies"] += len(commands) - different
+        times = ", ".join(f"t={command.t:.3f}s" for command in commands)
+        found.fail(f"{request_id} reached a device {len(commands)} times ({times})")
+    return found.result("forwarded-once", "no RequestID reached a device twice")
 
 
 def check_malformed_handled(analysis: Analysis, *, limit: int = 10) -> InvariantResult:

@@ -9,12 +9,13 @@ import pytest
 
 from gateway.config import StoreSettings
 from simulator.mosquitto import Mosquitto
-from simulator.postgres import Postgres, PostgresError
-from tests.servers import running
+from tests.servers import private_postgres, running
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from pathlib import Path
+
+    from simulator.postgres import Postgres
 
 
 @pytest.fixture
@@ -36,11 +37,7 @@ _DATABASES = itertools.count(1)
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Postgres]:
     """One private PostgreSQL for the session (free port, its own cluster), always removed."""
-    try:
-        server = Postgres()
-    except PostgresError as exc:  # no binaries, or initdb failed
-        pytest.fail(str(exc))
-    with running(server, server.remove):
+    with private_postgres() as server:
         yield server
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
+from simulator.postgres import Postgres, PostgresError
 from simulator.server import LocalServer, ServerError
 
 if TYPE_CHECKING:
@@ -26,3 +27,14 @@ def running(server: _Server, finish: Callable[[], None] | None = None) -> Iterat
         yield server
     finally:
         (finish or server.stop)()
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[Postgres]:
+    """A new PostgreSQL cluster, started; removed afterwards. No binaries or a failed initdb fails."""
+    try:
+        server = Postgres()
+    except PostgresError as exc:
+        pytest.fail(str(exc))
+    with running(server, server.remove):
+        yield server

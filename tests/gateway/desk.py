@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from gateway.router import (
@@ -22,8 +22,10 @@ from gateway.router import (
     Committed,
     FlagSubjectRead,
     Instant,
+    OverdueRead,
     Publish,
     ReadFlagSubject,
+    ReadOverdue,
     Received,
     Router,
     RouterSettings,
@@ -32,7 +34,7 @@ from gateway.router import (
 )
 from gateway.topics import Topics
 from gateway.view import RoutingView
-from rules.domain import OUTCOME_ACCEPTED, FlagEvent
+from rules.domain import ANSWER_RESPONSE, ANSWER_TIMEOUT, OUTCOME_ACCEPTED, Claim, FlagEvent
 from rules.table import default_table
 from tests.gateway.messages import AT, DCC, response_code
 from tests.gateway.test_inventory import USERS, premise
@@ -56,15 +58,21 @@ class Durable:
     counters: dict[Eui, int] = field(default_factory=dict)
     request_ids: set[tuple[Eui, int]] = field(default_factory=set)
     pending: dict[RequestId, ForwardedRequest] = field(default_factory=dict)
+    answers: dict[RequestId, str] = field(default_factory=dict)
+    """The final answer each answered forward got (its claim), as the stores' pending_requests.answer."""
+    unsettled: set[RequestId] = field(default_factory=set)
 
     @classmethod
     def of(cls, devices: Iterable[DeviceRecord] = (), users: Iterable[UserRecord] = USERS) -> Durable:
         return cls({record.device_id: record for record in devices or premise()}, list(users))
 
-    def apply(self, commits: Iterable[Commit]) -> frozenset[int]:
-        """Make the commits durable; returns those whose RequestID was recorded already (as the stores'
-        CommitResult.first: another router sharing this Durable acts on it)."""
+    def apply(self, commits: Iterable[Commit]) -> Committed:
+        """Make the commits durable, as one transaction of the stores would: `taken` are those whose
+        RequestID was recorded already (another router sharing this Durable acts on it); a forward is
+        claimed only while unanswered (an E21 also when its claim was never settled: no grace here)."""
+        commits = list(commits)
         taken = set()
+        claimed: dict[RequestId, Claim] = {}
         for commit in commits:
             for request_id in commit.counters.items():
                 if request_id in self.request_ids:
@@ -76,10 +84,41 @@ class Durable:
                     (self.flags.add if event.set else self.flags.discard)(event.device_id)
             for originator, counter in commit.counters.items():
                 self.counters[originator] = max(counter, self.counters.get(originator, -1))
-            self.pending.update((entry.request_id, entry) for entry in commit.forwarded)
-            for request_id in (*commit.answered, *commit.expired):
-                del self.pending[request_id]
-        return frozenset(taken)
+            self.pending.update(
+                (entry.request_id, entry)
+                for entry in commit.forwarded
+                if entry.request_id not in self.answers
+            )
+            for answer, request_ids in (
+                (ANSWER_RESPONSE, commit.answered),
+                (ANSWER_TIMEOUT, commit.timed_out),
+            ):
+                for request_id in request_ids:
+                    given = self.answers.get(request_id)
+                    reclaim = (
+                        answer == ANSWER_TIMEOUT and given == ANSWER_TIMEOUT and request_id in self.unsettled
+                    )
+                    if request_id in self.pending and (given is None or reclaim):
+                        self.answers[request_id] = answer
+                        claimed[request_id] = Claim(answer, self.pending[request_id])
+                        if answer == ANSWER_TIMEOUT:
+                            self.unsettled.add(request_id)
+            self.unsettled.difference_update(commit.settled)
+        tried = {rid for commit in commits for rid in (*commit.answered, *commit.timed_out)}
+        answers = {rid: self.answers[rid] for rid in tried - claimed.keys() if rid in self.answers}
+        return Committed(tuple(commit.batch for commit in commits), frozenset(taken), claimed, answers)
+
+    @property
+    def waiting(self) -> dict[RequestId, ForwardedRequest]:
+        """The forwards still waiting for their device's answer (what a restart loads)."""
+        return {rid: entry for rid, entry in self.pending.items() if rid not in self.answers}
+
+    def overdue(self, at: datetime) -> tuple[ForwardedRequest, ...]:
+        """As the stores' overdue_pending with no grace, at `at`: forwards unanswered past their
+        deadline, and unsettled E21 claims."""
+        waiting = [entry for entry in self.waiting.values() if entry.deadline < at]
+        unsettled = [self.pending[rid] for rid in self.unsettled]
+        return tuple(sorted((*waiting, *unsettled), key=lambda entry: entry.deadline))
 
 
 class Desk:
@@ -119,7 +158,7 @@ class Desk:
             view=view,
             settings=settings,
             counters=self.durable.counters,
-            pending=self.durable.pending.values(),
+            pending=self.durable.waiting.values(),
         )
 
     def restart(self) -> None:
@@ -150,6 +189,8 @@ class Desk:
                     self.waiting_commits.append(effect)
                 elif isinstance(effect, ReadFlagSubject):
                     self.waiting_reads.append(effect)
+                elif isinstance(effect, ReadOverdue):
+                    events.append(OverdueRead(self.durable.overdue(self.now.wall)))
             self.observed.extend(observations(produced))
             if not self.hold:
                 if self.waiting_reads:
@@ -171,7 +212,7 @@ class Desk:
         batches = tuple(commit.batch for commit in commits)
         if error is not None:
             return CommitFailed(batches, error)
-        return Committed(batches, self.durable.apply(commits))
+        return self.durable.apply(commits)
 
     def commit(self, error: str | None = None) -> list[Publish]:
         """Answer every waiting commit (all in one transaction): succeeded, or failed with `error`."""

@@ -1,4 +1,5 @@
-"""What several instances share in PostgreSQL: flag epochs and their NOTIFY, leases, pending forwards.
+"""What several instances share in PostgreSQL: flag epochs and their NOTIFY, leases (the claims on
+pending forwards are store semantics, tested on both stores in test_store.py).
 
 Each test has a new database on the session's private server; two `PostgresStore`s on one database
 stand for two gateway instances. Lease and deadline lengths of zero make "lapsed" and "expired"
@@ -141,54 +142,6 @@ async def test_leaving_gives_the_lease_up(stores: tuple[PostgresStore, PostgresS
     await second.leave("b")
     assert await first.unapplied(1) == []
     assert not await second.renew("b", 0, LEASE)
-
-
-# -- pending forwards ------------------------------------------------------------------------------
-
-FORWARDS = [(f"{IMPORT_SUPPLIER}:{METER}:{n}", "4.1.1", f"SR-{n}") for n in range(1, 21)]
-
-
-async def test_a_pending_forward_is_claimed_exactly_once(stores: tuple[PostgresStore, PostgresStore]) -> None:
-    first, second = stores
-    await first.add_pending("a", FORWARDS[:1], 3600)
-    request_id = FORWARDS[0][0]
-    claims = await asyncio.gather(*(store.claim(request_id) for store in (first, second) for _ in range(5)))
-    taken = [claim for claim in claims if claim is not None]
-    assert len(taken) == 1
-    assert (taken[0].request_id, taken[0].owner, taken[0].srv, taken[0].service_reference) == (
-        request_id,
-        "a",
-        "4.1.1",
-        "SR-1",
-    )
-    assert taken[0].deadline > taken[0].forwarded_at
-    assert await first.claim_expired() == []  # answered: nothing left to time out
-
-
-async def test_expired_forwards_are_split_between_sweeping_instances(
-    stores: tuple[PostgresStore, PostgresStore],
-) -> None:
-    first, second = stores
-    await first.add_pending("a", FORWARDS[:10], 0)  # due now
-    await first.add_pending("a", FORWARDS[10:], 3600)
-    swept = await asyncio.gather(
-        *(store.claim_expired(limit=3) for store in (first, second) for _ in range(4))
-    )
-    ids = [forward.request_id for batch in swept for forward in batch]
-    assert sorted(ids) == sorted(request_id for request_id, _, _ in FORWARDS[:10])
-    # A device's answer after its timeout finds nothing to claim; one in time does.
-    assert await second.claim(FORWARDS[0][0]) is None
-    assert await second.claim(FORWARDS[10][0]) is not None
-
-
-async def test_a_forward_recorded_again_keeps_its_first_deadline(
-    stores: tuple[PostgresStore, PostgresStore],
-) -> None:
-    first, second = stores
-    await first.add_pending("a", FORWARDS[:1], 0)
-    await second.add_pending("b", FORWARDS[:1], 3600)  # the redelivered request, forwarded again
-    [expired] = await second.claim_expired()
-    assert expired.owner == "a"
 
 
 async def test_the_listener_comes_back_after_a_restart_of_the_database(

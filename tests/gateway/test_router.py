@@ -19,6 +19,7 @@ from gateway.router import (
     Admission,
     CommitRolledBack,
     DeviceMessageRouted,
+    DuplicateDelivery,
     Publish,
     Received,
     RequestDecided,
@@ -26,9 +27,9 @@ from gateway.router import (
 )
 from gateway.signing import Verification, document_parser
 from rules.codes import ResponseCode
-from rules.domain import RequestId
+from rules.domain import ANSWER_RESPONSE, Eui, RequestId
 from rules.table import default_table
-from tests.gateway.desk import TOPICS, Desk
+from tests.gateway.desk import TOPICS, Desk, Durable
 from tests.gateway.messages import (
     CONSUMPTION_SRV,
     DCC,
@@ -341,7 +342,8 @@ def test_a_failed_commit_is_answered_and_the_retry_is_decided_as_new() -> None:
     retried = desk.commit()
     assert desk.answers_to(IMPORT_SUPPLIER, retried) == [ResponseCode.ACKNOWLEDGED]
     assert desk.commands(retried) == [TOPICS.command(METER)]
-    assert desk.pass_time(60) != []  # forwarded for real this time: pending, then timed out
+    desk.pass_time(60)  # forwarded for real this time: pending, then timed out once its claim is durable
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.DEVICE_TIMEOUT]
 
 
 def test_a_failed_flag_commit_leaves_the_flag_as_it_was_and_later_messages_flow() -> None:
@@ -447,8 +449,10 @@ def test_the_timeout_clock_starts_when_the_forward_is_durable() -> None:
     desk.send(IMPORT_SUPPLIER, read(1))
     desk.seconds = 100.0  # a slow commit
     desk.commit()
-    assert desk.pass_time(29.0) == []
-    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(1.0)) == [ResponseCode.DEVICE_TIMEOUT]
+    desk.pass_time(29.0)
+    assert not desk.waiting_commits  # not yet due: nothing to claim
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.DEVICE_TIMEOUT]
 
 
 def test_every_decision_is_observed_with_what_the_outcome_record_needs(desk: Desk) -> None:
@@ -499,6 +503,98 @@ def test_two_routers_sharing_a_store_act_on_a_request_id_once(desk: Desk) -> Non
     assert desk.commands(third.commit()) == [TOPICS.command(METER)]
 
 
+# -- one final answer per request, whichever instance hears the device ---------------------------
+
+
+def _final_answers(user: Eui, *desks: Desk) -> list[str]:
+    return [code for desk in desks for code in desk.answers_to(user, desk.published) if code != "I99"]
+
+
+def test_a_device_answer_heard_by_another_instance_is_the_one_final_answer() -> None:
+    durable = Durable.of()
+    forwarding, other = Desk(durable), Desk(durable)
+    forwarding.send(IMPORT_SUPPLIER, read(1))
+    answer = meter_reading_answer(1)
+    assert other.device_says(METER, answer) == [Publish(TOPICS.out(IMPORT_SUPPLIER), answer)]
+    # The forwarding instance's own timer runs out later: its E21 claim fails, nothing is published.
+    assert forwarding.pass_time(60.0) == []
+    assert _final_answers(IMPORT_SUPPLIER, forwarding, other) == [ResponseCode.SUCCESS]
+
+
+def test_a_device_answer_after_the_e21_is_late_wherever_it_is_heard() -> None:
+    durable = Durable.of()
+    forwarding, other = Desk(durable), Desk(durable)
+    forwarding.send(IMPORT_SUPPLIER, read(1))
+    assert forwarding.answers_to(IMPORT_SUPPLIER, forwarding.pass_time(30.0)) == [ResponseCode.DEVICE_TIMEOUT]
+    assert other.device_says(METER, meter_reading_answer(1)) == []
+    [late] = [o for o in other.observed if isinstance(o, DeviceMessageRouted)]
+    assert late.delivery == "late"
+    assert _final_answers(IMPORT_SUPPLIER, forwarding, other) == [ResponseCode.DEVICE_TIMEOUT]
+
+
+def test_a_dead_instances_forwards_are_timed_out_once_by_the_survivors() -> None:
+    durable = Durable.of()
+    dead, first, second = Desk(durable), Desk(durable), Desk(durable)
+    for counter in (1, 2, 3):
+        dead.send(IMPORT_SUPPLIER, read(counter))
+    # Both survivors sweep past the deadline; the store lets each forward be claimed once.
+    for survivor in (first, second):
+        survivor.seconds = 31.0
+    first.pass_time(0.0)
+    second.pass_time(0.0)
+    assert sorted(_final_answers(IMPORT_SUPPLIER, first, second)) == [ResponseCode.DEVICE_TIMEOUT] * 3
+    assert durable.waiting == {}
+
+
+def test_a_sweep_and_a_device_answer_racing_give_one_final_answer() -> None:
+    durable = Durable.of()
+    dead, sweeping, hearing = Desk(durable), Desk(durable, hold=True), Desk(durable, hold=True)
+    dead.send(IMPORT_SUPPLIER, read(1))
+    sweeping.seconds = 31.0
+    sweeping.pass_time(0.0)  # its claim is in flight...
+    hearing.device_says(METER, meter_reading_answer(1))  # ...and so is this one
+    hearing.commit()  # the device's answer is claimed first
+    sweeping.commit()
+    assert _final_answers(IMPORT_SUPPLIER, sweeping, hearing) == [ResponseCode.SUCCESS]
+
+
+def test_a_repeated_device_answer_is_dropped_and_a_redelivered_one_repeated() -> None:
+    desk = Desk()
+    desk.send(IMPORT_SUPPLIER, read(1))
+    answer = meter_reading_answer(1)
+    desk.device_says(METER, answer)
+    assert desk.device_says(METER, answer) == []  # the device said it twice
+    assert [o.delivery for o in desk.observed if isinstance(o, DeviceMessageRouted)] == [
+        "deliver",
+        "duplicate",
+    ]
+    # The broker's redelivery after a crash between the claim and the publish: at least once.
+    redelivered = desk.receive(f"{TOPICS.devices}/{METER}/up", answer, redelivered=True)
+    assert redelivered == [Publish(TOPICS.out(IMPORT_SUPPLIER), answer)]
+
+
+def test_an_answer_to_a_request_nobody_forwarded_is_dead_lettered() -> None:
+    desk = Desk()
+    out = desk.device_says(METER, meter_reading_answer(7))
+    assert [p.topic for p in out] == [TOPICS.deadletter]
+    assert json.loads(out[0].payload)["reason"] == "unknown-request"
+
+
+def test_a_redelivery_another_process_decided_is_decided_again() -> None:
+    # A redelivered request this process never decided (its first delivery went to an instance that
+    # died) is AGAIN, even below this process's live counter; one it decided itself is ANSWERED.
+    durable = Durable.of()
+    dead, survivor = Desk(durable, hold=True), Desk(durable)
+    dead.send(IMPORT_SUPPLIER, read(1))  # decided, never committed: the instance dies
+    survivor.send(IMPORT_SUPPLIER, read(2))
+    again = survivor.send(IMPORT_SUPPLIER, read(1), redelivered=True)
+    assert survivor.commands(again) == [TOPICS.command(METER)]
+    assert survivor.send(IMPORT_SUPPLIER, read(2), redelivered=True) == []
+    admissions = [o.admission for o in survivor.observed if isinstance(o, RequestDecided)]
+    assert admissions == ["new", "again"]
+    assert [type(o) for o in survivor.observed].count(DuplicateDelivery) == 1
+
+
 # -- durable pending forwards ---------------------------------------------------------------------
 
 
@@ -510,8 +606,9 @@ def test_a_forward_of_a_crashed_process_is_timed_out_once_by_the_next() -> None:
     desk.restart()  # the device is silent; the deadline is the one the first process stored
     assert desk.pass_time(19.0) == []
     assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(1.0)) == [ResponseCode.DEVICE_TIMEOUT]
-    # The E21 removal was committed on its own, so a further restart does not answer it again.
-    assert desk.durable.pending == {}
+    # The E21 was claimed, then settled once it had left: a further restart does not answer it again.
+    assert desk.durable.waiting == {}
+    assert desk.durable.unsettled == set()
     desk.restart()
     assert desk.pass_time(60.0) == []
 
@@ -522,7 +619,7 @@ def test_a_device_answer_to_a_forward_of_a_crashed_process_is_its_final_answer()
     desk.restart()
     answer = meter_reading_answer(1)
     assert desk.device_says(METER, answer) == [Publish(TOPICS.out(IMPORT_SUPPLIER), answer)]
-    assert desk.durable.pending == {}
+    assert desk.durable.waiting == {}
     assert desk.pass_time(60.0) == []
     desk.restart()
     assert desk.pass_time(60.0) == []
@@ -536,33 +633,43 @@ def test_a_device_answer_is_released_once_its_forward_left_the_store() -> None:
     # Crash before that commit is heard of: the answer was never published nor acknowledged, so the
     # broker delivers it again, and the next process routes it as the final answer.
     desk.restart()
-    assert len(desk.durable.pending) == 1
+    assert len(desk.durable.waiting) == 1
     desk.device_says(METER, meter_reading_answer(1))
     assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.SUCCESS]
-    assert desk.durable.pending == {}
+    assert desk.durable.waiting == {}
 
 
-def test_an_answer_whose_removal_failed_is_delivered_and_the_removal_retried() -> None:
+def test_an_answer_whose_claim_failed_is_delivered_and_the_claim_retried() -> None:
     desk = Desk(hold=True)
     desk.send(IMPORT_SUPPLIER, read(1))
     desk.commit()
     desk.device_says(METER, meter_reading_answer(1))
     assert desk.answers_to(IMPORT_SUPPLIER, desk.commit(error="disk I/O error")) == [ResponseCode.SUCCESS]
-    assert len(desk.durable.pending) == 1
-    desk.send(IMPORT_SUPPLIER, read(2))  # the next commit carries the removal
+    assert len(desk.durable.waiting) == 1
+    desk.send(IMPORT_SUPPLIER, read(2))  # the next commit carries the claim
     desk.commit()
-    assert list(desk.durable.pending) == [RequestId(IMPORT_SUPPLIER, METER, 2)]
+    assert list(desk.durable.waiting) == [RequestId(IMPORT_SUPPLIER, METER, 2)]
+    assert desk.durable.answers == {RequestId(IMPORT_SUPPLIER, METER, 1): ANSWER_RESPONSE}
 
 
-def test_a_crash_between_an_e21_and_its_removal_repeats_the_e21() -> None:
-    # The stated at-least-once case: the E21 left, its removal was not durable yet.
+def test_a_crash_between_an_e21_claim_and_its_settlement_repeats_the_e21() -> None:
+    # The stated at-least-once case: the E21 was claimed and may have left; its settlement was not
+    # durable yet. The next process's sweep finds the unsettled claim and gives the E21 again.
     desk = Desk(hold=True, target_response_seconds=30.0)
     desk.send(IMPORT_SUPPLIER, read(1))
     desk.commit()
-    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(30.0)) == [ResponseCode.DEVICE_TIMEOUT]
-    assert [commit.expired for commit in desk.waiting_commits] == [(RequestId(IMPORT_SUPPLIER, METER, 1),)]
+    desk.pass_time(30.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.DEVICE_TIMEOUT]
+    desk.pass_time(1.0)
+    assert [commit.settled for commit in desk.waiting_commits] == [(RequestId(IMPORT_SUPPLIER, METER, 1),)]
     desk.restart()
-    assert desk.answers_to(IMPORT_SUPPLIER, desk.pass_time(1.0)) == [ResponseCode.DEVICE_TIMEOUT]
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.DEVICE_TIMEOUT]
+    desk.pass_time(1.0)
+    desk.commit()  # settled now: no process gives it again
+    desk.restart()
+    desk.pass_time(60.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []
 
 
 # -- bounded work ---------------------------------------------------------------------------------

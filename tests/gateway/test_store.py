@@ -32,7 +32,10 @@ from gateway.store import (
     retryable,
 )
 from rules.domain import (
+    ANSWER_RESPONSE,
+    ANSWER_TIMEOUT,
     MAX_COUNTER,
+    Claim,
     DeviceStatus,
     Eui,
     ForwardedRequest,
@@ -410,7 +413,7 @@ async def test_a_request_id_is_recorded_once_whatever_the_order(store_settings: 
             await store.commit(CommitBatch(request_ids=[(IMPORT_SUPPLIER, MAX_COUNTER + 1)]))
 
 
-async def test_pending_forwards_are_stored_with_their_commit_and_removed_when_answered(
+async def test_pending_forwards_are_stored_with_their_commit_and_leave_when_claimed(
     store: FlagStore,
 ) -> None:
     deadline = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
@@ -419,10 +422,100 @@ async def test_pending_forwards_are_stored_with_their_commit_and_removed_when_an
         RequestId(IMPORT_SUPPLIER, GAS_METER, 7), "4.8.1", "4.8", deadline - timedelta(1)
     )
     await store.commit(CommitBatch(forwarded=(first, second)))
-    await store.commit(CommitBatch(resolved=(RequestId(NEW_SUPPLIER, METER, 1),)))  # not pending: no-op
+    unknown = RequestId(NEW_SUPPLIER, METER, 1)
+    nothing = await store.commit(CommitBatch(answered=(unknown,)))  # nobody forwarded it
+    assert (nothing.claimed, nothing.answers) == ({}, {})
     assert await store.load_pending() == [second, first]  # earliest deadline first
-    await store.commit(CommitBatch(resolved=(second.request_id,)))
+    result = await store.commit(CommitBatch(answered=(second.request_id,)))
+    assert result.claimed == {second.request_id: Claim(ANSWER_RESPONSE, second)}
     assert await store.load_pending() == [first]
+
+
+async def test_a_restarted_instance_takes_back_only_its_own_forwards(store: FlagStore) -> None:
+    at = datetime.now(UTC)
+    mine, theirs = (
+        ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, n), "4.8.1", "4.8", at + timedelta(seconds=n))
+        for n in (1, 2)
+    )
+    await store.commit(CommitBatch(forwarded=(mine,), owner="gw-1"))
+    await store.commit(CommitBatch(forwarded=(theirs,), owner="gw-2"))
+    # A repeat forward by another instance leaves the forward with its first owner.
+    await store.commit(CommitBatch(forwarded=(mine,), owner="gw-2"))
+    assert await store.load_pending("gw-1") == [mine]
+    assert await store.load_pending("gw-2") == [theirs]
+    assert await store.load_pending() == []
+    # The others' are the sweep's, once overdue: whoever forwarded them.
+    assert await store.overdue_pending(-3.0, 10) == [mine, theirs]
+
+
+async def test_a_forward_is_claimed_once_for_its_final_answer(store: FlagStore) -> None:
+    forward = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, 3), "4.8.1", "4.8", datetime.now(UTC))
+    await store.commit(CommitBatch(forwarded=(forward,)))
+    # A response and a timeout in one transaction: the response is claimed first, the timeout loses.
+    both = await store.commit(CommitBatch(answered=(forward.request_id,), timed_out=(forward.request_id,)))
+    assert both.claimed == {forward.request_id: Claim(ANSWER_RESPONSE, forward)}
+    again = await store.commit(CommitBatch(answered=(forward.request_id,), timed_out=(forward.request_id,)))
+    assert (again.claimed, again.answers) == ({}, {forward.request_id: ANSWER_RESPONSE})
+    # A repeat forward of an answered request leaves its answer alone.
+    await store.commit(CommitBatch(forwarded=(forward,)))
+    assert await store.load_pending() == []
+    assert await store.overdue_pending(0.0, 10) == []
+
+
+async def test_an_unsettled_e21_is_overdue_until_settled(store: FlagStore) -> None:
+    past = datetime.now(UTC) - timedelta(seconds=60)
+    late, due = (
+        ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, n), "4.8.1", "4.8", past + timedelta(seconds=n))
+        for n in (1, 2)
+    )
+    waiting = ForwardedRequest(
+        RequestId(IMPORT_SUPPLIER, METER, 3), "4.8.1", "4.8", past + timedelta(hours=1)
+    )
+    await store.commit(CommitBatch(forwarded=(late, due, waiting)))
+    assert await store.overdue_pending(0.0, 10) == [late, due]
+    assert await store.overdue_pending(0.0, 1) == [late]
+    assert await store.overdue_pending(3600.0, 10) == []  # within the grace: its holder may answer it
+    claimed = await store.commit(CommitBatch(timed_out=(late.request_id,)))
+    assert claimed.claimed == {late.request_id: Claim(ANSWER_TIMEOUT, late)}
+    # Claimed, not settled: within the grace nobody may claim it again, after it anybody may.
+    assert await store.overdue_pending(3600.0, 10) == []
+    held = await store.commit(CommitBatch(timed_out=(late.request_id,), timeout_grace_seconds=3600.0))
+    assert held.answers == {late.request_id: ANSWER_TIMEOUT}
+    assert await store.overdue_pending(0.0, 10) == [late, due]
+    again = await store.commit(CommitBatch(timed_out=(late.request_id,)))
+    assert again.claimed == {late.request_id: Claim(ANSWER_TIMEOUT, late)}
+    await store.commit(CommitBatch(settled=(late.request_id,)))
+    assert await store.overdue_pending(0.0, 10) == [due]
+    settled = await store.commit(CommitBatch(timed_out=(late.request_id,)))
+    assert settled.answers == {late.request_id: ANSWER_TIMEOUT}
+    # Answered forwards are forgotten with the RequestIDs; a waiting one never is.
+    await store.purge_request_ids(datetime.now(UTC) + timedelta(seconds=1))
+    gone = await store.commit(CommitBatch(answered=(late.request_id,)))
+    assert (gone.claimed, gone.answers) == ({}, {})
+    assert await store.load_pending() == [due, waiting]
+
+
+async def test_instances_racing_for_a_forward_claim_it_once(store_settings: StoreSettings) -> None:
+    forwards = [
+        ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, n), "4.8.1", "4.8", datetime.now(UTC))
+        for n in range(1, 31)
+    ]
+    async with open_store(store_settings) as first, open_store(store_settings) as second:
+        await first.commit(CommitBatch(forwarded=forwards))
+
+        async def claims(store: FlagStore, answered: bool) -> list[RequestId]:
+            taken: list[RequestId] = []
+            for forward in forwards:
+                rid = (forward.request_id,)
+                batch = CommitBatch(answered=rid) if answered else CommitBatch(timed_out=rid)
+                taken.extend((await store.commit(batch)).claimed)
+            return taken
+
+        results = await asyncio.gather(
+            claims(first, answered=True), claims(second, answered=False), claims(second, answered=True)
+        )
+    taken = [rid for result in results for rid in result]
+    assert sorted(taken, key=str) == sorted((forward.request_id for forward in forwards), key=str)
 
 
 async def test_a_store_that_fails_its_integrity_check_is_refused(tmp_path: Path) -> None:

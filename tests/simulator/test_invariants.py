@@ -39,9 +39,12 @@ from simulator.invariants import (
     check_all,
     check_answers_signed,
     check_authorised_access,
+    check_exactly_one_final,
+    check_forwarded_once,
     check_malformed_handled,
     check_no_consumption_data_from_flagged,
     check_no_consumption_to_flagged,
+    check_none_lost,
     check_one_final_answer,
     check_protected_traffic_delivered,
     check_spoofed_not_forwarded,
@@ -170,6 +173,27 @@ def test_a_covers_a_schedule_of_a_consumption_srv_for_a_flagged_device():
     assert "5.1" in result.counterexamples[0]
 
 
+def test_a_tells_a_command_sent_while_the_clear_was_in_flight_from_one_after_the_set_alone():
+    log = Log()
+    log.flag(1)
+    clear_id, _ = log.request("8.15.2", 2)
+    early = log.forwarded("4.8.1", 3)  # decided once the clear was in the store, before its I0
+    log.answer(clear_id, "I0", "8.15.2")
+    log.forwarded("4.8.1", 4)  # after the clear's I0: allowed
+    result = check_no_consumption_to_flagged(log.analysis(), TABLE)
+    assert not result.passed
+    assert result.violations == 1
+    assert result.counts["while-clear-in-flight"] == 1
+    assert str(early) in result.counterexamples[0]
+    assert str(clear_id) in result.counterexamples[0]
+    log = Log()
+    log.flag(1)
+    log.forwarded("4.8.1", 2)
+    result = check_no_consumption_to_flagged(log.analysis(), TABLE)
+    assert result.violations == 1
+    assert "while-clear-in-flight" not in result.counts
+
+
 # -- (b) firmware, security, safety traffic gets through ------------------------------------------------
 
 
@@ -257,6 +281,72 @@ def test_c_reads_answers_on_the_topic_of_the_publisher_for_spoofed_requests():
     spoofed, _ = log.request("4.6.1", 1, user=SUPPLIER, topic_user=OTHER, scenario="spoofed")
     log.answer(spoofed, "E1", "4.6.1", user=SUPPLIER)  # told the victim, not the sender
     assert not check_one_final_answer(log.analysis()).passed
+
+
+# -- across instances (tests/gateway/test_failover.py): one final, none lost, forwarded once -------------
+
+
+def test_exactly_one_final_counts_a_byte_identical_repeat_apart_and_fails_on_a_different_final():
+    log = Log()
+    relayed = log.forwarded("4.6.1", 1)
+    repeated, _ = log.request("4.6.1", 2)
+    log.answer(repeated, "I99", "4.6.1")
+    final = log.answer(repeated, "I0", "4.6.1")
+    log.out(final)  # the same document again: a QoS 1 redelivery
+    result = check_exactly_one_final(log.analysis())
+    assert result.passed
+    assert result.checked == 2
+    assert result.counts["repeated-finals"] == 1
+    log.answer(relayed, "E21", "4.6.1")  # the device's answer relayed, then a timeout: two answers
+    result = check_exactly_one_final(log.analysis())
+    assert not result.passed
+    assert result.violations == 1
+    assert result.counts["different-finals"] == 1
+    assert result.counts["repeated-finals"] == 1
+    assert str(relayed) in result.counterexamples[0]
+
+
+def test_exactly_one_final_allows_one_final_per_request_sharing_a_request_id():
+    log = Log()
+    request_id, _ = log.request("4.6.1", 1)
+    log.request("4.6.1", 1)
+    log.answer(request_id, "I99", "4.6.1")
+    log.answer(request_id, "E16901", "4.6.1")
+    log.answer(request_id, "I0", "4.6.1")
+    assert check_exactly_one_final(log.analysis()).passed
+    assert check_none_lost(log.analysis()).passed
+
+
+@pytest.mark.parametrize("codes", [[], ["I99"], ["I99", "I99"]])
+def test_none_lost_fails_on_a_request_without_a_final_answer(codes):
+    log = Log()
+    log.forwarded("4.6.1", 1)
+    request_id, _ = log.request("4.6.1", 2)
+    for code in codes:
+        log.answer(request_id, code, "4.6.1")
+    result = check_none_lost(log.analysis())
+    assert not result.passed
+    assert result.checked == 2
+    assert result.counts["missing"] == 1
+    assert str(request_id) in result.counterexamples[0]
+
+
+def test_forwarded_once_fails_on_a_request_id_reaching_a_device_twice():
+    log = Log()
+    once = log.forwarded("4.6.1", 1)
+    twice = log.forwarded("4.6.1", 2)
+    result = check_forwarded_once(log.analysis())
+    assert result.passed
+    assert result.checked == 2
+    _, payload = log.request("4.6.1", 2)
+    log.command(payload)  # the same command again (a redelivery forwarded again)
+    log.command(payload + b"\n")  # and a different document with that RequestID
+    result = check_forwarded_once(log.analysis())
+    assert not result.passed
+    assert result.violations == 1
+    assert result.counts == {"identical-copies": 1, "different-copies": 1}
+    assert str(twice) in result.counterexamples[0]
+    assert str(once) not in result.counterexamples[0]
 
 
 # -- (d) malformed input --------------------------------------------------------------------------------
