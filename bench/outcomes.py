@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway.outcomes.database import SqliteOutcomes
+from gateway.outcomes.queries import open_reader
 from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.report.compute import Period, Report
 from gateway.report.load import query_report
 from gateway.report.render_html import render_html
 from gateway.report.render_text import short_report
-from gateway.store import connect
 
 RESULTS = Path(__file__).parent / "results" / "outcomes.json"
 START = datetime(2024, 5, 1, tzinfo=UTC)
@@ -211,15 +212,12 @@ def write_inventory(path: Path, meters: list[Meter]) -> None:
 
 
 async def timed_report(path: Path, period: Period) -> tuple[float, Report]:
-    db = await connect(path, read_only=True)
-    try:
+    async with open_reader(path) as db:
         began = time.perf_counter()
         report = await query_report(
             db, period, target_response_seconds=TARGET_SECONDS, generated_at=period.until
         )
         return time.perf_counter() - began, report
-    finally:
-        await db.close()
 
 
 def extend_rollups_to_a_year(path: Path, days: int) -> None:
@@ -249,7 +247,9 @@ def file_bytes(path: Path) -> int:
 
 def hot_path_us(calls: int = 200_000) -> float:
     """The pipeline's cost per recorded decision: the call only appends to the buffer."""
-    recorder = OutcomeRecorder(Path("unused.sqlite3"), batch_size=calls + 1, max_buffered=calls + 1)
+    recorder = OutcomeRecorder(
+        SqliteOutcomes(Path("unused.sqlite3")), batch_size=calls + 1, max_buffered=calls + 1
+    )
     user, device = SUPPLIERS[0], "00-DB-12-34-56-78-90-A0"
     began = time.perf_counter()
     for counter in range(calls):
@@ -275,7 +275,7 @@ async def record_traffic(path: Path, traffic: Traffic, days: int) -> tuple[int, 
     CPU seconds the event loop's own thread spent on those flushes (what routing would lose)."""
     flush_seconds = loop_cpu_seconds = 0.0
     async with OutcomeRecorder(
-        path, batch_size=500, flush_seconds=3600, target_response_seconds=TARGET_SECONDS
+        SqliteOutcomes(path), batch_size=500, flush_seconds=3600, target_response_seconds=TARGET_SECONDS
     ) as recorder:
         for hour in range(days * 24):
             traffic.hour(recorder, START + timedelta(hours=hour))
@@ -324,7 +324,7 @@ async def main() -> None:
         )
         year_s, _ = await timed_report(path, year)
         year_rollup_rows = {table: count(path, table) for table in ("outcome_hourly", "outcome_daily")}
-        async with OutcomeRecorder(path) as recorder:
+        async with OutcomeRecorder(SqliteOutcomes(path)) as recorder:
             began = time.perf_counter()
             purged = await recorder.purge(START + timedelta(days=1))
             purge_s = time.perf_counter() - began

@@ -165,7 +165,8 @@ class StoreSettings(_Section):
 class OutcomeSettings(_Section):
     path: str = ""
     """Outcome records' SQLite file; empty: beside the store, `<store stem>-outcomes.sqlite3`. A file of
-    its own, so the recorder's batch writes never hold the lock the routing commits need."""
+    its own, so the recorder's batch writes never hold the lock the routing commits need. Not used with
+    the PostgreSQL store: every instance records into its database."""
     batch_size: Annotated[int, Field(ge=1)] = 500
     flush_seconds: Annotated[float, Field(gt=0)] = 0.5
     retention_days: Annotated[int, Field(ge=1)] = 400
@@ -292,7 +293,15 @@ class Configuration:
         key = "store.url" if self.settings.store.postgres else "store.path"
         return f"{self.store_name} ({self._where(key)})"
 
+    @property
+    def outcomes_location(self) -> Path | str:
+        """Where outcomes are recorded: the PostgreSQL store's URL (every instance's, one database),
+        else the SQLite outcome file."""
+        return self.settings.store.url if self.settings.store.postgres else self.outcomes_path
+
     def describe_outcomes(self) -> str:
+        if self.settings.store.postgres:
+            return f"in the store {self.describe_store()}"
         if self.settings.outcomes.path:
             return f"{self.outcomes_path} ({self._where('outcomes.path')})"
         return f"{self.outcomes_path} (beside the store, {self._where('store.path')})"

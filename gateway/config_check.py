@@ -100,6 +100,12 @@ def _store_state(configuration: Configuration) -> str:
     return _exists(configuration.store_path)
 
 
+def _outcomes_state(configuration: Configuration) -> str:
+    if configuration.settings.store.postgres:
+        return configuration.describe_outcomes()
+    return f"{configuration.describe_outcomes()}: {_exists(configuration.outcomes_path)}"
+
+
 def check_config(args: argparse.Namespace) -> int:
     try:
         configuration = load_configuration(args.config)
@@ -111,7 +117,7 @@ def check_config(args: argparse.Namespace) -> int:
     rules = configuration.settings.gateway.rules_path
     sys.stdout.write(
         f"\n# store: {configuration.describe_store()}: {_store_state(configuration)}\n"
-        f"# outcomes: {configuration.describe_outcomes()}: {_exists(configuration.outcomes_path)}\n"
+        f"# outcomes: {_outcomes_state(configuration)}\n"
         f"# rules table: {Path(rules).absolute() if rules else PACKAGED_TABLE}\n"
     )
     found = problems(configuration)

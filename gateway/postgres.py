@@ -357,7 +357,7 @@ def _forward(row: Row) -> ForwardedRequest:
     return ForwardedRequest(_request_id(row), row[3], row[4], row[5])
 
 
-async def _migrate(db: _Connection, component: str, migrations: Sequence[str]) -> None:
+async def migrate_component(db: _Connection, component: str, migrations: Sequence[str]) -> None:
     """Apply `component`'s migrations not applied yet, in one transaction under an advisory lock."""
     async with db.transaction():
         await db.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
@@ -409,8 +409,8 @@ class PostgresStore(Opened):
         pool = await asyncpg.create_pool(self.url, min_size=_POOL_MIN, max_size=_POOL_MAX)
         try:
             async with pool.acquire() as db:
-                await _migrate(db, CORE, MIGRATIONS)
-                await _migrate(db, CLUSTER, CLUSTER_MIGRATIONS)
+                await migrate_component(db, CORE, MIGRATIONS)
+                await migrate_component(db, CLUSTER, CLUSTER_MIGRATIONS)
         except BaseException:
             await pool.close()
             raise

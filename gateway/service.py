@@ -27,7 +27,7 @@ from gateway.postgres import PostgresStore
 from gateway.router import Router, RouterSettings
 from gateway.shell import Clock, Shell
 from gateway.signing import certificate_library, dsp_credentials
-from gateway.storage import open_store
+from gateway.storage import open_store, outcome_database
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from gateway.view import RoutingView
@@ -173,7 +173,7 @@ class GatewayService:
             )
             await member.start(loaded_epoch)
         recorder = OutcomeRecorder(
-            settings.outcomes_path,
+            outcome_database(settings),
             batch_size=settings.outcomes.batch_size,
             flush_seconds=settings.outcomes.flush_seconds,
             target_response_seconds=settings.gateway.target_response_seconds,

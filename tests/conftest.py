@@ -59,3 +59,13 @@ def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSetti
     if request.param == "sqlite":
         return StoreSettings(path=str(tmp_path / "var" / "mp169.sqlite3"))
     return StoreSettings(url=request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outcome_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where outcome records live: a SQLite file (not made yet), or an empty PostgreSQL database
+    (outcome and report tests take this fixture, so each runs against both)."""
+    if request.param == "sqlite":
+        return tmp_path / "outcomes.sqlite3"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

@@ -2,14 +2,15 @@
 
 The outcome observer (gateway/observers.py) calls `record_decision` and `record_device_outcome`
 synchronously: they only append to an in-memory buffer. A background task writes the buffer in
-batches, one transaction per batch, to a SQLite file of the recorder's own, so the routing hot path
-never waits on the disk. The SQL, and all the Python work of building a batch's rows and counts,
-runs in one worker thread that owns the connection (`gateway.outcomes.writes`); the event loop only
-hands batches over.
+batches, one transaction per batch, to the outcome database (gateway/outcomes/database.py: a SQLite
+file of the recorder's own, or the shared PostgreSQL store), so the routing hot path never waits on
+it. The SQL, and all the Python work of building a batch's rows and counts, runs in one worker thread
+that owns the connection (`gateway.outcomes.writes`); the event loop only hands batches over.
 
-The buffer is bounded: while the file is unwritable (disk full, read-only, locked) batches are
-retried on a fresh connection, and once `max_buffered` records wait, each new one drops the oldest,
-counted in `dropped` and `mp169_outcome_records_dropped_total`. Routing never stops for reporting.
+The buffer is bounded: while the database is unwritable (disk full, read-only, locked, unreachable)
+batches are retried on a fresh connection, and once `max_buffered` records wait, each new one drops
+the oldest, counted in `dropped` and `mp169_outcome_records_dropped_total`. Routing never stops for
+reporting.
 """
 
 from __future__ import annotations
@@ -24,19 +25,17 @@ from typing import TYPE_CHECKING, Self, TypeVar
 
 import structlog
 
-from gateway.outcomes import writes
-from gateway.outcomes.schema import COMPONENT, MIGRATIONS, DeviceOutcome, split_request_id, to_ms
+from gateway.outcomes.schema import DeviceOutcome, split_request_id, to_ms
 from gateway.outcomes.writes import Answer, Decision, Entry
-from gateway.store import connect, migrate, open_connection
 from rules.domain import utc_now
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Callable, Sequence
     from datetime import datetime
-    from pathlib import Path
 
     from gateway.metrics import Metrics
+    from gateway.outcomes.database import OutcomeDatabase
+    from gateway.outcomes.writes import OutcomeWriter
 
 log = structlog.get_logger("mp169.outcomes")
 
@@ -51,7 +50,7 @@ class OutcomeRecorder:
 
     def __init__(  # noqa: PLR0913 - the settings of one recorder
         self,
-        path: Path,
+        database: OutcomeDatabase,
         *,
         batch_size: int = 500,
         flush_seconds: float = 0.5,
@@ -61,12 +60,10 @@ class OutcomeRecorder:
         retry_seconds: float = 1.0,
         clock: Callable[[], datetime] = utc_now,
         metrics: Metrics | None = None,
-        opener: Callable[[Path], sqlite3.Connection] = open_connection,
     ) -> None:
-        """`opener` makes the worker thread's connection (again after each failed write)."""
         if max_buffered < batch_size:
             raise ValueError(f"max_buffered ({max_buffered}) must be at least batch_size ({batch_size})")
-        self._path = path
+        self.database = database
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
         self._max_buffered = max_buffered
@@ -75,11 +72,10 @@ class OutcomeRecorder:
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._metrics = metrics
-        self._opener = opener
         self._buffer: deque[Entry] = deque()
         self._executor: ThreadPoolExecutor | None = None
-        # The worker thread's connection and the EUI ids cached for its file; touched only in that thread.
-        self._link: tuple[sqlite3.Connection, dict[str, int]] | None = None
+        # The worker thread's writer (its connection, the EUI ids cached); touched only in that thread.
+        self._writer: OutcomeWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         # One transaction at a time, in order: flushes, expiry and purge chunks interleave.
@@ -167,21 +163,16 @@ class OutcomeRecorder:
 
     @property
     def failing(self) -> bool:
-        """The last attempt to write failed (the file is unwritable); cleared by the next success."""
+        """The last attempt to write failed (the database is unwritable); cleared by the next success."""
         return self._failing_since is not None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = await connect(self._path)
-        try:
-            await migrate(db, COMPONENT, MIGRATIONS)
-        finally:
-            await db.close()
+        await self.database.migrate()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp169-outcomes")
         try:
-            await self._sql(lambda _db, _parties: None)  # open the worker's connection now: fail at start
+            await self._sql(lambda _writer: None)  # open the worker's connection now: fail at start
         except BaseException:
             self._executor.shutdown()
             self._executor = None
@@ -192,7 +183,7 @@ class OutcomeRecorder:
         """Stop the background task and write everything still buffered.
 
         If that last write fails too, what is left is counted as dropped and logged: stopping the
-        gateway must not wait for a disk that may never come back.
+        gateway must not wait for a database that may never come back.
         """
         self._closed = True
         if self._task is not None:
@@ -282,7 +273,7 @@ class OutcomeRecorder:
                 batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
                 try:
                     unmatched = await self._sql_unlocked(
-                        partial(writes.write_batch, batch=batch, target_ms=self._target_ms)
+                        partial(_write_batch, batch=batch, target_ms=self._target_ms)
                     )
                 except BaseException:
                     self.write_failures += 1
@@ -302,31 +293,30 @@ class OutcomeRecorder:
             self._drop(lost)
         self._buffer.extendleft(reversed(batch[lost:]))
 
-    async def _sql(self, work: Callable[[sqlite3.Connection, dict[str, int]], _T]) -> _T:
+    async def _sql(self, work: Callable[[OutcomeWriter], _T]) -> _T:
         async with self._lock:
             return await self._sql_unlocked(work)
 
-    async def _sql_unlocked(self, work: Callable[[sqlite3.Connection, dict[str, int]], _T]) -> _T:
+    async def _sql_unlocked(self, work: Callable[[OutcomeWriter], _T]) -> _T:
         if self._executor is None:
             raise RuntimeError("outcome recorder is not started")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_worker, work)
 
-    def _in_worker(self, work: Callable[[sqlite3.Connection, dict[str, int]], _T]) -> _T:
-        if self._link is None:
-            self._link = (self._opener(self._path), {})
-        db, parties = self._link
+    def _in_worker(self, work: Callable[[OutcomeWriter], _T]) -> _T:
+        if self._writer is None:
+            self._writer = self.database.connect()
         try:
-            return work(db, parties)
+            return work(self._writer)
         except BaseException:
             # A fresh connection next time: the fault may have left this one unusable (or the file replaced).
             self._disconnect()
             raise
 
     def _disconnect(self) -> None:
-        if self._link is not None:
-            db, self._link = self._link[0], None
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
             with contextlib.suppress(Exception):
-                db.close()
+                writer.close()
 
     async def expire_pending(self, now: datetime, target_response_seconds: float) -> int:
         """Mark forwarded requests older than the target response time and still unanswered as timed out.
@@ -336,11 +326,12 @@ class OutcomeRecorder:
         """
         cutoff = to_ms(now) - round(target_response_seconds * 1000)
         await self.flush()
-        expired = await self._sql(
-            lambda db, _parties: writes.expire_pending(db, to_ms(now), cutoff, self._target_ms)
+        expired, unmatched = await self._sql(
+            lambda writer: writer.expire_pending(to_ms(now), cutoff, self._target_ms)
         )
-        if expired:
-            log.info("outcomes-expired", count=expired)
+        self.unmatched += unmatched
+        if expired or unmatched:
+            log.info("outcomes-expired", count=expired, unmatched_answers=unmatched)
         return expired
 
     async def purge(self, older_than: datetime) -> int:
@@ -351,12 +342,12 @@ class OutcomeRecorder:
         cutoff = to_ms(older_than)
         deleted = 0
         while True:
-            count = await self._sql(lambda db, _parties: writes.purge_rows(db, cutoff, _PURGE_CHUNK))
+            count = await self._sql(lambda writer: writer.purge_rows(cutoff, _PURGE_CHUNK))
             deleted += count
             self.purged += count
             if count < _PURGE_CHUNK:
                 break
-        await self._sql(lambda db, _parties: writes.purge_rollups(db, older_than))
+        await self._sql(lambda writer: writer.purge_rollups(older_than))
         if deleted:
             log.info("outcomes-purged", count=deleted, older_than=older_than.isoformat())
         return deleted
@@ -369,6 +360,15 @@ def _checked_counter(request_id: str, originator: str, target: str) -> int:
     return counter
 
 
+def _write_batch(writer: OutcomeWriter, batch: Sequence[Entry], target_ms: int) -> int:
+    return writer.write_batch(batch, target_ms)
+
+
 def _error_fields(exc: BaseException) -> dict[str, str | None]:
-    """The real error: SQLite's own name for it (SQLITE_FULL, SQLITE_READONLY, ...) and its message."""
-    return {"error": f"{type(exc).__name__}: {exc}", "sqlite_error": getattr(exc, "sqlite_errorname", None)}
+    """The real error and the database's own name for it: SQLite's (SQLITE_FULL, SQLITE_READONLY, ...)
+    or PostgreSQL's SQLSTATE (25006 read-only transaction, 40P01 deadlock, ...)."""
+    return {
+        "error": f"{type(exc).__name__}: {exc}",
+        "sqlite_error": getattr(exc, "sqlite_errorname", None),
+        "sqlstate": getattr(exc, "sqlstate", None),
+    }

@@ -124,6 +124,115 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# The same schema in PostgreSQL (gateway/postgres.py's database, component "outcomes"), version for
+# version: several gateway instances record into it. Its own types (bigint ids by identity, boolean
+# flagged); times and counters encoded as in SQLite, so one codec serves both. Append; never edit.
+_PG_COUNTS = """
+        requests integer NOT NULL DEFAULT 0,
+        forwarded integer NOT NULL DEFAULT 0,
+        succeeded integer NOT NULL DEFAULT 0,
+        failed integer NOT NULL DEFAULT 0,
+        timed_out integer NOT NULL DEFAULT 0,
+        refused_consumer_choice integer NOT NULL DEFAULT 0,
+        rejected integer NOT NULL DEFAULT 0,
+        handled_locally integer NOT NULL DEFAULT 0,
+        within_target integer NOT NULL DEFAULT 0,"""
+_PG_HOUR = "to_char(to_timestamp(o.received_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00')"
+_PG_ISO = "to_char(to_timestamp({} / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+PG_MIGRATIONS: tuple[str, ...] = (
+    f"""
+    CREATE TABLE outcome_parties (
+        party_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        eui text NOT NULL UNIQUE
+    );
+    CREATE TABLE outcomes (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        originator_id bigint NOT NULL REFERENCES outcome_parties (party_id),
+        target_id bigint NOT NULL REFERENCES outcome_parties (party_id),
+        counter bigint NOT NULL,
+        role text,
+        srv text,
+        category text,
+        command_variant integer,
+        received_at bigint NOT NULL,
+        decision text NOT NULL,
+        response_code text NOT NULL,
+        reason text NOT NULL,
+        device_outcome text,
+        device_response_code text,
+        answered_at bigint,
+        flagged boolean NOT NULL
+    );
+    CREATE INDEX outcomes_request ON outcomes (target_id, counter);
+    CREATE INDEX outcomes_received ON outcomes (received_at);
+    CREATE INDEX outcomes_pending ON outcomes (received_at)
+        WHERE decision = 'forward' AND device_outcome IS NULL;
+    CREATE TABLE outcome_hourly (
+        start text NOT NULL,
+        originator text NOT NULL,
+        role text NOT NULL,
+        srv text NOT NULL,
+        category text NOT NULL,{_PG_COUNTS}
+        PRIMARY KEY (start, originator, role, srv, category)
+    );
+    CREATE TABLE outcome_daily (
+        start text NOT NULL,
+        originator text NOT NULL,
+        role text NOT NULL,
+        srv text NOT NULL,
+        category text NOT NULL,{_PG_COUNTS}
+        PRIMARY KEY (start, originator, role, srv, category)
+    );
+    -- PostgreSQL only: with several instances, a device's answer can reach one instance before the
+    -- instance that forwarded the request has written its decision. It waits here for that row.
+    CREATE TABLE outcome_early_answers (
+        originator_id bigint NOT NULL,
+        target_id bigint NOT NULL,
+        counter bigint NOT NULL,
+        outcome text NOT NULL,
+        code text,
+        answered_at bigint NOT NULL,
+        PRIMARY KEY (target_id, counter, originator_id)
+    );
+    CREATE VIEW outcome_records AS
+    SELECT o.id,
+           op.eui || ':' || tp.eui || ':'
+               || (CASE WHEN o.counter < 0 THEN o.counter + 18446744073709551616::numeric
+                        ELSE o.counter END)::text AS request_id,
+           op.eui AS originator, o.role, tp.eui AS target, o.srv, o.category, o.command_variant,
+           {_PG_ISO.format("o.received_at")} AS received_at,
+           o.decision, o.response_code, o.reason, o.device_outcome, o.device_response_code,
+           {_PG_ISO.format("o.answered_at")} AS answered_at,
+           o.flagged
+    FROM outcomes AS o
+    JOIN outcome_parties AS op ON op.party_id = o.originator_id
+    JOIN outcome_parties AS tp ON tp.party_id = o.target_id;
+    """,  # noqa: S608 - constant expressions
+    f"""
+    ALTER TABLE outcome_hourly ADD COLUMN refused_flag_request integer NOT NULL DEFAULT 0;
+    ALTER TABLE outcome_daily ADD COLUMN refused_flag_request integer NOT NULL DEFAULT 0;
+    CREATE TEMP TABLE refused_flag_cells ON COMMIT DROP AS
+    SELECT {_PG_HOUR} AS start, p.eui AS originator,
+           coalesce(o.role, '') AS role, coalesce(o.srv, '') AS srv, coalesce(o.category, '') AS category,
+           count(*)::integer AS refused
+    FROM outcomes AS o JOIN outcome_parties AS p ON p.party_id = o.originator_id
+    WHERE o.decision = 'handle-locally' AND o.response_code <> 'I0'
+    GROUP BY 1, 2, 3, 4, 5;
+    UPDATE outcome_hourly AS h
+    SET refused_flag_request = r.refused, handled_locally = h.handled_locally - r.refused
+    FROM refused_flag_cells AS r
+    WHERE h.start = r.start AND h.originator = r.originator AND h.role = r.role AND h.srv = r.srv
+      AND h.category = r.category;
+    UPDATE outcome_daily AS d
+    SET refused_flag_request = r.refused, handled_locally = d.handled_locally - r.refused
+    FROM (SELECT substr(start, 1, 10) AS day, originator, role, srv, category,
+                 sum(refused)::integer AS refused
+          FROM refused_flag_cells GROUP BY 1, 2, 3, 4, 5) AS r
+    WHERE d.start = r.day AND d.originator = r.originator AND d.role = r.role AND d.srv = r.srv
+      AND d.category = r.category;
+    """,  # noqa: S608 - constant expressions
+)
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _U64 = 2**64

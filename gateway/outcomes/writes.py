@@ -1,14 +1,16 @@
-"""The recorder's SQL: one blocking function per transaction, run in the recorder's worker thread.
+"""The recorder's writes: one blocking method per transaction, run in the recorder's worker thread.
 
-Everything a batch costs in Python (splitting it, resolving EUIs to ids, building the rows and the
-count increments) happens here, in the worker thread, not on the event loop that routes requests.
+`OutcomeWriter` is what the recorder needs of a database; `SqliteWriter` is it over one sqlite3
+connection, `gateway.outcomes.pg.PostgresWriter` over PostgreSQL. What a batch means (its split, the
+first answer per request, the rows and the count increments) is built here once for both, in the
+worker thread, not on the event loop that routes requests.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from gateway.outcomes.schema import Rollup, signed_counter
 from gateway.outcomes.tally import (
@@ -67,6 +69,135 @@ Answered = list[tuple[CellKey, int, int, str]]
 """(cell, received ms, answered ms, outcome) of requests whose device outcome was just set."""
 
 
+# -- what a writer does ---------------------------------------------------------------------------
+
+
+class OutcomeWriter(Protocol):
+    """One connection to the outcome tables, used only by the recorder's worker thread."""
+
+    def write_batch(self, batch: Sequence[Entry], target_ms: int) -> int:
+        """Insert the decisions, set the device outcomes and update the counts, in one transaction.
+        Returns how many device outcomes found no forwarded request still waiting for one."""
+        ...
+
+    def expire_pending(self, now_ms: int, cutoff_ms: int, target_ms: int) -> tuple[int, int]:
+        """Time out forwarded requests received at or before `cutoff_ms` still without a device outcome;
+        (requests timed out, device outcomes given up on as unmatched)."""
+        ...
+
+    def purge_rows(self, cutoff_ms: int, limit: int) -> int:
+        """Delete up to `limit` of the oldest requests received before `cutoff_ms` (its own transaction)."""
+        ...
+
+    def purge_rollups(self, older_than: datetime) -> None:
+        """Delete the counts of the hours and days that ended by `older_than`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- what a batch means, for every engine ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    decisions: list[Decision]
+    answers: list[Answer]
+    """The first answer per request: a request has one final outcome, the first one recorded wins."""
+    repeated: int
+    """Answers after the first to the same request in the batch (unmatched)."""
+
+    @classmethod
+    def of(cls, batch: Sequence[Entry]) -> Split:
+        decisions = [e for e in batch if isinstance(e, Decision)]
+        answers = [e for e in batch if isinstance(e, Answer)]
+        first = _first_answer_per_request(answers)
+        return cls(decisions, first, len(answers) - len(first))
+
+    def decision_rows(self, ids: Mapping[str, int]) -> list[tuple[object, ...]]:
+        """The `outcomes` rows, in INSERT_COLUMNS order."""
+        return [
+            (
+                ids[d.originator],
+                ids[d.target],
+                signed_counter(d.counter),
+                d.role,
+                d.srv,
+                d.category,
+                d.command_variant,
+                d.received_ms,
+                d.decision,
+                d.response_code,
+                d.reason,
+                d.flagged,
+            )
+            for d in self.decisions
+        ]
+
+    def decision_increments(self) -> Increments:
+        increments: Increments = {}
+        add_decision_increments(
+            increments,
+            (
+                (CellKey(d.originator, d.role, d.srv, d.category), d.received_ms, d.decision, d.response_code)
+                for d in self.decisions
+            ),
+        )
+        return increments
+
+
+INSERT_COLUMNS = (
+    "originator_id, target_id, counter, role, srv, category, command_variant, received_at, decision,"
+    " response_code, reason, flagged"
+)
+
+
+def batch_euis(batch: Sequence[Entry]) -> list[str]:
+    """Every EUI of a batch, sorted (instances inserting parties together lock them in one order)."""
+    return sorted({e.originator for e in batch} | {e.target for e in batch})
+
+
+def rollup_rows(
+    hourly: Mapping[tuple[str, CellKey], Tally],
+) -> Iterator[tuple[Rollup, list[tuple[object, ...]]]]:
+    """Each count table's increments as rows (start, originator, role, srv, category, *TALLY_COLUMNS),
+    one per stored key, sorted: concurrent writers lock the rows in one order."""
+    for rollup, increments in ((Rollup.HOURLY, hourly), (Rollup.DAILY, daily_increments(hourly))):
+        merged: dict[tuple[str, str, str, str, str], Tally] = {}
+        for (start, cell), tally in increments.items():
+            key = (start, cell.originator, cell.role or "", cell.srv or "", cell.category or "")
+            merged[key] = merged.get(key, Tally()) + tally
+        if merged:
+            yield rollup, [(*key, *merged[key].as_tuple()) for key in sorted(merged)]
+
+
+# -- SQLite -------------------------------------------------------------------------------------------
+
+
+class SqliteWriter:
+    """OutcomeWriter over one sqlite3 connection, with the EUI ids cached for its file."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self._parties: dict[str, int] = {}
+
+    def write_batch(self, batch: Sequence[Entry], target_ms: int) -> int:
+        return write_batch(self.db, self._parties, batch, target_ms)
+
+    def expire_pending(self, now_ms: int, cutoff_ms: int, target_ms: int) -> tuple[int, int]:
+        # One instance: a device outcome is recorded after its request's decision, never waits.
+        return expire_pending(self.db, now_ms, cutoff_ms, target_ms), 0
+
+    def purge_rows(self, cutoff_ms: int, limit: int) -> int:
+        return purge_rows(self.db, cutoff_ms, limit)
+
+    def purge_rollups(self, older_than: datetime) -> None:
+        purge_rollups(self.db, older_than)
+
+    def close(self) -> None:
+        self.db.close()
+
+
 # -- transactions -----------------------------------------------------------------------------------
 
 
@@ -93,45 +224,18 @@ def write_batch(
     `parties` caches EUI ids of this connection's file; it gains the new ones once they are committed.
     Returns how many device outcomes found no forwarded request still waiting for one.
     """
-    decisions = [e for e in batch if isinstance(e, Decision)]
-    all_answers = [e for e in batch if isinstance(e, Answer)]
-    answers = _first_answer_per_request(all_answers)
-    unmatched = 0
+    split = Split.of(batch)
+    unmatched = split.repeated
     with _transaction(db):
         ids = _resolve_parties(db, parties, batch)
         db.executemany(
-            "INSERT INTO outcomes (originator_id, target_id, counter, role, srv, category,"
-            " command_variant, received_at, decision, response_code, reason, flagged)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    ids[d.originator],
-                    ids[d.target],
-                    signed_counter(d.counter),
-                    d.role,
-                    d.srv,
-                    d.category,
-                    d.command_variant,
-                    d.received_ms,
-                    d.decision,
-                    d.response_code,
-                    d.reason,
-                    int(d.flagged),
-                )
-                for d in decisions
-            ],
+            f"INSERT INTO outcomes ({INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
+            split.decision_rows(ids),
         )
-        increments: Increments = {}
-        add_decision_increments(
-            increments,
-            (
-                (CellKey(d.originator, d.role, d.srv, d.category), d.received_ms, d.decision, d.response_code)
-                for d in decisions
-            ),
-        )
-        if answers:
-            answered = _apply_answers(db, answers, ids)
-            unmatched = len(all_answers) - len(answered)
+        increments = split.decision_increments()
+        if split.answers:
+            answered = _apply_answers(db, split.answers, ids)
+            unmatched += len(split.answers) - len(answered)
             add_answer_increments(increments, answered, target_ms)
         _upsert_rollups(db, increments)
     # Only now are the new parties' ids durable.
@@ -195,9 +299,9 @@ def _first_answer_per_request(answers: Iterable[Answer]) -> list[Answer]:
 def _resolve_parties(
     db: sqlite3.Connection, cached: Mapping[str, int], batch: Sequence[Entry]
 ) -> dict[str, int]:
-    euis = {e.originator for e in batch} | {e.target for e in batch}
+    euis = batch_euis(batch)
     parties = {eui: cached[eui] for eui in euis if eui in cached}
-    unknown = sorted(euis - parties.keys())
+    unknown = [eui for eui in euis if eui not in parties]
     if not unknown:
         return parties
     db.executemany(
@@ -266,19 +370,5 @@ def _upsert_sql(rollup: Rollup) -> str:
 
 
 def _upsert_rollups(db: sqlite3.Connection, hourly: Mapping[tuple[str, CellKey], Tally]) -> None:
-    for rollup, increments in ((Rollup.HOURLY, hourly), (Rollup.DAILY, daily_increments(hourly))):
-        if increments:
-            db.executemany(
-                _upsert_sql(rollup),
-                [
-                    (
-                        start,
-                        cell.originator,
-                        cell.role or "",
-                        cell.srv or "",
-                        cell.category or "",
-                        *tally.as_tuple(),
-                    )
-                    for (start, cell), tally in increments.items()
-                ],
-            )
+    for rollup, rows in rollup_rows(hourly):
+        db.executemany(_upsert_sql(rollup), rows)

@@ -1,7 +1,10 @@
 """`mp169 report`: Service Request outcomes and supplier installation figures, MP169-aware.
 
-Which databases: `--store` / `--outcomes`, else the configuration's; with neither configured and
-nothing recorded at the default path, the last `mp169 demo`'s (var/demo/), said on stderr. Which
+Which databases: `--store` / `--outcomes`, else the configuration's, as `mp169 run` records them: a
+PostgreSQL store (`store.url`, or `--store postgresql://...`) holds every instance's outcomes and the
+inventory in one database; a SQLite gateway keeps outcomes in a file beside its store. With neither
+configured and nothing recorded at the default path, the last `mp169 demo`'s (var/demo/), said on
+stderr. Which
 period: `--since` to `--until` (default now); without `--since`, the requests recorded in the day
 before `--until`, from the first to the last (so a two-minute demo is charted per minute, not as two
 dots on a day's axis).
@@ -17,20 +20,27 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 from rich.console import Console
 
 from gateway.config import DEFAULT, DEMO_STORE_PATH, ConfigError, Configuration, load_configuration
-from gateway.outcomes.queries import OutcomeSchemaError, has_outcome_tables, recorded_extent
+from gateway.outcomes.queries import (
+    OutcomeSchemaError,
+    has_outcome_tables,
+    is_postgres,
+    open_reader,
+    recorded_extent,
+)
 from gateway.report.compute import Granularity, Period, bucket_start
 from gateway.report.load import load_report
 from gateway.report.render_csv import TABLES, csv_tables
 from gateway.report.render_html import render_html
 from gateway.report.render_json import render_json
 from gateway.report.render_text import render_table
-from gateway.store import connect
 from rules.domain import utc_now
 
 if TYPE_CHECKING:
+    from gateway.outcomes.queries import Location
     from gateway.report.compute import Report
 
 _DEFAULT_PERIOD = timedelta(days=1)
@@ -69,13 +79,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--store",
+        default=None,
+        metavar="PATH|URL",
+        help="the store to report on (as store.path or store.url): a SQLite file, outcomes beside it unless "
+        "--outcomes, or postgresql://USER@HOST:PORT/DATABASE, which holds every instance's outcomes",
+    )
+    parser.add_argument(
+        "--outcomes",
         type=Path,
         default=None,
         metavar="PATH",
-        help="the store (inventory and flags) to report on; outcomes beside it unless --outcomes",
-    )
-    parser.add_argument(
-        "--outcomes", type=Path, default=None, metavar="PATH", help="the outcome database to report on"
+        help="the SQLite outcome database to report on (not with a PostgreSQL store)",
     )
     parser.add_argument(
         "--format",
@@ -109,12 +123,20 @@ def _error(message: str) -> None:
 
 def _configuration(args: argparse.Namespace) -> Configuration:
     overrides: dict[str, str] = {}
-    if args.store is not None:
-        overrides["store.path"] = str(args.store)
+    if args.store is not None and is_postgres(args.store):
+        overrides["store.url"] = args.store
+    elif args.store is not None:
+        overrides["store.url"] = ""  # a SQLite file, whatever the configuration's store
+        overrides["topics.shared_group"] = ""  # a group's configuration, reporting on one file: no topics
+        overrides["store.path"] = args.store
         overrides["outcomes.path"] = ""  # beside the store given, unless --outcomes
     if args.outcomes is not None:
         overrides["outcomes.path"] = str(args.outcomes)
     configuration = load_configuration(args.config, overrides=overrides)
+    if configuration.settings.store.postgres:
+        if args.outcomes is not None:
+            raise ConfigError("--outcomes is for a SQLite gateway: the PostgreSQL store holds the outcomes")
+        return configuration
     untouched = all(configuration.origin(key) == DEFAULT for key in ("store.path", "outcomes.path"))
     if untouched and not configuration.outcomes_path.exists():
         demo = load_configuration(args.config, overrides={"store.path": str(DEMO_STORE_PATH)})
@@ -124,16 +146,13 @@ def _configuration(args: argparse.Namespace) -> Configuration:
     return configuration
 
 
-async def _recorded_period(path: Path, until: datetime) -> Period | None:
+async def _recorded_period(outcomes: Location, until: datetime) -> Period | None:
     """The requests recorded in the day before `until`, from the first to the last in whole minutes and
     a minute either side (as the demo's own report), so the chart's axis starts and ends empty."""
-    db = await connect(path, read_only=True)
-    try:
+    async with open_reader(outcomes) as db:
         if not await has_outcome_tables(db):
             return None
         extent = await recorded_extent(db, until - _DEFAULT_PERIOD, until)
-    finally:
-        await db.close()
     if extent is None:
         return None
     first, last = extent
@@ -143,7 +162,7 @@ async def _recorded_period(path: Path, until: datetime) -> Period | None:
     )
 
 
-def _period(args: argparse.Namespace, outcomes: Path, now: datetime) -> Period:
+def _period(args: argparse.Namespace, outcomes: Location, now: datetime) -> Period:
     until: datetime = args.until or now
     if args.since is not None:
         return Period(args.since, until)
@@ -189,7 +208,12 @@ class _NoReportError(Exception):
         self.status = status
 
 
-def _load(args: argparse.Namespace, configuration: Configuration) -> Report:
+def _databases(configuration: Configuration) -> tuple[Location, Location | None]:
+    """The outcome database and the store (None: absent, no installation figures), said on stderr."""
+    outcomes = configuration.outcomes_location
+    if configuration.settings.store.postgres:
+        _error(f"outcomes and store: {configuration.describe_store()}")
+        return outcomes, None  # one database: the outcomes' reader reads the inventory too
     path = configuration.outcomes_path
     if not path.exists():
         message = f"no outcome database at {configuration.describe_outcomes()}: nothing recorded yet"
@@ -198,22 +222,30 @@ def _load(args: argparse.Namespace, configuration: Configuration) -> Report:
     _error(f"outcomes {configuration.describe_outcomes()}")
     absent = "" if store.exists() else ": absent, so no installation figures"
     _error(f"store {configuration.describe_store()}{absent}")
+    return outcomes, store if store.exists() else None
+
+
+def _load(args: argparse.Namespace, configuration: Configuration) -> Report:
+    outcomes, store = _databases(configuration)
     now = utc_now()
+    where = configuration.store_name if configuration.settings.store.postgres else str(outcomes)
     try:
-        period = _period(args, path, now)
+        period = _period(args, outcomes, now)
         if period.since >= period.until:
             raise _NoReportError("--since must be before --until", EXIT_USAGE)
         return asyncio.run(
             load_report(
-                path,
+                outcomes,
                 period,
                 target_response_seconds=configuration.settings.gateway.target_response_seconds,
                 generated_at=now,
-                store=store if store.exists() else None,
+                store=store,
             )
         )
     except OutcomeSchemaError as exc:
-        raise _NoReportError(f"{path}: {exc}", EXIT_NOTHING) from exc
+        raise _NoReportError(f"{where}: {exc}", EXIT_NOTHING) from exc
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise _NoReportError(f"cannot read {where}: {exc}", EXIT_NOTHING) from exc
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -1,10 +1,20 @@
-"""Loading a report: the queries over the outcome database and the inventory, then `build_report`."""
+"""Loading a report: the queries over the outcome database and the inventory, then `build_report`.
+
+The same queries for either engine (gateway/outcomes/queries.py `Reader`): a SQLite gateway's outcome
+file and store, or the PostgreSQL database that holds both for every instance."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
-from gateway.outcomes.queries import has_outcome_tables, read_records, read_rollup_cells, read_rollup_totals
+from gateway.outcomes.queries import (
+    has_outcome_tables,
+    open_reader,
+    read_records,
+    read_rollup_cells,
+    read_rollup_totals,
+)
 from gateway.outcomes.tally import CellKey, Tally
 from gateway.report.compute import (
     InstalledMeters,
@@ -15,42 +25,36 @@ from gateway.report.compute import (
     merge_cells,
     plan_reads,
 )
-from gateway.store import connect
 
 if TYPE_CHECKING:
     from datetime import datetime
-    from pathlib import Path
 
-    import aiosqlite
+    from gateway.outcomes.queries import Location, Reader
 
 
-async def read_installed_meters(db: aiosqlite.Connection) -> list[InstalledMeters]:
+async def read_installed_meters(db: Reader) -> list[InstalledMeters]:
     """Commissioned SMETS2 ESMEs and GSMEs from the inventory, with whether each is flagged."""
-    async with db.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('devices', 'flags')"
-    ) as cursor:
-        row = await cursor.fetchone()
-    if row is None or row[0] < 2:
+    if not await db.has_tables("devices", "flags"):
         return []
-    async with db.execute(
+    rows = await db.fetch(
         "SELECT d.device_type, d.import_supplier, d.gas_supplier, f.device_id IS NOT NULL, count(*)"
         " FROM devices AS d LEFT JOIN flags AS f ON f.device_id = d.device_id"
         " WHERE d.smets = 2 AND d.status = 'Commissioned' AND d.device_type IN ('ESME', 'GSME')"
         " GROUP BY 1, 2, 3, 4"
-    ) as cursor:
-        return [
-            InstalledMeters(str(kind), imp, gas, bool(flagged), int(count))
-            async for kind, imp, gas, flagged, count in cursor
-        ]
+    )
+    return [
+        InstalledMeters(str(kind), imp, gas, bool(flagged), int(count))
+        for kind, imp, gas, flagged, count in rows
+    ]
 
 
 async def query_report(
-    db: aiosqlite.Connection,
+    db: Reader,
     period: Period,
     *,
     target_response_seconds: float,
     generated_at: datetime,
-    store: aiosqlite.Connection | None = None,
+    store: Reader | None = None,
 ) -> Report:
     """`db` holds the outcome records; `store` (default `db`) the inventory and the flags."""
     cells: dict[CellKey, Tally] = {}
@@ -76,26 +80,23 @@ async def query_report(
 
 
 async def load_report(
-    path: Path,
+    outcomes: Location,
     period: Period,
     *,
     target_response_seconds: float,
     generated_at: datetime,
-    store: Path | None = None,
+    store: Location | None = None,
 ) -> Report:
-    """Open the outcome database (and the flag store, when it is another file) read-only and build the
-    report of `period`."""
-    db = await connect(path, read_only=True)
-    store_db = await connect(store, read_only=True) if store is not None else None
-    try:
-        return await query_report(
-            db,
-            period,
-            target_response_seconds=target_response_seconds,
-            generated_at=generated_at,
-            store=store_db,
-        )
-    finally:
-        await db.close()
-        if store_db is not None:
-            await store_db.close()
+    """Open the outcome database (and the store, when it is another one) read-only and build the report
+    of `period`. A location is a SQLite path or a postgresql:// URL."""
+    build = partial(
+        query_report,
+        period=period,
+        target_response_seconds=target_response_seconds,
+        generated_at=generated_at,
+    )
+    async with open_reader(outcomes) as db:
+        if store is None:
+            return await build(db)
+        async with open_reader(store) as store_db:
+            return await build(db, store=store_db)

@@ -15,15 +15,17 @@ import pytest
 from gateway.config import Settings
 from gateway.mqtt import MqttTransport
 from gateway.postgres import PostgresStore
+from gateway.report.compute import Period
+from gateway.report.load import load_report
 from gateway.service import GatewayService
 from rules.codes import ResponseCode
+from rules.domain import utc_now
 from tests.gateway.messages import CONSUMPTION_SRV, flag_request, header, request
 from tests.gateway.test_daemon import Estate, estate, rid, signing_settings
 from tests.gateway.test_inventory import IMPORT_SUPPLIER, METER, USERS, premise
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
-    from pathlib import Path
 
     from gateway.pki import PkiLayout
     from gateway.transport import Handler
@@ -58,12 +60,11 @@ class Recorded:
         await self.inner.stop()
 
 
-def instance_settings(broker_url: str, store_url: str, tmp_path: Path, name: str, pki: PkiLayout) -> Settings:
+def instance_settings(broker_url: str, store_url: str, name: str, pki: PkiLayout) -> Settings:
     return Settings.model_validate(
         {
             "broker": {"url": broker_url, "reconnect_min_seconds": 0.05, "reconnect_max_seconds": 0.5},
             "store": {"url": store_url, "lease_seconds": 5},
-            "outcomes": {"path": str(tmp_path / f"{name}-outcomes.sqlite3")},
             "topics": {"shared_group": "gw"},
             "gateway": {"metrics_port": 0, "client_id": name},
             "signing": signing_settings(pki),
@@ -73,7 +74,7 @@ def instance_settings(broker_url: str, store_url: str, tmp_path: Path, name: str
 
 @pytest.fixture
 async def group(
-    tmp_path: Path, estate: Estate, postgres_url: str
+    estate: Estate, postgres_url: str
 ) -> AsyncIterator[tuple[list[GatewayService], list[Published]]]:
     async with PostgresStore(postgres_url) as store:
         await store.upsert_devices(premise())
@@ -81,7 +82,7 @@ async def group(
     log: list[Published] = []
     services = []
     for name in ("gw-1", "gw-2"):
-        settings = instance_settings(estate.url, postgres_url, tmp_path, name, estate.pki)
+        settings = instance_settings(estate.url, postgres_url, name, estate.pki)
         transport = Recorded(MqttTransport(settings.broker, name), name, log)
         services.append(await GatewayService.start(settings, transport))
     yield services, log
@@ -152,3 +153,24 @@ async def test_a_request_id_sent_to_both_instances_is_acted_on_once(
     assert len(forwards) == 1
     assert len(refusals) == 1
     assert forwards[0].instance != refusals[0].instance  # decided apart, settled by the store
+
+
+async def test_both_instances_record_outcomes_into_the_one_database_and_one_report_covers_them(
+    estate: Estate, group: tuple[list[GatewayService], list[Published]], postgres_url: str
+) -> None:
+    services, log = group
+    started = utc_now()
+    for counter in range(1, 21):
+        await estate.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter))
+    for counter in range(1, 21):
+        await estate.answers.until_answered(rid(IMPORT_SUPPLIER, METER, counter))
+    for service in services:
+        await service.recorder.flush()
+    deciders = {p.instance for p in log if p.topic == f"dsp/out/{IMPORT_SUPPLIER}"}
+    assert deciders == {"gw-1", "gw-2"}  # the group shared the work
+    now = utc_now()
+    report = await load_report(
+        postgres_url, Period(started, now), target_response_seconds=30, generated_at=now
+    )
+    assert (report.totals.requests, report.totals.forwarded) == (20, 20)
+    assert sum(row.installed for row in report.installation) == 2  # the premises' ESME and GSME

@@ -1,4 +1,5 @@
-"""The outcome recorder on a real SQLite file: batching, late device outcomes, expiry, purge, shutdown."""
+"""The outcome recorder on a real database, SQLite and PostgreSQL (`outcome_location`): batching, late
+device outcomes, expiry, purge, shutdown; and what several PostgreSQL writers add."""
 
 from __future__ import annotations
 
@@ -8,21 +9,30 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import aiosqlite
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 from gateway.metrics import Metrics
 from gateway.outcomes import recorder as recorder_module
-from gateway.outcomes.queries import read_records, read_rollup_cells, read_rollup_totals
+from gateway.outcomes.database import SqliteOutcomes
+from gateway.outcomes.queries import (
+    is_postgres,
+    open_reader,
+    read_records,
+    read_rollup_cells,
+    read_rollup_totals,
+)
 from gateway.outcomes.recorder import OutcomeRecorder
-from gateway.outcomes.schema import COMPONENT, MIGRATIONS, Rollup, to_ms
+from gateway.outcomes.schema import COMPONENT, MIGRATIONS, PG_MIGRATIONS, Rollup, to_ms
 from gateway.outcomes.tally import Tally
+from gateway.postgres import migrate_component
 from gateway.report.compute import cells_from_records
-from gateway.store import connect, migrate, open_connection
+from gateway.store import connect, migrate
+from tests.outcomes import Faults, database, rows
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from gateway.outcomes.queries import Location
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 USER = "90-B3-D5-1F-30-01-00-00"
@@ -60,9 +70,12 @@ def decide(
     )
 
 
-async def rows(path, sql: str) -> list[tuple[object, ...]]:
-    async with aiosqlite.connect(path) as db, db.execute(sql) as cursor:
-        return list(await cursor.fetchall())
+READ_ONLY_ERRORS = (sqlite3.OperationalError, asyncpg.ReadOnlySQLTransactionError)
+
+
+def read_only_error(location: Location) -> tuple[str, str]:
+    """The log field and value naming the engine's own read-only error."""
+    return ("sqlstate", "25006") if is_postgres(location) else ("sqlite_error", "SQLITE_READONLY")
 
 
 async def wait_until(predicate, seconds: float = 10.0) -> None:
@@ -72,9 +85,9 @@ async def wait_until(predicate, seconds: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_background_task_writes_a_full_batch_and_close_writes_the_rest(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    recorder = OutcomeRecorder(path, batch_size=3, flush_seconds=3600)
+async def test_background_task_writes_a_full_batch_and_close_writes_the_rest(outcome_location):
+    path = outcome_location
+    recorder = OutcomeRecorder(database(path), batch_size=3, flush_seconds=3600)
     await recorder.start()
     for counter in range(3):
         decide(recorder, counter, T0 + timedelta(seconds=counter))
@@ -90,27 +103,31 @@ async def test_background_task_writes_a_full_batch_and_close_writes_the_rest(tmp
         decide(recorder, 5, T0)
 
 
-async def test_interval_flush_writes_a_partial_batch(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    async with OutcomeRecorder(path, batch_size=1000, flush_seconds=0.05) as recorder:
+async def test_interval_flush_writes_a_partial_batch(outcome_location):
+    path = outcome_location
+    async with OutcomeRecorder(database(path), batch_size=1000, flush_seconds=0.05) as recorder:
         decide(recorder, 1, T0)
         await wait_until(lambda: recorder.flushed == 1)
         assert await rows(path, "SELECT count(*) FROM outcomes") == [(1,)]
 
 
-async def test_device_outcome_in_a_later_batch_updates_its_request(tmp_path):
-    path = tmp_path / "db.sqlite3"
+async def test_device_outcome_in_a_later_batch_updates_its_request(outcome_location):
+    path = outcome_location
     async with OutcomeRecorder(
-        path, batch_size=100, flush_seconds=3600, target_response_seconds=30
+        database(path), batch_size=100, flush_seconds=3600, target_response_seconds=30
     ) as recorder:
         decide(recorder, 1, T0)
-        decide(recorder, 1, T0, device=OTHER_DEVICE)  # same counter, another target: another request
+        # Same counter, another target: another request.
+        decide(recorder, 1, T0 + timedelta(seconds=10), device=OTHER_DEVICE)
         await recorder.flush()
         recorder.record_device_outcome(rid(1), "success", "I0", T0 + timedelta(seconds=4))
         # A second answer to the same request does not replace the first final outcome.
         recorder.record_device_outcome(rid(1), "failure", "E20", T0 + timedelta(seconds=5))
         recorder.record_device_outcome(rid(99), "success", "I0", T0)  # never forwarded
         await recorder.flush()
+        # Unmatched by expiry at the latest (PostgreSQL keeps an answer without its request's row a
+        # while: another instance may still write that request's decision).
+        assert await recorder.expire_pending(T0 + timedelta(seconds=30), 30) == 0
         assert recorder.unmatched == 2
     records = {r.request_id: r for r in await read_records_from(path)}
     answered = records[rid(1)]
@@ -119,11 +136,13 @@ async def test_device_outcome_in_a_later_batch_updates_its_request(tmp_path):
     assert records[rid(1, OTHER_DEVICE)].device_outcome is None
 
 
-async def test_a_later_answer_after_restart_finds_its_request(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    async with OutcomeRecorder(path) as first:
+async def test_a_later_answer_after_restart_finds_its_request(outcome_location):
+    path = outcome_location
+    async with OutcomeRecorder(database(path)) as first:
         decide(first, 7, T0)
-    async with OutcomeRecorder(path) as second:  # migrations already applied; party ids from the file
+    async with OutcomeRecorder(
+        database(path)
+    ) as second:  # migrations already applied; party ids from the file
         second.record_device_outcome(rid(7), "failure", "E20", T0 + timedelta(seconds=1))
     (record,) = await read_records_from(path)
     assert record.device_outcome == "failure"
@@ -132,9 +151,9 @@ async def test_a_later_answer_after_restart_finds_its_request(tmp_path):
     ) == [("outcomes", version) for version in range(1, len(MIGRATIONS) + 1)]
 
 
-async def test_expire_pending_times_out_only_old_unanswered_forwards(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    async with OutcomeRecorder(path, flush_seconds=3600, target_response_seconds=30) as recorder:
+async def test_expire_pending_times_out_only_old_unanswered_forwards(outcome_location):
+    path = outcome_location
+    async with OutcomeRecorder(database(path), flush_seconds=3600, target_response_seconds=30) as recorder:
         decide(recorder, 1, T0)  # old, unanswered: times out
         decide(recorder, 2, T0)  # old, answered
         decide(recorder, 3, T0, decision="refuse", code="E169")  # never forwarded
@@ -155,12 +174,12 @@ async def test_expire_pending_times_out_only_old_unanswered_forwards(tmp_path):
     )
 
 
-async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
+async def test_daily_counts_equal_the_rows_they_summarise(outcome_location):
     """The rollup is maintained incrementally across batches; it must equal a recount of the rows."""
-    path = tmp_path / "db.sqlite3"
+    path = outcome_location
     outcomes_cycle = ("success", "failure", "timeout", None)
     async with OutcomeRecorder(
-        path, batch_size=7, flush_seconds=3600, target_response_seconds=30
+        database(path), batch_size=7, flush_seconds=3600, target_response_seconds=30
     ) as recorder:
         for counter in range(60):
             at = T0 + timedelta(hours=counter)  # spans three days
@@ -179,8 +198,7 @@ async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
     records = await read_records_from(path)
     days = [datetime(2024, 5, d, tzinfo=UTC) for d in (1, 2, 3)]
     assert sorted(await daily_totals(path)) == days
-    db = await connect(path, read_only=True)
-    try:
+    async with open_reader(path) as db:
         for rollup, step, starts in (
             (Rollup.DAILY, timedelta(days=1), days),
             (Rollup.HOURLY, timedelta(hours=1), [T0 + timedelta(hours=h) for h in range(60)]),
@@ -189,51 +207,17 @@ async def test_daily_counts_equal_the_rows_they_summarise(tmp_path):
                 inside = [r for r in records if start <= r.received_at < start + step]
                 expected = cells_from_records(inside, 30)
                 assert await read_rollup_cells(db, rollup, start, start + step) == expected, (rollup, start)
-    finally:
-        await db.close()
     total = Tally.total((await daily_totals(path)).values())
     assert (total.requests, total.refused_consumer_choice, total.final) == (60, 12, 36)
 
 
-class Disk:
-    """The outcome file as the recorder's `opener` seam finds it: writable, or with a fault SQLite
-    itself reports on the real connection: "full" (a page quota at the file's size: SQLITE_FULL, as
-    on a full disk) or "read-only" (SQLITE_READONLY). Each (re)connection sees the current state."""
-
-    def __init__(self, fault: str | None = None) -> None:
-        self.fault = fault
-        self.opened = 0
-        self.held = False
-        """The next connection waits for `release`: a write the test knows to be in flight."""
-        self.waiting = False
-        self._released = threading.Event()
-        self.threads: set[int] = set()
-
-    def release(self) -> None:
-        self._released.set()
-
-    def open(self, path: Path) -> sqlite3.Connection:
-        if self.held:
-            self.waiting = True
-            self._released.wait(timeout=30)
-        db = open_connection(path)  # not check_same_thread=False: the opening thread is the only user
-        self.opened += 1
-        self.threads.add(threading.get_ident())
-        if self.fault == "full":
-            (pages,) = db.execute("PRAGMA page_count").fetchone()
-            db.execute(f"PRAGMA max_page_count = {pages}")
-        elif self.fault == "read-only":
-            db.execute("PRAGMA query_only = ON")
-        return db
-
-
-async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    disk = Disk("read-only")
-    async with OutcomeRecorder(path, flush_seconds=3600, opener=disk.open) as recorder:
+async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(outcome_location):
+    path = outcome_location
+    disk = Faults("read-only")
+    async with OutcomeRecorder(disk.database(path), flush_seconds=3600) as recorder:
         decide(recorder, 1, T0)
         decide(recorder, 2, T0)
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(READ_ONLY_ERRORS, match=r"(?i)read-?only"):
             await recorder.flush()
         assert recorder.buffered == 2
         assert recorder.write_failures == 1
@@ -247,22 +231,27 @@ async def test_a_failed_batch_stays_buffered_and_nothing_of_it_is_written(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("fault", "sqlite_error"), [("full", "SQLITE_FULL"), ("read-only", "SQLITE_READONLY")]
+    ("outcome_location", "fault", "field", "code"),
+    [
+        ("sqlite", "full", "sqlite_error", "SQLITE_FULL"),
+        ("sqlite", "read-only", "sqlite_error", "SQLITE_READONLY"),
+        ("postgresql", "read-only", "sqlstate", "25006"),
+    ],
+    indirect=["outcome_location"],
 )
-async def test_an_unwritable_file_bounds_the_buffer_drops_the_oldest_and_recovers(
-    tmp_path, fault, sqlite_error
+async def test_an_unwritable_database_bounds_the_buffer_drops_the_oldest_and_recovers(
+    outcome_location, fault, field, code
 ):
-    path = tmp_path / "db.sqlite3"
-    disk = Disk(fault)
+    path = outcome_location
+    disk = Faults(fault)
     metrics = Metrics()
     recorder = OutcomeRecorder(
-        path,
+        disk.database(path),
         batch_size=100,
         max_buffered=300,
         flush_seconds=0.01,
         retry_seconds=0.01,
         metrics=metrics,
-        opener=disk.open,
     )
     with capture_logs() as logs:
         async with recorder:
@@ -283,7 +272,7 @@ async def test_an_unwritable_file_bounds_the_buffer_drops_the_oldest_and_recover
     events = [e for e in logs if e["event"].startswith("outcome")]
     failures = [e for e in events if e["event"] == "outcome-write-failed"]
     assert len(failures) == 1  # once per fault, not once per retry
-    assert failures[0]["sqlite_error"] == sqlite_error
+    assert failures[0][field] == code
     assert failures[0]["exc_info"] is not None
     assert [e["event"] for e in events if e["event"] != "outcome-write-failed"] == [
         "outcome-buffer-full-dropping-oldest",
@@ -292,15 +281,15 @@ async def test_an_unwritable_file_bounds_the_buffer_drops_the_oldest_and_recover
     assert events[-1]["dropped"] == 700
 
 
-async def test_records_arriving_during_a_failed_write_keep_the_bound(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    disk = Disk("read-only")
+async def test_records_arriving_during_a_failed_write_keep_the_bound(outcome_location):
+    path = outcome_location
+    disk = Faults("read-only")
     async with OutcomeRecorder(
-        path, batch_size=100, max_buffered=300, flush_seconds=3600, opener=disk.open
+        disk.database(path), batch_size=100, max_buffered=300, flush_seconds=3600
     ) as recorder:
         for counter in range(300):
             decide(recorder, counter, T0)
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(READ_ONLY_ERRORS):
             await recorder.flush()  # leaves no connection: the next write opens one
         disk.held = True
         flush = asyncio.create_task(recorder.flush())
@@ -309,7 +298,7 @@ async def test_records_arriving_during_a_failed_write_keep_the_bound(tmp_path):
         for counter in range(300, 400):
             decide(recorder, counter, T0)
         disk.release()
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(READ_ONLY_ERRORS):
             await flush
         # The failed batch was the oldest: it goes, the newer records stay.
         assert (recorder.buffered, recorder.dropped) == (300, 100)
@@ -318,9 +307,9 @@ async def test_records_arriving_during_a_failed_write_keep_the_bound(tmp_path):
     assert [r.request_id for r in await read_records_from(path)] == [rid(c) for c in range(100, 400)]
 
 
-async def test_close_on_an_unwritable_file_counts_and_logs_what_it_could_not_write(tmp_path):
-    path = tmp_path / "db.sqlite3"
-    recorder = OutcomeRecorder(path, flush_seconds=3600, opener=Disk("read-only").open)
+async def test_close_on_an_unwritable_file_counts_and_logs_what_it_could_not_write(outcome_location):
+    path = outcome_location
+    recorder = OutcomeRecorder(Faults("read-only").database(path), flush_seconds=3600)
     await recorder.start()
     for counter in range(5):
         decide(recorder, counter, T0)
@@ -329,13 +318,14 @@ async def test_close_on_an_unwritable_file_counts_and_logs_what_it_could_not_wri
     assert (recorder.buffered, recorder.dropped) == (0, 5)
     (lost,) = [e for e in logs if e["event"] == "outcome-records-lost-at-close"]
     assert lost["count"] == 5
-    assert lost["sqlite_error"] == "SQLITE_READONLY"
+    field, code = read_only_error(path)
+    assert lost[field] == code
 
 
-async def test_purge_deletes_old_rows_in_chunks_and_old_days(tmp_path, monkeypatch):
+async def test_purge_deletes_old_rows_in_chunks_and_old_days(outcome_location, monkeypatch):
     monkeypatch.setattr(recorder_module, "_PURGE_CHUNK", 2)
-    path = tmp_path / "db.sqlite3"
-    async with OutcomeRecorder(path, flush_seconds=3600) as recorder:
+    path = outcome_location
+    async with OutcomeRecorder(database(path), flush_seconds=3600) as recorder:
         for counter in range(10):
             decide(recorder, counter, T0 + timedelta(hours=6 * counter))  # 10:00 on day 1 to 16:00 on day 3
         await recorder.flush()
@@ -350,20 +340,22 @@ async def test_purge_deletes_old_rows_in_chunks_and_old_days(tmp_path, monkeypat
     assert min(hours) == datetime(2024, 5, 2, 16, tzinfo=UTC)  # hours before 12:00 on day 2 are gone
 
 
-async def test_retention_purges_in_the_background(tmp_path):
-    path = tmp_path / "db.sqlite3"
+async def test_retention_purges_in_the_background(outcome_location):
+    path = outcome_location
     now = T0 + timedelta(days=10)
-    async with OutcomeRecorder(path, flush_seconds=0.05, retention_days=5, clock=lambda: now) as recorder:
+    async with OutcomeRecorder(
+        database(path), flush_seconds=0.05, retention_days=5, clock=lambda: now
+    ) as recorder:
         decide(recorder, 1, T0)  # older than five days
         decide(recorder, 2, now)
         await wait_until(lambda: recorder.purged == 1)
     assert [r.request_id for r in await read_records_from(path)] == [rid(2)]
 
 
-async def test_u64_counters_round_trip(tmp_path):
-    path = tmp_path / "db.sqlite3"
+async def test_u64_counters_round_trip(outcome_location):
+    path = outcome_location
     top = 2**64 - 1
-    async with OutcomeRecorder(path) as recorder:
+    async with OutcomeRecorder(database(path)) as recorder:
         decide(recorder, top, T0)
         recorder.record_device_outcome(rid(top), "success", "I0", T0)
     (record,) = await read_records_from(path)
@@ -373,7 +365,7 @@ async def test_u64_counters_round_trip(tmp_path):
 
 
 def test_inconsistent_or_naive_input_is_refused_at_the_call(tmp_path):
-    recorder = OutcomeRecorder(tmp_path / "db.sqlite3")
+    recorder = OutcomeRecorder(SqliteOutcomes(tmp_path / "db.sqlite3"))
     with pytest.raises(ValueError, match="does not match"):
         recorder.record_decision(
             request_id=rid(1, OTHER_DEVICE),
@@ -396,57 +388,166 @@ def test_inconsistent_or_naive_input_is_refused_at_the_call(tmp_path):
 
 
 async def read_records_from(path):
-    db = await connect(path, read_only=True)
-    try:
+    async with open_reader(path) as db:
         return await read_records(db, T0 - timedelta(days=30), T0 + timedelta(days=30))
-    finally:
-        await db.close()
 
 
 async def read_rollup_totals_from(path, rollup: Rollup) -> dict[datetime, Tally]:
-    db = await connect(path, read_only=True)
-    try:
+    async with open_reader(path) as db:
         return await read_rollup_totals(db, rollup, T0 - timedelta(days=30), T0 + timedelta(days=30))
-    finally:
-        await db.close()
 
 
 async def daily_totals(path) -> dict[datetime, Tally]:
     return await read_rollup_totals_from(path, Rollup.DAILY)
 
 
-async def test_migration_2_moves_refused_flag_requests_out_of_handled_locally(tmp_path) -> None:
-    path = tmp_path / "outcomes.sqlite3"
-    db = await connect(path)
-    await migrate(db, COMPONENT, MIGRATIONS[:1])
-    await db.execute("INSERT INTO outcome_parties VALUES (1, ?), (2, ?)", (USER, DEVICE))
+async def migrate_to_first_version(location: Location) -> None:
+    if is_postgres(location):
+        pool = await asyncpg.create_pool(str(location), min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as db:
+                await migrate_component(db, COMPONENT, PG_MIGRATIONS[:1])
+        finally:
+            await pool.close()
+        return
+    db = await connect(location)
+    try:
+        await migrate(db, COMPONENT, MIGRATIONS[:1])
+    finally:
+        await db.close()
+
+
+def test_both_engines_have_the_same_outcome_schema_versions() -> None:
+    assert len(PG_MIGRATIONS) == len(MIGRATIONS)
+
+
+async def test_migration_2_moves_refused_flag_requests_out_of_handled_locally(outcome_location) -> None:
+    path = outcome_location
+    await migrate_to_first_version(path)
+    await rows(path, "INSERT INTO outcome_parties (eui) VALUES (?), (?)", USER, DEVICE)
     for counter, code in ((1, "I0"), (2, "E081505"), (3, "E3")):
-        await db.execute(
+        await rows(
+            path,
             "INSERT INTO outcomes (originator_id, target_id, counter, srv, category, received_at, decision,"
-            " response_code, reason, flagged) VALUES (1, 2, ?, '8.15.1', 'consumer-choice-flag', ?,"
-            " 'handle-locally', ?, 'r', 0)",
-            (counter, to_ms(T0), code),
+            " response_code, reason, flagged) VALUES ((SELECT party_id FROM outcome_parties WHERE eui = ?),"
+            " (SELECT party_id FROM outcome_parties WHERE eui = ?), ?, '8.15.1', 'consumer-choice-flag', ?,"
+            " 'handle-locally', ?, 'r', 1 = 0)",
+            USER,
+            DEVICE,
+            counter,
+            to_ms(T0),
+            code,
         )
     for table, start in (("outcome_hourly", "2024-05-01T10:00"), ("outcome_daily", "2024-05-01")):
-        await db.execute(
+        await rows(
+            path,
             f"INSERT INTO {table} (start, originator, role, srv, category, requests, handled_locally)"
             " VALUES (?, ?, '', '8.15.1', 'consumer-choice-flag', 3, 3)",
-            (start, USER),
+            start,
+            USER,
         )
-    await db.close()
-    async with OutcomeRecorder(path):
+    async with OutcomeRecorder(database(path)):
         pass
     expected = Tally(requests=3, handled_locally=1, refused_flag_request=2)
     assert await read_rollup_totals_from(path, Rollup.HOURLY) == {T0: expected}
     assert await read_rollup_totals_from(path, Rollup.DAILY) == {T0.replace(hour=0): expected}
 
 
-async def test_a_refused_flag_request_is_not_handled_locally(tmp_path) -> None:
-    path = tmp_path / "outcomes.sqlite3"
-    async with OutcomeRecorder(path) as recorder:
+async def test_a_refused_flag_request_is_not_handled_locally(outcome_location) -> None:
+    path = outcome_location
+    async with OutcomeRecorder(database(path)) as recorder:
         decide(recorder, 1, T0, decision="handle-locally", code="I0", srv="8.15.1")
         decide(recorder, 2, T0, decision="handle-locally", code="E081501", srv="8.15.1")
     expected = Tally(requests=2, handled_locally=1, refused_flag_request=1)
     assert await read_rollup_totals_from(path, Rollup.HOURLY) == {T0: expected}
     records = await read_records_from(path)
     assert sum(cells_from_records(records, 30).values(), Tally()) == expected
+
+
+# -- several instances over one PostgreSQL database ---------------------------------------------------
+
+
+async def test_an_answer_recorded_by_another_instance_before_the_decision_waits_for_it(postgres_url):
+    async with (
+        OutcomeRecorder(database(postgres_url), flush_seconds=3600) as forwarding,
+        OutcomeRecorder(database(postgres_url), flush_seconds=3600) as answering,
+    ):
+        # The device's answer reached the other instance before the decision left this one's buffer.
+        answering.record_device_outcome(rid(1), "success", "I0", T0 + timedelta(seconds=3))
+        await answering.flush()
+        assert await rows(postgres_url, "SELECT count(*) FROM outcome_early_answers") == [(1,)]
+        decide(forwarding, 1, T0)
+        decide(forwarding, 2, T0)  # its answer never comes
+        await forwarding.flush()
+        assert await rows(postgres_url, "SELECT count(*) FROM outcome_early_answers") == [(0,)]
+        assert await answering.expire_pending(T0 + timedelta(seconds=60), 30) == 1
+        assert (forwarding.unmatched, answering.unmatched) == (0, 0)
+    by_id = {r.request_id: r for r in await read_records_from(postgres_url)}
+    assert (by_id[rid(1)].device_outcome, by_id[rid(1)].answered_at) == ("success", T0 + timedelta(seconds=3))
+    assert by_id[rid(2)].device_outcome == "timeout"
+    assert Tally.total((await daily_totals(postgres_url)).values()) == Tally(
+        requests=2, forwarded=2, succeeded=1, timed_out=1, within_target=1
+    )
+
+
+async def test_instances_writing_together_keep_the_counts_equal_to_the_rows(postgres_url):
+    """Concurrent batches of several instances (shared EUIs, the same count rows) lose no increment."""
+    recorders = [
+        OutcomeRecorder(database(postgres_url), batch_size=25, flush_seconds=3600, target_response_seconds=30)
+        for _ in range(3)
+    ]
+    for recorder in recorders:
+        await recorder.start()
+    try:
+        for counter in range(600):
+            recorder = recorders[counter % 3]
+            decide(
+                recorder, counter, T0 + timedelta(minutes=counter % 90), srv=("4.8.1", "11.2")[counter % 2]
+            )
+            # The answer through another instance than the decision.
+            other = recorders[(counter + 1) % 3]
+            other.record_device_outcome(rid(counter), ("success", "failure")[counter % 2], "I0", T0)
+        await asyncio.gather(*(recorder.flush() for recorder in recorders))
+        # An answer parked while its decision was committing in another transaction waits for the next
+        # write of any instance, at the latest the expiry sweep (which times nothing out here).
+        assert await recorders[0].expire_pending(T0, 30) == 0
+    finally:
+        for recorder in recorders:
+            await recorder.close()
+    records = await read_records_from(postgres_url)
+    assert len(records) == 600
+    assert all(r.device_outcome is not None for r in records)
+    async with open_reader(postgres_url) as db:
+        stored = await read_rollup_cells(db, Rollup.DAILY, T0.replace(hour=0), T0 + timedelta(days=1))
+    assert stored == cells_from_records(records, 30)
+    assert sum(recorder.unmatched for recorder in recorders) == 0
+
+
+async def test_a_database_that_goes_away_bounds_the_buffer_and_is_reconnected(postgres_url):
+    faults = Faults()
+    recorder = OutcomeRecorder(
+        faults.database(postgres_url),
+        batch_size=100,
+        max_buffered=300,
+        flush_seconds=0.01,
+        retry_seconds=0.01,
+    )
+    async with recorder:
+        decide(recorder, 0, T0)
+        await wait_until(lambda: recorder.flushed == 1)
+        # The server drops the recorder's connection and refuses new ones.
+        faults.fault = "unreachable"
+        await rows(
+            postgres_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        for counter in range(1, 1001):
+            decide(recorder, counter, T0)  # routing goes on: appending never waits for the database
+        await wait_until(lambda: recorder.write_failures >= 3)
+        assert (recorder.buffered, recorder.dropped) == (300, 700)
+        faults.fault = None
+        await wait_until(lambda: recorder.buffered == 0 and not recorder.failing)
+    assert [r.request_id for r in await read_records_from(postgres_url)] == [
+        rid(c) for c in (0, *range(701, 1001))
+    ]

@@ -1,4 +1,5 @@
-"""The report: hand-computed figures in every format, the MP169 exception rule, installation counts."""
+"""The report: hand-computed figures in every format, the MP169 exception rule, installation counts;
+every test that reads a database runs on SQLite and PostgreSQL (`outcome_location`)."""
 
 # The expected terminal tables below are wider than a source line.
 # ruff: noqa: E501
@@ -13,13 +14,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import aiosqlite
 from hypothesis import example, given
 from hypothesis import strategies as st
 from rich.console import Console
 
+from gateway.config import StoreSettings
+from gateway.outcomes.queries import is_postgres
 from gateway.outcomes.recorder import OutcomeRecorder
-from gateway.outcomes.schema import COMPONENT, MIGRATIONS, OutcomeRecord, Rollup
+from gateway.outcomes.schema import OutcomeRecord, Rollup
 from gateway.outcomes.tally import Tally
 from gateway.report.cli import register
 from gateway.report.compute import (
@@ -36,10 +38,13 @@ from gateway.report.load import load_report
 from gateway.report.render_csv import TABLES, csv_tables
 from gateway.report.render_json import render_json
 from gateway.report.render_text import render_table, short_report
-from gateway.store import connect, migrate
+from gateway.storage import open_store
+from simulator.server import free_port
+from tests.gateway.test_outcome_recorder import migrate_to_first_version
+from tests.outcomes import database, rows
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from gateway.outcomes.queries import Location
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 TARGET = 30.0
@@ -57,15 +62,6 @@ G2 = "00-DB-12-34-56-78-90-B2"
 G3 = "00-DB-12-34-56-78-90-B3"
 C1 = "00-DB-12-34-56-78-90-C1"  # comms hub: not a meter
 
-# The core tables as the brief fixes them (gateway/store.py owns their migration).
-CORE_SCHEMA = """
-CREATE TABLE devices(device_id TEXT PRIMARY KEY, device_type TEXT NOT NULL, smets INTEGER NOT NULL,
-    status TEXT NOT NULL, comms_hub_id TEXT, mpxn TEXT, import_supplier TEXT, export_supplier TEXT,
-    gas_supplier TEXT, network_operator TEXT, tariff TEXT NOT NULL, wan INTEGER NOT NULL,
-    updated_seq INTEGER NOT NULL);
-CREATE TABLE flags(device_id TEXT PRIMARY KEY, set_by TEXT NOT NULL, set_at TEXT NOT NULL,
-    request_id TEXT NOT NULL, consumer_reference TEXT);
-"""
 DEVICES = (
     # device, type, smets, status, import supplier, gas supplier
     (E1, "ESME", 2, "Commissioned", S1, None),
@@ -128,23 +124,32 @@ def received(req: Req) -> datetime:
     return T0 + timedelta(minutes=req.minute)
 
 
-async def write_inventory(path: Path) -> None:
-    async with aiosqlite.connect(path) as db:
-        await db.executescript(CORE_SCHEMA)
-        await db.executemany(
-            "INSERT INTO devices VALUES (?, ?, ?, ?, NULL, NULL, ?, NULL, ?, NULL, 'single', 1, 1)", DEVICES
-        )
-        await db.executemany(
-            "INSERT INTO flags VALUES (?, ?, '2024-04-01T00:00:00Z', 'x', NULL)",
-            [(d, S1) for d in FLAGGED],
-        )
-        await db.commit()
+def store_settings(location: Location) -> StoreSettings:
+    return StoreSettings(url=location) if is_postgres(location) else StoreSettings(path=str(location))
 
 
-async def record_fixture(path: Path) -> None:
+async def write_inventory(location: Location) -> None:
+    """The store's tables (its own migrations) with the fixture's devices and flags, in the outcome
+    database: one SQLite file, or the PostgreSQL database that holds both."""
+    async with open_store(store_settings(location)):
+        pass
+    for row in DEVICES:
+        await rows(
+            location,
+            "INSERT INTO devices (device_id, device_type, smets, status, import_supplier, gas_supplier,"
+            " tariff, wan, updated_seq) VALUES (?, ?, ?, ?, ?, ?, 'single', 1 = 1, 1)",
+            *row,
+        )
+    for device in FLAGGED:
+        await rows(location, "INSERT INTO flags VALUES (?, ?, '2024-04-01T00:00:00Z', 'x', NULL)", device, S1)
+
+
+async def record_fixture(location: Location) -> None:
     """The fixture through the real recorder: inventory, decisions, device outcomes, expiry."""
-    await write_inventory(path)
-    async with OutcomeRecorder(path, batch_size=4, flush_seconds=3600, target_response_seconds=TARGET) as rec:
+    await write_inventory(location)
+    async with OutcomeRecorder(
+        database(location), batch_size=4, flush_seconds=3600, target_response_seconds=TARGET
+    ) as rec:
         for index, req in enumerate(FIXTURE):
             rec.record_decision(
                 request_id=request_id(index, req),
@@ -172,12 +177,15 @@ async def record_fixture(path: Path) -> None:
 DAY = Period(datetime(2024, 5, 1, 9, tzinfo=UTC), datetime(2024, 5, 1, 12, tzinfo=UTC))
 
 
-async def fixture_report(tmp_path: Path, period: Period = DAY):
-    path = tmp_path / "mp169.sqlite3"
-    if not path.exists():
-        await record_fixture(path)
+_RECORDED: set[str] = set()
+
+
+async def fixture_report(location: Location, period: Period = DAY):
+    if str(location) not in _RECORDED:  # every test has a new file or database
+        await record_fixture(location)
+        _RECORDED.add(str(location))
     return await load_report(
-        path, period, target_response_seconds=TARGET, generated_at=T0 + timedelta(hours=3)
+        location, period, target_response_seconds=TARGET, generated_at=T0 + timedelta(hours=3)
     )
 
 
@@ -264,8 +272,8 @@ def figures(values: tuple[object, ...]) -> dict[str, object]:
     return dict(zip(GROUP_COLUMNS, values, strict=True))
 
 
-async def test_json_matches_hand_computed_figures(tmp_path):
-    document = json.loads(render_json(await fixture_report(tmp_path)))
+async def test_json_matches_hand_computed_figures(outcome_location):
+    document = json.loads(render_json(await fixture_report(outcome_location)))
     assert document == {
         "period": {
             "since": "2024-05-01T09:00:00Z",
@@ -284,16 +292,16 @@ async def test_json_matches_hand_computed_figures(tmp_path):
     }
 
 
-async def test_rows_hourly_and_daily_counts_give_the_same_figures(tmp_path):
+async def test_rows_hourly_and_daily_counts_give_the_same_figures(outcome_location):
     """Each period below is read from a different source; the figures must not depend on it."""
     sections = ("totals", "by_category", "by_srv", "by_role", "by_user", "installation")
-    hourly = json.loads(render_json(await fixture_report(tmp_path)))  # whole hours: outcome_hourly
+    hourly = json.loads(render_json(await fixture_report(outcome_location)))  # whole hours: outcome_hourly
     rows_only = Period(T0 + timedelta(seconds=30), T0 + timedelta(minutes=30))
     assert [read.rollup for read in plan_reads(rows_only)] == [None]
-    from_rows = json.loads(render_json(await fixture_report(tmp_path, rows_only)))
+    from_rows = json.loads(render_json(await fixture_report(outcome_location, rows_only)))
     week = Period(datetime(2024, 4, 28, 6, tzinfo=UTC), datetime(2024, 5, 4, 6, 30, tzinfo=UTC))
     assert [read.rollup for read in plan_reads(week)] == [Rollup.HOURLY, Rollup.DAILY, Rollup.HOURLY, None]
-    daily = json.loads(render_json(await fixture_report(tmp_path, week)))
+    daily = json.loads(render_json(await fixture_report(outcome_location, week)))
     for section in sections:
         assert from_rows[section] == hourly[section], section
         assert daily[section] == hourly[section], section
@@ -391,8 +399,8 @@ start,final,succeeded,refused_consumer_choice,success_rate,success_rate_counting
 """
 
 
-async def test_csv_matches_hand_computed_figures(tmp_path):
-    tables = csv_tables(await fixture_report(tmp_path))
+async def test_csv_matches_hand_computed_figures(outcome_location):
+    tables = csv_tables(await fixture_report(outcome_location))
     assert tuple(tables) == TABLES
     assert "\n".join(f"# {name}\n{text}" for name, text in tables.items()) == CSV
 
@@ -460,14 +468,14 @@ Installed = Communicating + Reduced comms (communications reduced by consumer ch
 """
 
 
-async def test_table_matches_hand_computed_figures(tmp_path):
+async def test_table_matches_hand_computed_figures(outcome_location):
     console = Console(record=True, width=160, color_system=None)
-    render_table(await fixture_report(tmp_path), console)
+    render_table(await fixture_report(outcome_location), console)
     assert "".join(f"{line.rstrip()}\n" for line in console.export_text().splitlines()) == TABLE
 
 
-async def test_short_report(tmp_path):
-    assert short_report(await fixture_report(tmp_path)) == (
+async def test_short_report(outcome_location):
+    assert short_report(await fixture_report(outcome_location)) == (
         "Service Requests: 14 (8 forwarded: 4 succeeded, 1 failed, 2 timed out, 1 pending; "
         "2 refused for consumer choice; 2 rejected; 1 handled locally; 1 flag requests refused)\n"
         "Success rate 57.1% of 7 device outcomes, 2 consumer-choice exceptions excluded; within 30 s: 57.1%\n"
@@ -628,8 +636,8 @@ def test_installation_counts_flagged_meters_as_installed():
     ]
 
 
-async def test_report_without_outcome_tables_is_empty_but_counts_installations(tmp_path):
-    path = tmp_path / "inventory-only.sqlite3"
+async def test_report_without_outcome_tables_is_empty_but_counts_installations(outcome_location):
+    path = outcome_location
     await write_inventory(path)
     report = await load_report(path, DAY, target_response_seconds=TARGET, generated_at=T0)
     assert report.totals == Tally()
@@ -639,12 +647,14 @@ async def test_report_without_outcome_tables_is_empty_but_counts_installations(t
 # -- command line ---------------------------------------------------------------------------------------
 
 
-def test_command_writes_json_and_html(tmp_path, capsys):
-    asyncio.run(fixture_report(tmp_path))
+def test_command_writes_json_and_html(tmp_path, outcome_location, capsys):
+    location = fixture_database(outcome_location)
     capsys.readouterr()  # the recorder's own log lines
     config = tmp_path / "config.toml"
-    database = tmp_path / "mp169.sqlite3"  # the fixture keeps outcomes and flags in one file
-    config.write_text(f'[store]\npath = "{database}"\n[outcomes]\npath = "{database}"\n')
+    if is_postgres(location):  # as `mp169 run` is configured: the store holds the outcomes
+        config.write_text(f'[store]\nurl = "{location}"\n')
+    else:  # the fixture keeps outcomes and flags in one file
+        config.write_text(f'[store]\npath = "{location}"\n[outcomes]\npath = "{location}"\n')
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     html = tmp_path / "report.html"
@@ -687,22 +697,30 @@ def report_command(*argv: str) -> int:
     return status
 
 
-def fixture_database(tmp_path) -> Path:
-    """The fixture's file: outcomes, inventory and flags in one SQLite file."""
-    asyncio.run(fixture_report(tmp_path))
-    return tmp_path / "mp169.sqlite3"
+def fixture_database(location: Location) -> Location:
+    """The fixture's database: outcomes, inventory and flags in one SQLite file or PostgreSQL database."""
+    asyncio.run(fixture_report(location))
+    return location
 
 
 UNTIL = "2024-05-01T12:00:00Z"
 
 
-def on(database: Path) -> tuple[str, ...]:
-    """The report's options for the fixture's file, up to the end of its period."""
-    return ("--store", str(database), "--outcomes", str(database), "--until", UNTIL)
+def where(location: Location) -> tuple[str, ...]:
+    """The options naming the fixture's database: a SQLite store and its outcome file, or the
+    PostgreSQL store's URL alone."""
+    if is_postgres(location):
+        return ("--store", str(location))
+    return ("--store", str(location), "--outcomes", str(location))
 
 
-def test_no_figure_is_cut_in_an_80_column_terminal(tmp_path, capsys, monkeypatch):
-    database = fixture_database(tmp_path)
+def on(location: Location) -> tuple[str, ...]:
+    """The report's options for the fixture's database, up to the end of its period."""
+    return (*where(location), "--until", UNTIL)
+
+
+def test_no_figure_is_cut_in_an_80_column_terminal(outcome_location, capsys, monkeypatch):
+    database = fixture_database(outcome_location)
     capsys.readouterr()
     for columns in ("80", "60", "40"):
         monkeypatch.setenv("COLUMNS", columns)
@@ -714,18 +732,34 @@ def test_no_figure_is_cut_in_an_80_column_terminal(tmp_path, capsys, monkeypatch
             assert expected in out, (columns, expected)
 
 
-def test_store_and_outcomes_options_name_the_databases(tmp_path, capsys):
-    database = fixture_database(tmp_path)
+def test_store_and_outcomes_options_name_the_databases(outcome_location, capsys):
+    database = fixture_database(outcome_location)
     capsys.readouterr()
     assert report_command(*on(database), "--format", "json") == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["totals"] == figures(TOTALS)
-    assert f"outcomes {database} (outcomes.path from command line)" in err
-    assert f"store {database} (store.path from command line)" in err
+    if is_postgres(database):
+        assert f"outcomes and store: {database} (store.url from command line)" in err
+    else:
+        assert f"outcomes {database} (outcomes.path from command line)" in err
+        assert f"store {database} (store.path from command line)" in err
+
+
+def test_outcomes_option_is_refused_with_a_postgresql_store(postgres_url, tmp_path, capsys):
+    assert report_command("--store", postgres_url, "--outcomes", str(tmp_path / "o.sqlite3")) == 2
+    assert "--outcomes is for a SQLite gateway" in capsys.readouterr().err
+
+
+def test_an_unreachable_postgresql_store_is_named_not_a_traceback(capsys):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/mp169"
+    assert report_command("--store", url, "--since", "2024-05-01", "--until", UNTIL) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {url}" in err
+    assert "Traceback" not in err
 
 
 def test_plain_report_after_a_demo_reports_the_demo(tmp_path, capsys, monkeypatch):
-    database = fixture_database(tmp_path)
+    database = fixture_database(tmp_path / "mp169.sqlite3")  # the demo runs on SQLite
     capsys.readouterr()
     demo = tmp_path / "work" / "var" / "demo"
     demo.mkdir(parents=True)
@@ -741,8 +775,8 @@ def test_plain_report_after_a_demo_reports_the_demo(tmp_path, capsys, monkeypatc
     assert document["installation"] == INSTALLATION
 
 
-def test_without_since_the_period_is_the_recorded_requests_charted_per_minute(tmp_path, capsys):
-    database = fixture_database(tmp_path)
+def test_without_since_the_period_is_the_recorded_requests_charted_per_minute(outcome_location, capsys):
+    database = fixture_database(outcome_location)
     capsys.readouterr()
     assert report_command(*on(database), "--format", "json") == 0
     document = json.loads(capsys.readouterr().out)
@@ -770,8 +804,8 @@ def test_granularity_follows_the_period():
     assert plan_reads(Period(T0, T0 + timedelta(hours=2))) == (Read(None, T0, T0 + timedelta(hours=2)),)
 
 
-def test_csv_writes_one_file_per_table_or_the_table_named(tmp_path, capsys):
-    database = fixture_database(tmp_path)
+def test_csv_writes_one_file_per_table_or_the_table_named(tmp_path, outcome_location, capsys):
+    database = fixture_database(outcome_location)
     capsys.readouterr()
     common = (*on(database), "--since", "2024-05-01T09:00")
     out_dir = tmp_path / "csv" / "new"
@@ -789,8 +823,8 @@ def test_csv_writes_one_file_per_table_or_the_table_named(tmp_path, capsys):
     assert report_command(*common, "--table", "by_user") == 2
 
 
-def test_html_into_a_missing_directory_creates_it(tmp_path, capsys):
-    on_fixture = on(fixture_database(tmp_path))
+def test_html_into_a_missing_directory_creates_it(tmp_path, outcome_location, capsys):
+    on_fixture = on(fixture_database(outcome_location))
     capsys.readouterr()
     html = tmp_path / "reports" / "2024" / "report.html"
     assert report_command(*on_fixture, "--html", str(html), "--format", "json") == 0
@@ -801,19 +835,21 @@ def test_html_into_a_missing_directory_creates_it(tmp_path, capsys):
     assert f"cannot write {blocked / 'r.html'}" in capsys.readouterr().err
 
 
-def test_an_outcome_database_of_an_older_schema_is_named_not_a_traceback(tmp_path, capsys):
-    path = tmp_path / "old.sqlite3"
-
-    async def old() -> None:
-        db = await connect(path)
-        await migrate(db, COMPONENT, MIGRATIONS[:1])
-        await db.close()
-
-    asyncio.run(old())
-    assert (
-        report_command(
-            "--store", str(path), "--outcomes", str(path), "--since", "2024-05-01", "--until", UNTIL
-        )
-        == 1
-    )
+def test_an_outcome_database_of_an_older_schema_is_named_not_a_traceback(outcome_location, capsys):
+    path = outcome_location
+    asyncio.run(migrate_to_first_version(path))
+    assert report_command(*where(path), "--since", "2024-05-01", "--until", UNTIL) == 1
     assert "schema version 1, this report needs 2" in capsys.readouterr().err
+
+
+def test_a_sqlite_store_given_wins_over_a_configured_postgresql_group(tmp_path, capsys):
+    database = fixture_database(tmp_path / "mp169.sqlite3")
+    capsys.readouterr()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[store]\nurl = "postgresql://mp169@127.0.0.1:1/absent"\n[topics]\nshared_group = "gw"\n'
+    )
+    assert report_command("--config", str(config), *on(database), "--format", "json") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["totals"] == figures(TOTALS)
+    assert f"store {database} (store.path from command line)" in err

@@ -62,7 +62,7 @@ def assert_no_javascript_error(stderr: str) -> None:
 
 async def test_page_renders_in_chromium_with_its_charts(tmp_path):
     page = tmp_path / "report.html"
-    page.write_text(render_html(await fixture_report(tmp_path)), encoding="utf-8")
+    page.write_text(render_html(await fixture_report(tmp_path / "mp169.sqlite3")), encoding="utf-8")
     assert "<script" not in page.read_text()
 
     dumped = run_chromium(tmp_path, "--dump-dom", page.as_uri())
@@ -92,7 +92,7 @@ async def test_page_renders_in_chromium_with_its_charts(tmp_path):
 
 async def test_screenshot_is_taken(tmp_path):
     page = tmp_path / "report.html"
-    page.write_text(render_html(await fixture_report(tmp_path)), encoding="utf-8")
+    page.write_text(render_html(await fixture_report(tmp_path / "mp169.sqlite3")), encoding="utf-8")
     shot = tmp_path / "page.png"
     result = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri())
     assert_no_javascript_error(result.stderr)

@@ -21,12 +21,13 @@ import structlog
 
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
-from gateway.outcomes.queries import read_records
+from gateway.outcomes.database import SqliteOutcomes
+from gateway.outcomes.queries import open_reader, read_records
 from gateway.outcomes.recorder import OutcomeRecorder
 from gateway.router import Router, RouterSettings
 from gateway.shell import Shell
 from gateway.signing import Verification
-from gateway.store import CommitBatch, CommitResult, SqliteStore, connect
+from gateway.store import CommitBatch, CommitResult, SqliteStore
 from gateway.topics import Topics
 from gateway.transport import Message
 from gateway.view import RoutingView
@@ -351,7 +352,7 @@ async def test_a_silent_device_is_timed_out_when_the_shell_ticks(running: Runnin
 async def test_outcomes_are_recorded_for_every_decision_through_the_observer(tmp_path: Path) -> None:
     path = tmp_path / "gw.sqlite3"
     await seed(path)
-    recorder = OutcomeRecorder(path, clock=lambda: AT)
+    recorder = OutcomeRecorder(SqliteOutcomes(path), clock=lambda: AT)
     await recorder.start()
     running = await start(path, observers=(OutcomeObserver(recorder),))
     try:
@@ -363,11 +364,8 @@ async def test_outcomes_are_recorded_for_every_decision_through_the_observer(tmp
     finally:
         await stop(running)
         await recorder.close()
-    db = await connect(path, read_only=True)
-    try:
+    async with open_reader(path) as db:
         records = await read_records(db, AT.replace(hour=0), AT.replace(hour=23))
-    finally:
-        await db.close()
     assert [(r.srv, r.decision, r.response_code, r.flagged) for r in records] == [
         ("8.15.1", "handle-locally", "I0", False),
         (CONSUMPTION_SRV, "refuse", "E169", True),
