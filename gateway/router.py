@@ -502,11 +502,9 @@ class Router:
             self._sweep(now, out)
             self._claim_again(out)
         self._release(now, out)
-        # (Sent marks wait for a request's commit, or the tick: they only narrow a crash's repeats.)
-        if ((self._settle or self._withdraw) and isinstance(event, TimePassed | Committed)) or (
-            self._sent and isinstance(event, TimePassed)
-        ):
-            # No request came to carry the settlements: commit them on their own.
+        if (self._settle or self._withdraw or self._sent) and isinstance(event, TimePassed | Committed):
+            # No request came to carry the settlements and sent marks: commit them on their own (a sent
+            # mark soon after its command left keeps a redelivery after a crash from sending it twice).
             self._commit(self._step(None), out)
             self._release(now, out)
         return out
