@@ -226,16 +226,34 @@ _INSERT_HISTORY = f"""
 """  # noqa: S608 - constant column list
 # One statement checks and advances every counter of the batch (rows locked in originator order):
 # `previous` is the value an advance replaced, so the caller learns which requests were fresh.
-_ADVANCE_COUNTERS = """
-    INSERT INTO request_counters (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
-    ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
-    WHERE excluded.counter > request_counters.counter
-    RETURNING originator, previous
-"""
-_RECORD_REQUEST_IDS = """
-    INSERT INTO request_ids (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
-    ON CONFLICT (originator, counter) DO NOTHING
-    RETURNING originator, counter
+# A batch's routing writes as one statement, so one round trip (and atomic without BEGIN and
+# COMMIT): the counters checked and advanced, the RequestIDs recorded (RETURNING tells the two
+# apart: true for an advanced counter with its previous value, false for a recorded RequestID), the
+# forwards awaiting their device written and the answered ones removed. Every part sees the
+# snapshot before the statement: a RequestID both forwarded and resolved in one batch is only
+# deleted (commit() leaves it out of the forwards), as inserting then deleting it would leave it.
+_ROUTING_COMMIT = """
+    WITH advanced AS (
+        INSERT INTO request_counters (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
+        ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
+        WHERE excluded.counter > request_counters.counter
+        RETURNING originator, previous
+    ), recorded AS (
+        INSERT INTO request_ids (originator, counter) SELECT * FROM unnest($3::text[], $4::numeric[])
+        ON CONFLICT (originator, counter) DO NOTHING
+        RETURNING originator, counter
+    ), forwarded AS (
+        INSERT INTO pending_requests
+            (request_id, originator, target, counter, srv, service_reference, deadline)
+        SELECT * FROM unnest(
+            $5::text[], $6::text[], $7::text[], $8::numeric[], $9::text[], $10::text[], $11::timestamptz[]
+        )
+        ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline
+    ), resolved AS (
+        DELETE FROM pending_requests WHERE request_id = ANY($12::text[])
+    )
+    SELECT true, originator, previous FROM advanced
+    UNION ALL SELECT false, originator, counter FROM recorded
 """
 _NEXT_EPOCH = f"""
     UPDATE cluster_state SET flag_epoch = flag_epoch + 1
@@ -494,22 +512,40 @@ class PostgresStore(Opened):
 
     async def commit(self, batch: CommitBatch) -> CommitResult:
         """One transaction: history for every event, the flags of accepted changes, the flag epoch
-        (and its NOTIFY) if a flag changed, the counters checked and advanced."""
+        (and its NOTIFY) if a flag changed, the counters checked and advanced, the pending forwards.
+        Without flag events (nearly every batch) it is one statement: one round trip to the server."""
         counters = checked_counters(batch.counters)
         request_ids = checked_request_ids(batch.request_ids)
+        resolved = [str(rid) for rid in batch.resolved]
+        # The last of a RequestID's entries, as consecutive upserts would leave it; none if resolved too.
+        gone = set(resolved)
+        forwarded = [
+            entry for key, entry in {str(e.request_id): e for e in batch.forwarded}.items() if key not in gone
+        ]
+        arguments = (
+            [name for name, _ in counters],
+            [value for _, value in counters],
+            [name for name, _ in request_ids],
+            [value for _, value in request_ids],
+            [str(entry.request_id) for entry in forwarded],
+            [entry.request_id.originator for entry in forwarded],
+            [entry.request_id.target for entry in forwarded],
+            [entry.request_id.counter for entry in forwarded],
+            [entry.srv for entry in forwarded],
+            [entry.service_reference for entry in forwarded],
+            [entry.deadline for entry in forwarded],
+            resolved,
+        )
         epoch: int | None = None
-        async with self._db.acquire() as db, db.transaction():
+        async with self._db.acquire() as db:
             if batch.flag_events:
-                epoch = await self._apply_flag_events(db, batch.flag_events)
-            rows = await db.fetch(
-                _ADVANCE_COUNTERS, [name for name, _ in counters], [value for _, value in counters]
-            )
-            recorded = await db.fetch(
-                _RECORD_REQUEST_IDS, [name for name, _ in request_ids], [value for _, value in request_ids]
-            )
-            await self._apply_pending(db, batch.forwarded, batch.resolved)
-        advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
-        return CommitResult(advanced, epoch, frozenset((row[0], int(row[1])) for row in recorded))
+                async with db.transaction():
+                    epoch = await self._apply_flag_events(db, batch.flag_events)
+                    rows = await db.fetch(_ROUTING_COMMIT, *arguments)
+            else:
+                rows = await db.fetch(_ROUTING_COMMIT, *arguments)
+        advanced = {row[1]: NO_COUNTER if row[2] is None else int(row[2]) for row in rows if row[0]}
+        return CommitResult(advanced, epoch, frozenset((row[1], int(row[2])) for row in rows if not row[0]))
 
     @staticmethod
     async def _apply_flag_events(db: _Connection, events: Sequence[FlagEvent]) -> int | None:
@@ -549,35 +585,6 @@ class PostgresStore(Opened):
         """Forget RequestIDs recorded before `before` (older than any redelivery can be); how many."""
         status = await self._db.execute("DELETE FROM request_ids WHERE accepted_at < $1", before)
         return int(status.rsplit(" ", 1)[-1])
-
-    @staticmethod
-    async def _apply_pending(
-        db: _Connection, forwarded: Sequence[ForwardedRequest], resolved: Sequence[RequestId]
-    ) -> None:
-        """As SqliteStore: this instance's forwards awaiting their device (core `pending_requests`)."""
-        if forwarded:
-            await db.executemany(
-                "INSERT INTO pending_requests (request_id, originator, target, counter, srv,"
-                " service_reference, deadline) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT (request_id) DO UPDATE SET deadline = excluded.deadline",
-                [
-                    (
-                        str(entry.request_id),
-                        entry.request_id.originator,
-                        entry.request_id.target,
-                        entry.request_id.counter,
-                        entry.srv,
-                        entry.service_reference,
-                        entry.deadline,
-                    )
-                    for entry in forwarded
-                ],
-            )
-        if resolved:
-            await db.execute(
-                "DELETE FROM pending_requests WHERE request_id = ANY($1::text[])",
-                [str(rid) for rid in resolved],
-            )
 
     async def load_pending(self) -> list[ForwardedRequest]:
         rows = await self._db.fetch(

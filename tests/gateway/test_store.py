@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -423,6 +424,42 @@ async def test_pending_forwards_are_stored_with_their_commit_and_removed_when_an
     assert await store.load_pending() == [second, first]  # earliest deadline first
     await store.commit(CommitBatch(resolved=(second.request_id,)))
     assert await store.load_pending() == [first]
+
+
+async def test_a_batch_that_forwards_and_answers_a_request_leaves_it_not_pending(store: FlagStore) -> None:
+    # One transaction applies the forwards before the answers, and a repeated forward keeps its last deadline.
+    deadline = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    kept = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, 3), "4.8.1", "4.8", deadline)
+    answered = ForwardedRequest(RequestId(IMPORT_SUPPLIER, GAS_METER, 4), "4.8.1", "4.8", deadline)
+    await store.commit(CommitBatch(forwarded=(answered,)))
+    later = ForwardedRequest(kept.request_id, "4.8.1", "4.8", deadline + timedelta(minutes=5))
+    await store.commit(CommitBatch(forwarded=(kept, answered, later), resolved=(answered.request_id,)))
+    assert await store.load_pending() == [later]
+
+
+async def test_a_failed_commit_leaves_nothing_of_its_batch(store: FlagStore) -> None:
+    # The flag of a device the inventory does not hold breaks its foreign key, after the history row
+    # and before the counters, RequestIDs and pending forwards: the whole transaction is rolled back.
+    deadline = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    forward = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, 9), "4.8.1", "4.8", deadline)
+    await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 5}))
+    unknown = Eui("00-DB-12-34-56-78-90-FF")
+    failing = CommitBatch(
+        flag_events=[event(unknown)],
+        counters={IMPORT_SUPPLIER: 9, NEW_SUPPLIER: 3},
+        request_ids=[(IMPORT_SUPPLIER, 9)],
+        forwarded=(forward,),
+    )
+    with pytest.raises(INTEGRITY):
+        await store.commit(failing)
+    assert await store.load_request_counters() == {IMPORT_SUPPLIER: 5}
+    assert await store.flag_history() == []
+    assert await store.load_pending() == []
+    # The store goes on: the same batch without the bad event commits, its RequestID recorded afresh.
+    result = await store.commit(replace(failing, flag_events=()))
+    assert result.advanced == {IMPORT_SUPPLIER: 5, NEW_SUPPLIER: NO_COUNTER}
+    assert result.first(IMPORT_SUPPLIER, 9)
+    assert await store.load_pending() == [forward]
 
 
 async def test_a_store_that_fails_its_integrity_check_is_refused(tmp_path: Path) -> None:
