@@ -112,12 +112,16 @@ TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 5.0
 RELAY, GATEWAY, BASELINE, VERIFIED = "relay", "gateway", "baseline", "verified"
 FANOUT, STUBBED, UNSIGNED, UVLOOP = "relay-fanout", "stubbed", "stubbed-unsigned", "uvloop"
-GATEWAYS = frozenset({GATEWAY, BASELINE, VERIFIED, STUBBED, UNSIGNED, UVLOOP})
+PROCESSES, VERIFIED_PROCESSES = "signing-processes", "verified-processes"
+GATEWAYS = frozenset({GATEWAY, BASELINE, VERIFIED, STUBBED, UNSIGNED, UVLOOP, PROCESSES, VERIFIED_PROCESSES})
 """VERIFIED is this gateway verifying every request's signature (--verify): its workload is signed.
 The floor (--floor): FANOUT is the relay publishing what the gateway publishes per request (the
 command and an I99 answer to the user); STUBBED is the gateway with parse, facts and decide replaced by
 lookups of their results (computed in the parent, handed over in a file); UNSIGNED is STUBBED without
-the DSP's signature on the answers. UVLOOP (--uvloop) is the gateway on uvloop's event loop."""
+the DSP's signature on the answers. UVLOOP (--uvloop) is the gateway on uvloop's event loop.
+PROCESSES and VERIFIED_PROCESSES (--signing-processes N) are GATEWAY and VERIFIED signing (and
+verifying) in N worker processes (signing.processes) instead of the thread pool."""
+SIGNING_PROCESSES = [0]  # set from --signing-processes
 ANSWERED = frozenset({*GATEWAYS, FANOUT})
 """The systems that answer every request on <root>/dsp/out/<user>."""
 STUBS: list[Path] = []  # set from --floor: the parse and decide results the stubbed gateways look up
@@ -400,6 +404,7 @@ async def serve(
                 "dsp_key": str(pki.key(DCC_EUI)),
                 "dsp_certificate": str(pki.certificate(DCC_EUI)),
             }
+        signing["processes"] = SIGNING_PROCESSES[0]
         settings = Settings.model_validate(
             {
                 "broker": {"url": url},
@@ -483,10 +488,14 @@ class Child:
         budget: bool = False,
     ) -> Child:
         """Start the child; `ready` waits until it is connected (its pid is known before that)."""
-        serves = GATEWAY if kind in {BASELINE, UVLOOP} else kind
+        serves = {BASELINE: GATEWAY, UVLOOP: GATEWAY, PROCESSES: GATEWAY, VERIFIED_PROCESSES: VERIFIED}.get(
+            kind, kind
+        )
         command = [sys.executable, "-m", "bench.gateway_mqtt", "--serve", serves, "--url", url]
-        if kind == VERIFIED:
+        if serves == VERIFIED:
             command += ["--pki", str(PKI[0])]
+        if kind in {PROCESSES, VERIFIED_PROCESSES}:
+            command += ["--signing-processes", str(SIGNING_PROCESSES[0])]
         if kind in {STUBBED, UNSIGNED}:
             command += ["--stubs", str(STUBS[0])]
         if kind == UVLOOP:
@@ -991,7 +1000,9 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         *((STUBBED, UNSIGNED) if args.floor else ()),
         *((BASELINE,) if BASELINE_CHECKOUT else ()),
         *((UVLOOP,) if args.uvloop else ()),
+        *((PROCESSES,) if args.signing_processes else ()),
         *((VERIFIED,) if args.verify else ()),
+        *((VERIFIED_PROCESSES,) if args.verify and args.signing_processes else ()),
     )
     with tempfile.TemporaryDirectory(prefix="mp169-bench-") as name:
         folder = Path(name)
@@ -1009,6 +1020,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             PKI.append(folder / "pki")
             signers = Signers.from_pki(init_pki(PKI[0], [user.user_id for user in estate.users]))
         signed = {VERIFIED: signed_workload(workload, signers)} if signers is not None else {}
+        signed.update({VERIFIED_PROCESSES: signed[VERIFIED]} if VERIFIED in signed else {})
         broker = Mosquitto(folder / "broker", {"max_inflight_messages": str(WINDOW)})
         broker.start()
         try:
@@ -1029,7 +1041,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 estate, view, args.seed + 1, max(100, round(rate * args.latency_seconds))
             )
             if signers is not None:
-                signed[VERIFIED] = signed_workload(latency_workload, signers)
+                signed[VERIFIED] = signed[VERIFIED_PROCESSES] = signed_workload(latency_workload, signers)
             if args.floor:
                 stub_results(view, [workload, latency_workload], STUBS[0])
             for round_number in range(1, args.latency_rounds + 1):
@@ -1364,6 +1376,13 @@ def main() -> int:
         default=RESULTS,
         help="where to write the results (bench/results/gateway_mqtt.json)",
     )
+    parser.add_argument(
+        "--signing-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the gateway (and with --verify the verified one) signing in N worker processes",
+    )
     parser.add_argument("--stubs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -1379,6 +1398,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.pki is not None:  # the verified child: the PKI its parent made
         PKI.append(args.pki)
+    SIGNING_PROCESSES[0] = args.signing_processes
     if args.serve:
         child = serve(
             args.serve,
