@@ -73,6 +73,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gmqtt.mqtt.protocol import BaseMQTTProtocol
+
 from gateway import router, signing
 from gateway.budget import STAGES, LatencyBudget
 from gateway.config import BrokerSettings, Settings, SigningSettings
@@ -112,8 +114,10 @@ TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 5.0
 RELAY, GATEWAY, BASELINE, VERIFIED = "relay", "gateway", "baseline", "verified"
 FANOUT, STUBBED, UNSIGNED, UVLOOP = "relay-fanout", "stubbed", "stubbed-unsigned", "uvloop"
-PROCESSES, VERIFIED_PROCESSES = "signing-processes", "verified-processes"
-GATEWAYS = frozenset({GATEWAY, BASELINE, VERIFIED, STUBBED, UNSIGNED, UVLOOP, PROCESSES, VERIFIED_PROCESSES})
+PROCESSES, VERIFIED_PROCESSES, COALESCED = "signing-processes", "verified-processes", "coalesced-writes"
+GATEWAYS = frozenset(
+    {GATEWAY, BASELINE, VERIFIED, STUBBED, UNSIGNED, UVLOOP, PROCESSES, VERIFIED_PROCESSES, COALESCED}
+)
 """VERIFIED is this gateway verifying every request's signature (--verify): its workload is signed.
 The floor (--floor): FANOUT is the relay publishing what the gateway publishes per request (the
 command and an I99 answer to the user); STUBBED is the gateway with parse, facts and decide replaced by
@@ -122,6 +126,8 @@ the DSP's signature on the answers. UVLOOP (--uvloop) is the gateway on uvloop's
 PROCESSES and VERIFIED_PROCESSES (--signing-processes N) are GATEWAY and VERIFIED signing (and
 verifying) in N worker processes (signing.processes) instead of the thread pool."""
 SIGNING_PROCESSES = [0]  # set from --signing-processes
+"""COALESCED (--coalesce) is a prototype of publish batching: the gateway with gmqtt's socket writes
+of one event-loop iteration (publishes, PUBACKs) joined into one write (`coalesce_writes`)."""
 ANSWERED = frozenset({*GATEWAYS, FANOUT})
 """The systems that answer every request on <root>/dsp/out/<user>."""
 STUBS: list[Path] = []  # set from --floor: the parse and decide results the stubbed gateways look up
@@ -360,6 +366,25 @@ def stub_routing(path: Path) -> None:
     router.decide = lambda request, _facts, _table: by_id[request.request_id][1]
 
 
+def coalesce_writes() -> None:
+    """Join gmqtt's packet writes of one event-loop iteration into one socket write (a prototype:
+    a DISCONNECT written just before the transport closes would be lost, which the bench ignores)."""
+    write = BaseMQTTProtocol.write_data
+    pending: dict[int, list[bytes]] = {}
+
+    def flush(protocol: BaseMQTTProtocol) -> None:
+        write(protocol, b"".join(pending.pop(id(protocol))))
+
+    def write_data(protocol: BaseMQTTProtocol, data: bytes) -> None:
+        chunks = pending.get(id(protocol))
+        if chunks is None:
+            chunks = pending[id(protocol)] = []
+            asyncio.get_running_loop().call_soon(flush, protocol)
+        chunks.append(data)
+
+    BaseMQTTProtocol.write_data = write_data
+
+
 def signed_answer() -> bytes:
     """An I99 acknowledgement as the gateway sends it (signed by the packaged DSP key), for the
     fan-out relay to publish beside each command."""
@@ -383,7 +408,6 @@ async def serve(
     store: Path,
     profile: Path | None,
     budget_on: bool,
-    stubs: Path | None = None,
 ) -> None:
     """Run the relay or the gateway until a line arrives on stdin; then report on stdout."""
     configure_logging("warning")
@@ -392,8 +416,6 @@ async def serve(
     topics = topics_of(root)
     profiler = cProfile.Profile() if profile else None
     service: GatewayService | None = None
-    if stubs is not None:
-        stub_routing(stubs)
     if kind in {GATEWAY, VERIFIED, STUBBED, UNSIGNED}:
         signing: dict[str, object] = {"verify": False}
         if kind == VERIFIED:
@@ -488,9 +510,13 @@ class Child:
         budget: bool = False,
     ) -> Child:
         """Start the child; `ready` waits until it is connected (its pid is known before that)."""
-        serves = {BASELINE: GATEWAY, UVLOOP: GATEWAY, PROCESSES: GATEWAY, VERIFIED_PROCESSES: VERIFIED}.get(
-            kind, kind
-        )
+        serves = {
+            BASELINE: GATEWAY,
+            UVLOOP: GATEWAY,
+            PROCESSES: GATEWAY,
+            COALESCED: GATEWAY,
+            VERIFIED_PROCESSES: VERIFIED,
+        }.get(kind, kind)
         command = [sys.executable, "-m", "bench.gateway_mqtt", "--serve", serves, "--url", url]
         if serves == VERIFIED:
             command += ["--pki", str(PKI[0])]
@@ -500,6 +526,8 @@ class Child:
             command += ["--stubs", str(STUBS[0])]
         if kind == UVLOOP:
             command += ["--uvloop"]
+        if kind == COALESCED:
+            command += ["--coalesce"]
         command += ["--root", root, "--client-id", client_id, "--store", str(store)]
         if profile is not None:
             command += ["--profile-to", str(profile)]
@@ -1001,6 +1029,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         *((BASELINE,) if BASELINE_CHECKOUT else ()),
         *((UVLOOP,) if args.uvloop else ()),
         *((PROCESSES,) if args.signing_processes else ()),
+        *((COALESCED,) if args.coalesce else ()),
         *((VERIFIED,) if args.verify else ()),
         *((VERIFIED_PROCESSES,) if args.verify and args.signing_processes else ()),
     )
@@ -1383,6 +1412,11 @@ def main() -> int:
         metavar="N",
         help="also run the gateway (and with --verify the verified one) signing in N worker processes",
     )
+    parser.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="also run the gateway writing its socket once per loop iteration (a publish batching prototype)",
+    )
     parser.add_argument("--stubs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -1408,8 +1442,11 @@ def main() -> int:
             store=args.store,
             profile=args.profile_to,
             budget_on=args.budget_child,
-            stubs=args.stubs,
         )
+        if args.stubs is not None:
+            stub_routing(args.stubs)
+        if args.coalesce:
+            coalesce_writes()
         if args.uvloop:
             import uvloop  # noqa: PLC0415 - optional: only the uvloop system needs it
 
