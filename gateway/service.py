@@ -11,6 +11,7 @@ import functools
 import multiprocessing
 import os
 import time
+from concurrent import futures
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,6 +94,8 @@ class Signatures:
                 initializer=signing.start_worker,
                 initargs=(settings.signing, max_bytes),
             )
+            # Started now, each with its key and library loaded, not under the first requests.
+            futures.wait([pool.submit(os.getpid) for _ in range(processes)])
             return cls(
                 verify=None if verify is None else signing.verify_in_worker,
                 sign=signing.sign_in_worker,
