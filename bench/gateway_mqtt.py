@@ -32,6 +32,9 @@ for, and the outcome recorder's, on the same database file): the tails come from
     python -m bench.gateway_mqtt              # ~2 min: 5+5 runs of 20000, 3+3 latency runs of 8 s
     python -m bench.gateway_mqtt --quick      # ~25 s: 1+1 runs of 5000, 1+1 latency runs of 3 s
     python -m bench.gateway_mqtt --profile    # plus cProfiled gateway runs (max rate, half load)
+    python -m bench.gateway_mqtt --py-spy     # plus py-spy sampled gateway runs (pip install py-spy)
+    python -m bench.gateway_mqtt --floor      # plus the floor: fan-out relay, stubbed parse and decide
+    python -m bench.gateway_mqtt --uvloop     # plus the gateway on uvloop (pip install uvloop)
 
 Needs mosquitto (started privately on a free port). Writes bench/results/gateway_mqtt.json and prints
 Markdown.
@@ -54,9 +57,11 @@ import cProfile
 import hashlib
 import json
 import os
+import pickle
 import platform
 import pstats
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,19 +73,26 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gmqtt.mqtt.protocol import BaseMQTTProtocol
+
+from gateway import router, signing
 from gateway.budget import STAGES, LatencyBudget
-from gateway.config import BrokerSettings, Settings
+from gateway.config import BrokerSettings, Settings, SigningSettings
 from gateway.duis import ParseError, parse_request
+from gateway.facts import request_facts
 from gateway.logging import configure_logging
 from gateway.metrics import Metrics
 from gateway.mqtt import MqttTransport
 from gateway.pki import PkiLayout, init_pki
+from gateway.responses import response_xml
 from gateway.service import GatewayService
+from gateway.signing import dsp_credentials
 from gateway.store import SqliteStore
 from gateway.topics import Topics
 from gateway.view import RoutingView
-from rules.decide import Action, RequestFacts, decide
-from rules.domain import DCC_EUI
+from rules.codes import ResponseCode
+from rules.decide import Action, Decision, RequestFacts, decide
+from rules.domain import DCC_EUI, Eui, RequestId, utc_now
 from rules.table import default_table
 from simulator.estate import Estate, generate_estate
 from simulator.mosquitto import Mosquitto, mosquitto_binary
@@ -101,8 +113,24 @@ WARMUP_SHARE = 0.1
 TARGET_RATIO = 0.7
 TARGET_ADDED_P99_MS = 5.0
 RELAY, GATEWAY, BASELINE, VERIFIED = "relay", "gateway", "baseline", "verified"
-GATEWAYS = frozenset({GATEWAY, BASELINE, VERIFIED})
-"""VERIFIED is this gateway verifying every request's signature (--verify): its workload is signed."""
+FANOUT, STUBBED, UNSIGNED, UVLOOP = "relay-fanout", "stubbed", "stubbed-unsigned", "uvloop"
+PROCESSES, VERIFIED_PROCESSES, COALESCED = "signing-processes", "verified-processes", "coalesced-writes"
+GATEWAYS = frozenset(
+    {GATEWAY, BASELINE, VERIFIED, STUBBED, UNSIGNED, UVLOOP, PROCESSES, VERIFIED_PROCESSES, COALESCED}
+)
+"""VERIFIED is this gateway verifying every request's signature (--verify): its workload is signed.
+The floor (--floor): FANOUT is the relay publishing what the gateway publishes per request (the
+command and an I99 answer to the user); STUBBED is the gateway with parse, facts and decide replaced by
+lookups of their results (computed in the parent, handed over in a file); UNSIGNED is STUBBED without
+the DSP's signature on the answers. UVLOOP (--uvloop) is the gateway on uvloop's event loop.
+PROCESSES and VERIFIED_PROCESSES (--signing-processes N) are GATEWAY and VERIFIED signing (and
+verifying) in N worker processes (signing.processes) instead of the thread pool."""
+SIGNING_PROCESSES = [0]  # set from --signing-processes
+"""COALESCED (--coalesce) is a prototype of publish batching: the gateway with gmqtt's socket writes
+of one event-loop iteration (publishes, PUBACKs) joined into one write (`coalesce_writes`)."""
+ANSWERED = frozenset({*GATEWAYS, FANOUT})
+"""The systems that answer every request on <root>/dsp/out/<user>."""
+STUBS: list[Path] = []  # set from --floor: the parse and decide results the stubbed gateways look up
 BASELINE_CHECKOUT: list[Path] = []  # set from --baseline
 BUDGET = [False]  # set from --budget
 PKI: list[Path] = []  # set from --verify: the test PKI the verified gateway trusts
@@ -316,8 +344,70 @@ def commit_summary(metrics: Metrics) -> dict[str, float]:
     }
 
 
+def stub_results(view: RoutingView, workloads: Sequence[Sequence[Request]], path: Path) -> None:
+    """What parse, facts and decide make of every request, for the stubbed gateways to look up."""
+    table = default_table()
+    results: dict[bytes, tuple[Any, RequestFacts, Decision]] = {}
+    for workload in workloads:
+        for request in workload:
+            parsed = parse_request(request.payload)
+            assert not isinstance(parsed, ParseError)
+            facts = request_facts(parsed, view, DCC_EUI)
+            results[request.payload] = (parsed, facts, decide(parsed, facts, table))
+    path.write_bytes(pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def stub_routing(path: Path) -> None:
+    """Replace the router's parse, facts and decide by lookups of their results (the floor)."""
+    results = pickle.loads(path.read_bytes())
+    by_id = {parsed.request_id: (facts, decision) for parsed, facts, decision in results.values()}
+    router.parse_request = lambda payload, max_bytes: results[payload][0]  # noqa: ARG005
+    router.request_facts = lambda request, _view, _dcc: by_id[request.request_id][0]
+    router.decide = lambda request, _facts, _table: by_id[request.request_id][1]
+
+
+def coalesce_writes() -> None:
+    """Join gmqtt's packet writes of one event-loop iteration into one socket write (a prototype:
+    a DISCONNECT written just before the transport closes would be lost, which the bench ignores)."""
+    write = BaseMQTTProtocol.write_data
+    pending: dict[int, list[bytes]] = {}
+
+    def flush(protocol: BaseMQTTProtocol) -> None:
+        write(protocol, b"".join(pending.pop(id(protocol))))
+
+    def write_data(protocol: BaseMQTTProtocol, data: bytes) -> None:
+        chunks = pending.get(id(protocol))
+        if chunks is None:
+            chunks = pending[id(protocol)] = []
+            asyncio.get_running_loop().call_soon(flush, protocol)
+        chunks.append(data)
+
+    BaseMQTTProtocol.write_data = write_data
+
+
+def signed_answer() -> bytes:
+    """An I99 acknowledgement as the gateway sends it (signed by the packaged DSP key), for the
+    fan-out relay to publish beside each command."""
+    key, certificate = dsp_credentials(SigningSettings())
+    unsigned = response_xml(
+        request_id=RequestId(Eui("90-B3-D5-1F-30-01-00-00"), Eui("00-DB-12-34-56-78-90-A0"), 1),
+        code=ResponseCode.ACKNOWLEDGED,
+        service_reference=None,
+        srv="4.1.1",
+        at=utc_now(),
+    )
+    return signing.sign(unsigned, key=key, certificate=certificate)
+
+
 async def serve(
-    kind: str, url: str, root: str, *, client_id: str, store: Path, profile: Path | None, budget_on: bool
+    kind: str,
+    url: str,
+    root: str,
+    *,
+    client_id: str,
+    store: Path,
+    profile: Path | None,
+    budget_on: bool,
 ) -> None:
     """Run the relay or the gateway until a line arrives on stdin; then report on stdout."""
     configure_logging("warning")
@@ -326,7 +416,7 @@ async def serve(
     topics = topics_of(root)
     profiler = cProfile.Profile() if profile else None
     service: GatewayService | None = None
-    if kind in {GATEWAY, VERIFIED}:
+    if kind in {GATEWAY, VERIFIED, STUBBED, UNSIGNED}:
         signing: dict[str, object] = {"verify": False}
         if kind == VERIFIED:
             pki = PkiLayout(PKI[0])
@@ -336,6 +426,7 @@ async def serve(
                 "dsp_key": str(pki.key(DCC_EUI)),
                 "dsp_certificate": str(pki.certificate(DCC_EUI)),
             }
+        signing["processes"] = SIGNING_PROCESSES[0]
         settings = Settings.model_validate(
             {
                 "broker": {"url": url},
@@ -364,13 +455,20 @@ async def serve(
             receive_maximum=settings.gateway.inflight_window,
         )
         service = await GatewayService.start(settings, transport, metrics=metrics, budget=budget)
+        if kind == UNSIGNED:
+            service.shell._sign = None  # noqa: SLF001 - the floor without the DSP's signatures
     else:
         transport = MqttTransport(BrokerSettings(url=url), client_id, receive_maximum=WINDOW)
         inbound = f"{topics.inbound}/"
         devices = f"{topics.devices}/"
+        outbound = f"{topics.outbound}/"
+        answer = signed_answer() if kind == FANOUT else None
 
         async def relay(message: Message) -> None:
-            await transport.publish(f"{devices}{message.topic[len(inbound) :]}/cmd", message.payload)
+            user = message.topic[len(inbound) :]
+            await transport.publish(f"{devices}{user}/cmd", message.payload)
+            if answer is not None:
+                await transport.publish(f"{outbound}{user}", answer)
 
         await transport.start(subscriptions(kind, root), relay)
     if profiler:
@@ -412,10 +510,24 @@ class Child:
         budget: bool = False,
     ) -> Child:
         """Start the child; `ready` waits until it is connected (its pid is known before that)."""
-        serves = GATEWAY if kind == BASELINE else kind
+        serves = {
+            BASELINE: GATEWAY,
+            UVLOOP: GATEWAY,
+            PROCESSES: GATEWAY,
+            COALESCED: GATEWAY,
+            VERIFIED_PROCESSES: VERIFIED,
+        }.get(kind, kind)
         command = [sys.executable, "-m", "bench.gateway_mqtt", "--serve", serves, "--url", url]
-        if kind == VERIFIED:
+        if serves == VERIFIED:
             command += ["--pki", str(PKI[0])]
+        if kind in {PROCESSES, VERIFIED_PROCESSES}:
+            command += ["--signing-processes", str(SIGNING_PROCESSES[0])]
+        if kind in {STUBBED, UNSIGNED}:
+            command += ["--stubs", str(STUBS[0])]
+        if kind == UVLOOP:
+            command += ["--uvloop"]
+        if kind == COALESCED:
+            command += ["--coalesce"]
         command += ["--root", root, "--client-id", client_id, "--store", str(store)]
         if profile is not None:
             command += ["--profile-to", str(profile)]
@@ -534,7 +646,13 @@ class Bench:
         return {"system": child.pid, "broker": self.broker._process.pid, "driver": os.getpid()}  # noqa: SLF001
 
     async def throughput(
-        self, system: str, round_number: int, workload: list[Request], profile: Path | None = None
+        self,
+        system: str,
+        round_number: int,
+        workload: list[Request],
+        *,
+        profile: Path | None = None,
+        spy: Path | None = None,
     ) -> ThroughputRun:
         root, client_id, store = self._next(system)
         # The system's persistent session, created while it is away: the broker queues the backlog.
@@ -548,7 +666,7 @@ class Bench:
         await producer.stop()  # returns once the broker acknowledged (queued) every request
         cpu = CpuWindow({})
         sink = Sink({request.key: number for number, request in enumerate(workload)}, cpu)
-        users = Users(len(workload) if system in GATEWAYS else 0)
+        users = Users(len(workload) if system in ANSWERED else 0)
         devices, answers = await self._clients(root, sink, users)
         child: Child | None = None
         try:
@@ -558,9 +676,13 @@ class Bench:
             # Known before the backlog can reach the sink: its first arrival starts the CPU window.
             cpu.pids = self._pids(child)
             await child.ready()
+            # After the start (loading the estate is not per-request work): the first few ms are missed.
+            sampler = await PySpy.attach(child.pid, spy) if spy is not None else None
             async with asyncio.timeout(GUARD_SECONDS):
                 await sink.complete.wait()
                 await users.complete.wait()
+            if sampler is not None:
+                await sampler.stop()
             report = await child.stop()
         finally:
             if child is not None:
@@ -588,11 +710,13 @@ class Bench:
         round_number: int,
         workload: list[Request],
         rate: float,
+        *,
         profile: Path | None = None,
+        spy: Path | None = None,
     ) -> LatencyRun:
         root, client_id, store = self._next(system)
         sink = Sink({request.key: number for number, request in enumerate(workload)})
-        users = Users(len(workload) if system in GATEWAYS else 0)
+        users = Users(len(workload) if system in ANSWERED else 0)
         devices, answers = await self._clients(root, sink, users)
         producer = MqttTransport(self.driver_settings, f"{root}-load")
         await producer.start([], nothing)
@@ -611,6 +735,7 @@ class Bench:
             )
             await child.ready()
             cpu.pids = self._pids(child)
+            sampler = await PySpy.attach(child.pid, spy) if spy is not None else None
             await asyncio.sleep(0.2)  # let the child settle after its start
             interval = 1e9 / rate
             cpu.start()
@@ -628,6 +753,8 @@ class Bench:
                 await sink.complete.wait()
                 await users.complete.wait()
             cpu.end()
+            if sampler is not None:
+                await sampler.stop()
             report = await child.stop()
         finally:
             if child is not None:
@@ -734,6 +861,75 @@ def summarise_profile(path: Path, requests: int, top: int = 25) -> dict[str, Any
     }
 
 
+class PySpy:
+    """py-spy sampling a running child (every thread, idle samples left out) into a raw stack file."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def attach(cls, pid: int, path: Path) -> PySpy:
+        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        command = [binary, "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+        process = await asyncio.create_subprocess_exec(
+            *command, "--nonblocking", "--output", str(path), stdout=asyncio.subprocess.DEVNULL
+        )
+        return cls(process)
+
+    async def stop(self) -> None:
+        """Stop sampling; py-spy writes its file on SIGINT."""
+        self.process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(GUARD_SECONDS):
+            await self.process.wait()
+
+
+def _frame(frame: str) -> str:
+    """py-spy's `function (path/file.py:line)` as `function (package/file.py)`: lines merged."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0] or where.rstrip(")")
+    return f"{name} ({'/'.join(Path(path).parts[-2:])})"
+
+
+def summarise_py_spy(path: Path, top: int = 25) -> dict[str, Any]:
+    """Own share (the sampled frame) and cumulative share (anywhere on the stack) per function, and
+    own share by area, in % of every non-idle sample of every thread."""
+    own: dict[str, int] = {}
+    cumulative: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [_frame(frame) for frame in stack.split(";")]
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            cumulative[frame] = cumulative.get(frame, 0) + count
+        name, _, where = stack.rsplit(";", 1)[-1].partition(" (")
+        area = _area("/" + where.rstrip(")").rpartition(":")[0], name)
+        areas[area] = areas.get(area, 0) + count
+
+    def share(value: int) -> float:
+        return round(100 * value / total, 1) if total else 0.0
+
+    return {
+        "samples": total,
+        "own_percent_by_area": {
+            area: share(value) for area, value in sorted(areas.items(), key=lambda item: -item[1])[:15]
+        },
+        "top_own": [
+            {"function": name, "own_percent": share(value), "cumulative_percent": share(cumulative[name])}
+            for name, value in sorted(own.items(), key=lambda item: -item[1])[:top]
+        ],
+        "top_cumulative": [
+            {"function": name, "cumulative_percent": share(value), "own_percent": share(own.get(name, 0))}
+            for name, value in sorted(cumulative.items(), key=lambda item: -item[1])[:top]
+        ],
+    }
+
+
 # -- the whole benchmark ---------------------------------------------------------------------------
 
 
@@ -785,6 +981,39 @@ def rotated(systems: Sequence[str], round_number: int) -> tuple[str, ...]:
     return (*systems[shift:], *systems[:shift])
 
 
+async def profiles(  # noqa: PLR0917 - the runs' inputs
+    args: argparse.Namespace,
+    bench: Bench,
+    folder: Path,
+    workload: list[Request],
+    latency_workload: list[Request],
+    rate: float,
+) -> dict[str, Any] | None:
+    """The profiled gateway runs (--profile: cProfile; --py-spy: py-spy), at max rate and half load."""
+    profile: dict[str, Any] | None = None
+    if args.profile:
+        stats = folder / "max-rate.prof"
+        run = await bench.throughput(GATEWAY, 0, workload, profile=stats)
+        profile = {"max_rate": summarise_profile(stats, len(workload))}
+        profile["max_rate"]["requests_per_second_under_profiler"] = run.requests_per_second
+        stats = folder / "half-load.prof"
+        await bench.latency(GATEWAY, 0, latency_workload, rate, profile=stats)
+        profile["half_load"] = summarise_profile(stats, len(latency_workload))
+        profile["half_load"]["offered_per_second"] = round(rate)
+    if args.py_spy:
+        spy = profile or {}
+        samples = folder / "max-rate.py-spy"
+        run = await bench.throughput(GATEWAY, 0, workload, spy=samples)
+        spy["py_spy_max_rate"] = summarise_py_spy(samples)
+        spy["py_spy_max_rate"]["requests_per_second_under_profiler"] = run.requests_per_second
+        samples = folder / "half-load.py-spy"
+        await bench.latency(GATEWAY, 0, latency_workload, rate, spy=samples)
+        spy["py_spy_half_load"] = summarise_py_spy(samples)
+        spy["py_spy_half_load"]["offered_per_second"] = round(rate)
+        profile = spy
+    return profile
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     configure_logging("warning")
     started = time.perf_counter()
@@ -794,9 +1023,15 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     profile: dict[str, Any] | None = None
     systems = (
         RELAY,
+        *((FANOUT,) if args.floor else ()),
         GATEWAY,
+        *((STUBBED, UNSIGNED) if args.floor else ()),
         *((BASELINE,) if BASELINE_CHECKOUT else ()),
+        *((UVLOOP,) if args.uvloop else ()),
+        *((PROCESSES,) if args.signing_processes else ()),
+        *((COALESCED,) if args.coalesce else ()),
         *((VERIFIED,) if args.verify else ()),
+        *((VERIFIED_PROCESSES,) if args.verify and args.signing_processes else ()),
     )
     with tempfile.TemporaryDirectory(prefix="mp169-bench-") as name:
         folder = Path(name)
@@ -806,11 +1041,15 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if BASELINE_CHECKOUT:
             await seed_baseline(args.seed, args.premises, template.with_suffix(".baseline"))
         workload = forwardable(estate, view, args.seed, args.requests)
+        if args.floor:
+            STUBS.append(folder / "stubs.pickle")
+            stub_results(view, [workload], STUBS[0])
         signers = None
         if args.verify:
             PKI.append(folder / "pki")
             signers = Signers.from_pki(init_pki(PKI[0], [user.user_id for user in estate.users]))
         signed = {VERIFIED: signed_workload(workload, signers)} if signers is not None else {}
+        signed.update({VERIFIED_PROCESSES: signed[VERIFIED]} if VERIFIED in signed else {})
         broker = Mosquitto(folder / "broker", {"max_inflight_messages": str(WINDOW)})
         broker.start()
         try:
@@ -831,7 +1070,9 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 estate, view, args.seed + 1, max(100, round(rate * args.latency_seconds))
             )
             if signers is not None:
-                signed[VERIFIED] = signed_workload(latency_workload, signers)
+                signed[VERIFIED] = signed[VERIFIED_PROCESSES] = signed_workload(latency_workload, signers)
+            if args.floor:
+                stub_results(view, [workload, latency_workload], STUBS[0])
             for round_number in range(1, args.latency_rounds + 1):
                 order = rotated(systems, round_number)
                 for system in order:
@@ -844,15 +1085,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         f"p50 {lrun.p50_ms} ms, p99 {lrun.p99_ms} ms, max {lrun.max_ms} ms, lost {lrun.lost}",
                         flush=True,
                     )
-            if args.profile:
-                stats = folder / "max-rate.prof"
-                run = await bench.throughput(GATEWAY, 0, workload, profile=stats)
-                profile = {"max_rate": summarise_profile(stats, len(workload))}
-                profile["max_rate"]["requests_per_second_under_profiler"] = run.requests_per_second
-                stats = folder / "half-load.prof"
-                await bench.latency(GATEWAY, 0, latency_workload, rate, profile=stats)
-                profile["half_load"] = summarise_profile(stats, len(latency_workload))
-                profile["half_load"]["offered_per_second"] = round(rate)
+            profile = await profiles(args, bench, folder, workload, latency_workload, rate)
         finally:
             broker.stop()
     code["changed_during_run"] = code_under_test()["digest"] != code["digest"]
@@ -901,6 +1134,7 @@ def summary(
         if any(r.system == system for r in latency_runs)
     }
     added = {key: round(raw[GATEWAY][key] - raw[RELAY][key], 3) for key in ("p50_ms", "p99_ms")}
+    systems = per_system(throughput_runs, latency_runs)
     every: list[ThroughputRun | LatencyRun] = [*throughput_runs, *latency_runs]
     no_loss = all(r.lost == 0 and r.duplicates == 0 and r.handler_errors == 0 for r in every)
     acknowledged = all(r.acknowledged == r.requests for r in every if r.system == GATEWAY)
@@ -942,6 +1176,7 @@ def summary(
                 else {}
             ),
         },
+        "systems": systems,
         "latency_at_half_load": {
             "offered_per_second": latency_runs[0].offered_per_second if latency_runs else 0,
             **raw,
@@ -962,6 +1197,51 @@ def summary(
         "throughput_runs": [asdict(run) for run in throughput_runs],
         "latency_runs": [asdict(run) for run in latency_runs],
     }
+
+
+def per_system(
+    throughput_runs: Sequence[ThroughputRun], latency_runs: Sequence[LatencyRun]
+) -> dict[str, dict[str, Any]]:
+    """Every system against the relay and the gateway of the same round (throughput ratios, and
+    latency added to the relay's), then the median over rounds."""
+    rates = {(r.system, r.round): r.requests_per_second for r in throughput_runs}
+    latencies = {(r.system, r.round): r for r in latency_runs}
+    result: dict[str, dict[str, Any]] = {}
+    for system in dict.fromkeys(r.system for r in throughput_runs):
+        rounds = sorted(n for s, n in rates if s == system)
+
+        def ratios(other: str, rounds: list[int] = rounds, system: str = system) -> list[float]:
+            return [rates[system, n] / rates[other, n] for n in rounds if (other, n) in rates]
+
+        def added(key: str, system: str = system) -> list[float]:
+            return [
+                getattr(run, key) - getattr(latencies[RELAY, n], key)
+                for (s, n), run in latencies.items()
+                if s == system and (RELAY, n) in latencies
+            ]
+
+        runs = [run for (s, _), run in latencies.items() if s == system]
+        result[system] = {
+            "requests_per_second": round(_median([rates[system, n] for n in rounds])),
+            "vs_relay": round(_median(ratios(RELAY)), 3),
+            "vs_relay_per_round": [round(value, 3) for value in ratios(RELAY)],
+            "vs_gateway": round(_median(ratios(GATEWAY)), 3),
+            "vs_gateway_per_round": [round(value, 3) for value in ratios(GATEWAY)],
+            "p50_ms": round(_median([run.p50_ms for run in runs]), 3),
+            "p99_ms": round(_median([run.p99_ms for run in runs]), 3),
+            "added_p50_ms": round(_median(added("p50_ms")), 3),
+            "added_p99_ms": round(_median(added("p99_ms")), 3),
+            "added_p99_ms_per_round": [round(value, 3) for value in added("p99_ms")],
+            "cpu_system_core_percent": round(
+                _median([r.cpu["system"]["core_percent"] for r in throughput_runs if r.system == system]), 1
+            ),
+            # CPU the system's own process spent per request at its maximum rate: less sensitive than
+            # the rates to other work on a shared machine (it excludes the time spent waiting for a core).
+            "cpu_us_per_request": round(
+                _median([r.cpu["system"]["us_per_request"] for r in throughput_runs if r.system == system]), 1
+            ),
+        }
+    return result
 
 
 def latency_budget(runs: Sequence[LatencyRun]) -> dict[str, dict[str, float]]:
@@ -1043,12 +1323,31 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{lat['gateway']['p50_ms']} / {lat['gateway']['p99_ms']} ms."
             ),
         ]
+    lines += [
+        "",
+        "| system | req/s | vs relay | vs gateway | p50 ms | p99 ms | added p99 ms | core % | CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {v['requests_per_second']} | {v['vs_relay']} {v['vs_relay_per_round']} | "
+        f"{v['vs_gateway']} | {v['p50_ms']} | {v['p99_ms']} | {v['added_p99_ms']} | "
+        f"{v['cpu_system_core_percent']} | {v['cpu_us_per_request']} |"
+        for name, v in result["systems"].items()
+    ]
     budget = result.get("latency_budget") or {}
     if budget:
         lines += ["", "Latency budget of the gateway at half load (gateway/budget.py), ms:", ""]
         lines += ["| stage | p50 | p99 |", "|---|---:|---:|"]
         lines += [f"| {stage} | {v['p50_ms']} | {v['p99_ms']} |" for stage, v in budget.items()]
     for regime, profile in (result.get("profile") or {}).items():
+        if "top_own" in profile:
+            lines += ["", f"{regime} ({profile['samples']} samples), own / cumulative % of samples:", ""]
+            lines += ["| function | own % | cumulative % |", "|---|---:|---:|"]
+            lines += [
+                f"| `{row['function']}` | {row['own_percent']} | {row['cumulative_percent']} |"
+                for row in profile["top_own"][:15]
+            ]
+            continue
         title = (
             f"gateway profile at {regime} (cProfile own time, µs per request; "
             f"{profile['profiled_us_per_request']} busy, {profile['idle_us_per_request']} idle):"
@@ -1080,13 +1379,50 @@ def main() -> int:
         help="also run the gateway of this checkout (e.g. a git worktree of the code before a change), "
         "side by side in every round",
     )
-    parser.add_argument("--serve", choices=(RELAY, GATEWAY, VERIFIED), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=(RELAY, FANOUT, GATEWAY, STUBBED, UNSIGNED, VERIFIED), help=argparse.SUPPRESS
+    )
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--verify",
         action="store_true",
         help="also run the gateway verifying every request's signature (the workload signed), side by side",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the end-to-end floor side by side: the relay publishing the gateway's fan-out "
+        "(command and I99), and the gateway with parse and decide stubbed out, signed and unsigned",
+    )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="also run the gateway on uvloop's event loop, side by side (needs uvloop installed)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="add two gateway runs sampled by py-spy (max rate, half load): own and cumulative shares",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="where to write the results (bench/results/gateway_mqtt.json)",
+    )
+    parser.add_argument(
+        "--signing-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the gateway (and with --verify the verified one) signing in N worker processes",
+    )
+    parser.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="also run the gateway writing its socket once per loop iteration (a publish batching prototype)",
+    )
+    parser.add_argument("--stubs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
@@ -1101,18 +1437,27 @@ def main() -> int:
     args = parser.parse_args()
     if args.pki is not None:  # the verified child: the PKI its parent made
         PKI.append(args.pki)
+    SIGNING_PROCESSES[0] = args.signing_processes
     if args.serve:
-        asyncio.run(
-            serve(
-                args.serve,
-                args.url,
-                args.root,
-                client_id=args.client_id,
-                store=args.store,
-                profile=args.profile_to,
-                budget_on=args.budget_child,
-            )
+        child = serve(
+            args.serve,
+            args.url,
+            args.root,
+            client_id=args.client_id,
+            store=args.store,
+            profile=args.profile_to,
+            budget_on=args.budget_child,
         )
+        if args.stubs is not None:
+            stub_routing(args.stubs)
+        if args.coalesce:
+            coalesce_writes()
+        if args.uvloop:
+            import uvloop  # noqa: PLC0415 - optional: only the uvloop system needs it
+
+            uvloop.run(child)
+        else:
+            asyncio.run(child)
         return 0
     if args.baseline is not None:
         BASELINE_CHECKOUT.append(args.baseline.resolve())
@@ -1123,8 +1468,8 @@ def main() -> int:
     args.latency_rounds = args.latency_rounds or (1 if quick else 3)
     args.latency_seconds = args.latency_seconds or (3.0 if quick else 8.0)
     result = asyncio.run(benchmark(args))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: result[k] for k in ("throughput", "latency_at_half_load", "meets")}, indent=2))
     print(markdown(result))
     return 0 if result["no_loss"] else 1

@@ -184,6 +184,8 @@ class SigningSettings(_Section):
     """The certificate of `dsp_key`: its issuer and serial go in each signature's KeyInfo."""
     verify: bool = True
     """False skips request verification (benchmarks only): the daemon warns at start and a metric shows it."""
+    processes: Annotated[int, Field(ge=0, le=64)] = 0
+    """0: sign and verify in a thread pool of the gateway's process; N: in N worker processes."""
 
 
 class Settings(BaseModel):

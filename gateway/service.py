@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import multiprocessing
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -67,23 +69,38 @@ class Signatures:
     verify: Callable[[bytes], Verification] | None
     """None: verification turned off (benchmarks only; warned at start, shown in the metrics)."""
     sign: Callable[[bytes], bytes]
-    executor: ThreadPoolExecutor
+    executor: Executor
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Signatures:
         """Reads the certificate library and the DSP's key: a bad file stops the start, naming it."""
         key, certificate = dsp_credentials(settings.signing)
+        max_bytes = settings.gateway.max_message_bytes
         verify: Callable[[bytes], Verification] | None = None
         if settings.signing.verify:
             library = certificate_library(settings.signing)
-            verify = functools.partial(
-                signing.verify, library=library, max_bytes=settings.gateway.max_message_bytes
-            )
+            verify = functools.partial(signing.verify, library=library, max_bytes=max_bytes)
             log.info("signature-verification", certificates=len(library), signer=str(certificate.eui))
         else:
             log.warning(
                 "signature-verification-off",
                 detail="signing.verify = false: inbound Service Requests are not verified (benchmarks only)",
+            )
+        processes = settings.signing.processes
+        if processes:
+            # Spawned, not forked: this process runs threads (the store's, the pool's) by then.
+            pool = ProcessPoolExecutor(
+                max_workers=processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=signing.start_worker,
+                initargs=(settings.signing, max_bytes),
+            )
+            # Started now, each with its key and library loaded, not under the first requests.
+            futures.wait([pool.submit(os.getpid) for _ in range(processes)])
+            return cls(
+                verify=None if verify is None else signing.verify_in_worker,
+                sign=signing.sign_in_worker,
+                executor=pool,
             )
         return cls(
             verify=verify,

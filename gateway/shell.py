@@ -20,8 +20,9 @@ XML signatures (gateway/signing.py) are CPU work the shell keeps off the event l
 router's serial path: with `verify`, each inbound Service Request's signature is checked in the
 executor as soon as it arrives, concurrently with others, and the request reaches the router with its
 `Verification` in arrival order (a message waits only for the messages before it). With `sign`, every
-document published to users is signed in the executor as soon as the router produces it, and handed to
-the transport in the order produced.
+document published to users is signed in the executor as soon as the router produces it (the
+documents of one event-loop iteration in chunks, a task each), and handed to the transport in the
+order produced.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ T = TypeVar("T")
 # Backoff between attempts at a busy or locked store: doubling from the first, capped at the second.
 _RETRY_FIRST_SECONDS = 0.05
 _RETRY_CAP_SECONDS = 2.0
+# Documents to users signed per executor task: enough to spare a future and a loop wake-up per
+# document, few enough that the first of a chunk does not wait long for the rest (a signature is
+# about 150 µs) and that a burst is spread over the pool's workers.
+_SIGN_CHUNK = 8
 
 Publisher: TypeAlias = "Callable[[str, bytes], Awaitable[None]]"
 Clock: TypeAlias = "Callable[[], datetime]"
@@ -136,6 +141,8 @@ class Shell:
         self._verify = verify
         self._sign = sign
         self._executor = executor
+        self._unsigned: list[tuple[bytes, asyncio.Future[bytes]]] = []
+        """Documents to users produced in this event-loop iteration, to be signed together."""
         self._requests = f"{router.topics.inbound}/"
         self._users = f"{router.topics.outbound}/"
         self._fed: asyncio.Future[None] | None = None
@@ -291,11 +298,27 @@ class Shell:
     def _queue_publish(self, publish: Publish) -> None:
         """Into the outbox in order; a document to a user is signed in the executor meanwhile."""
         if self._sign is not None and publish.topic.startswith(self._users):
-            signed = asyncio.get_running_loop().run_in_executor(self._executor, self._sign, publish.payload)
+            loop = asyncio.get_running_loop()
+            signed: asyncio.Future[bytes] = loop.create_future()
+            if not self._unsigned:
+                loop.call_soon(self._sign_unsigned)
+            self._unsigned.append((publish.payload, signed))
             self._outbox.put_nowait(_Signing(publish.topic, signed))
         else:
             self._outbox.put_nowait(publish)
         self._queued_publishes += 1
+
+    def _sign_unsigned(self) -> None:
+        """The documents of one event-loop iteration go to the executor in chunks, a task each: one
+        future, one wake-up of the loop and (with worker processes) one pipe message per chunk, where a
+        task per document cost more than the signature in a worker process (README, Performance)."""
+        unsigned, self._unsigned = self._unsigned, []
+        loop = asyncio.get_running_loop()
+        assert self._sign is not None
+        for start in range(0, len(unsigned), _SIGN_CHUNK):
+            chunk = unsigned[start : start + _SIGN_CHUNK]
+            work = loop.run_in_executor(self._executor, _sign_all, self._sign, [doc for doc, _ in chunk])
+            work.add_done_callback(partial(_settle_signed, [future for _, future in chunk]))
 
     def _observe(self, observation: Observation) -> None:
         request_id = getattr(observation, "request_id", None)
@@ -472,6 +495,26 @@ class _Signing:
 
     topic: str
     payload: asyncio.Future[bytes]
+
+
+def _sign_all(sign: Callable[[bytes], bytes], documents: list[bytes]) -> list[bytes]:
+    """In the executor (a thread or a worker process): one chunk of documents."""
+    return [sign(document) for document in documents]
+
+
+def _settle_signed(futures: list[asyncio.Future[bytes]], work: asyncio.Future[list[bytes]]) -> None:
+    """Each document's future from its chunk's: a failed chunk fails each of its publishes (their
+    messages stay unacknowledged and are redelivered)."""
+    error = None if work.cancelled() else work.exception()
+    for number, future in enumerate(futures):
+        if future.done():
+            continue
+        if work.cancelled():
+            future.cancel()
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(work.result()[number])
 
 
 def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float, owner: str) -> CommitBatch:

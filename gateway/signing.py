@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
@@ -436,3 +436,41 @@ def dsp_credentials(settings: SigningSettings) -> tuple[SigningKey, OrgCertifica
         return signing_key, OrgCertificate.from_pem(certificate.read_bytes())
     except (CertificateError, OSError) as exc:
         raise CertificateError(f"signing.dsp_certificate: {certificate}: {exc}") from exc
+
+
+# -- in worker processes (signing.processes) ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Worker:
+    """What a signing worker process loaded once, at its start (`start_worker`)."""
+
+    key: SigningKey
+    certificate: OrgCertificate
+    library: CertificateLibrary | None
+    max_bytes: int
+
+
+_WORKER: list[_Worker] = []
+
+
+def start_worker(settings: SigningSettings, max_bytes: int) -> None:
+    """The initializer of a worker process: keys and certificates cross no process boundary (an
+    xmlsec key does not pickle), so each worker reads them itself."""
+    key, certificate = dsp_credentials(settings)
+    library = certificate_library(settings) if settings.verify else None
+    _WORKER[:] = [_Worker(key, certificate, library, max_bytes)]
+
+
+def sign_in_worker(document: bytes) -> bytes:
+    worker = _WORKER[0]
+    return sign(document, worker.key, worker.certificate)
+
+
+def verify_in_worker(document: bytes) -> Verification:
+    """As `verify`, without the parsed tree, which cannot cross back: the router parses the bytes."""
+    worker = _WORKER[0]
+    if worker.library is None:
+        raise RuntimeError("this signing worker was started without verification")
+    verification = verify(document, worker.library, max_bytes=worker.max_bytes)
+    return replace(verification, root=None)

@@ -27,7 +27,8 @@ import sqlite3
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
 
 import aiosqlite
 
@@ -215,6 +216,7 @@ DANGLING_REFERENCES = " UNION ALL ".join(
 _BATCH = 2_000  # rows per query when loading: small batches leave less garbage in the heap
 _BUSY_TIMEOUT_MS = 30_000
 _COUNTER_DIGITS = len(str(MAX_COUNTER))
+T = TypeVar("T")
 _COUNTER_ROWS = 5_000  # originators per counter statement (SQLite's limit is 32,766 parameters)
 _RECORD_REQUEST_IDS = """
     INSERT INTO request_ids (originator, counter, accepted_at) VALUES {rows}
@@ -497,6 +499,15 @@ async def migrate(db: aiosqlite.Connection, component: str, migrations: Sequence
         await _rollback(db)
         raise
     return len(migrations)
+
+
+async def in_thread(db: aiosqlite.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """`work(connection)` run in the connection's own thread, in turn with its other operations: one
+    hop for what would be a hop per statement through aiosqlite's API. aiosqlite has no public call
+    for it: `_execute` queues a function to that thread and `_conn` is the sqlite3 connection
+    (aiosqlite is pinned below 0.23; the store tests run every commit through here)."""
+    connection = db._conn  # noqa: SLF001
+    return cast("T", await db._execute(work, connection))  # type: ignore[no-untyped-call]  # noqa: SLF001
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
@@ -817,30 +828,57 @@ class SqliteStore(Opened):
         return [flag_event_from_row(row, datetime.fromisoformat(row[7])) for row in reversed(rows)]
 
     async def commit(self, batch: CommitBatch) -> CommitResult:
-        """One durable transaction: history for every event, the flags of accepted changes, counters."""
+        """One durable transaction: history for every event, the flags of accepted changes, counters.
+
+        The whole transaction is one function run in the connection's thread: one hop from the event
+        loop per batch, where a statement each through aiosqlite's API costs a hop (and a wake-up of
+        the loop) per statement. A commit whose caller is cancelled meanwhile still ends, committed or
+        rolled back, before the connection's next operation (its thread runs them in turn)."""
         counters = checked_counters(batch.counters)
         request_ids = checked_request_ids(batch.request_ids)
         async with self._lock:
-            db = self._conn
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                if batch.flag_events:  # most batches carry only counters: spare the round trip
-                    await self._apply_flag_events(db, batch.flag_events)
-                await self._withdraw(db, batch)
-                advanced = await self._advance_counters(db, counters)
-                recorded = await self._record_request_ids(db, request_ids)
-                claimed, answers, known = await self._apply_forwards(db, batch)
-                await db.execute("COMMIT")
-            except BaseException:
-                await _rollback(db)
-                raise
+            advanced, recorded, claimed, answers, known = await in_thread(
+                self._conn,
+                partial(self._commit_in_thread, batch=batch, counters=counters, request_ids=request_ids),
+            )
         return CommitResult(
             advanced, recorded=recorded, claimed=claimed, answers=answers, sent_forwards=known
         )
 
+    @classmethod
+    def _commit_in_thread(
+        cls,
+        db: sqlite3.Connection,
+        *,
+        batch: CommitBatch,
+        counters: list[tuple[Eui, int]],
+        request_ids: list[tuple[Eui, int]],
+    ) -> tuple[
+        dict[Eui, int],
+        frozenset[tuple[Eui, int]],
+        dict[RequestId, Claim],
+        dict[RequestId, str],
+        frozenset[RequestId],
+    ]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if batch.flag_events:
+                cls._apply_flag_events(db, batch.flag_events)
+            cls._withdraw(db, batch)
+            advanced = cls._advance_counters(db, counters)
+            recorded = cls._record_request_ids(db, request_ids)
+            claimed, answers, known = cls._apply_forwards(db, batch)
+            db.execute("COMMIT")
+        except BaseException:
+            # As _rollback: a failed COMMIT on a full disk has rolled back already.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return advanced, recorded, claimed, answers, known
+
     @staticmethod
-    async def _apply_flag_events(db: aiosqlite.Connection, events: Sequence[FlagEvent]) -> None:
-        await db.executemany(
+    def _apply_flag_events(db: sqlite3.Connection, events: Sequence[FlagEvent]) -> None:
+        db.executemany(
             "INSERT INTO flag_history (device_id, action, requester, request_id, declaration,"
             " consumer_reference, outcome, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
@@ -862,7 +900,7 @@ class SqliteStore(Opened):
             if event.outcome != OUTCOME_ACCEPTED:
                 continue
             if event.set:
-                await db.execute(
+                db.execute(
                     "INSERT INTO flags (device_id, set_by, set_at, request_id, consumer_reference)"
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET set_by = excluded.set_by,"
                     " set_at = excluded.set_at, request_id = excluded.request_id,"
@@ -876,19 +914,19 @@ class SqliteStore(Opened):
                     ),
                 )
             else:
-                await db.execute("DELETE FROM flags WHERE device_id = ?", (event.device_id,))
+                db.execute("DELETE FROM flags WHERE device_id = ?", (event.device_id,))
 
     @staticmethod
-    async def _advance_counters(db: aiosqlite.Connection, counters: list[tuple[Eui, int]]) -> dict[Eui, int]:
+    def _advance_counters(db: sqlite3.Connection, counters: list[tuple[Eui, int]]) -> dict[Eui, int]:
         advanced: dict[Eui, int] = {}
         for start in range(0, len(counters), _COUNTER_ROWS):
             chunk = counters[start : start + _COUNTER_ROWS]
             sql = _ADVANCE_COUNTERS.format(rows=", ".join(["(?, ?)"] * len(chunk)))
             parameters = [part for name, value in chunk for part in (name, f"{value:0{_COUNTER_DIGITS}d}")]
-            async with db.execute(sql, parameters) as cursor:
-                advanced.update(
-                    (row[0], NO_COUNTER if row[1] is None else int(row[1])) for row in await cursor.fetchall()
-                )
+            advanced.update(
+                (row[0], NO_COUNTER if row[1] is None else int(row[1]))
+                for row in db.execute(sql, parameters).fetchall()
+            )
         return advanced
 
     async def dangling_references(self, limit: int = 100) -> tuple[list[tuple[Eui, str, Eui]], int]:
@@ -899,8 +937,8 @@ class SqliteStore(Opened):
         return dangling_from_rows(rows), int(total)
 
     @staticmethod
-    async def _record_request_ids(
-        db: aiosqlite.Connection, request_ids: list[tuple[Eui, int]]
+    def _record_request_ids(
+        db: sqlite3.Connection, request_ids: list[tuple[Eui, int]]
     ) -> frozenset[tuple[Eui, int]]:
         recorded: set[tuple[Eui, int]] = set()
         at = _time_text(utc_now())
@@ -910,8 +948,7 @@ class SqliteStore(Opened):
             parameters = [
                 part for name, value in chunk for part in (name, f"{value:0{_COUNTER_DIGITS}d}", at)
             ]
-            async with db.execute(sql, parameters) as cursor:
-                recorded.update((row[0], int(row[1])) for row in await cursor.fetchall())
+            recorded.update((row[0], int(row[1])) for row in db.execute(sql, parameters).fetchall())
         return frozenset(recorded)
 
     async def purge_request_ids(self, before: datetime) -> int:
@@ -925,20 +962,20 @@ class SqliteStore(Opened):
             return cursor.rowcount
 
     @staticmethod
-    async def _withdraw(db: aiosqlite.Connection, batch: CommitBatch) -> None:
+    def _withdraw(db: sqlite3.Connection, batch: CommitBatch) -> None:
         """First: a retry in the same batch is then recorded afresh."""
         for chunk in _chunks([str(rid) for rid in batch.withdrawn]):
             statement = _WITHDRAW.format(marks=", ".join("?" * len(chunk)))
-            async with db.execute(statement, (*chunk, batch.owner)) as cursor:
-                rows = await cursor.fetchall()
-            await db.executemany(
+            cursor = db.execute(statement, (*chunk, batch.owner))
+            rows = cursor.fetchall()
+            db.executemany(
                 "DELETE FROM request_ids WHERE originator = ? AND counter = ?",
                 [(row[0], f"{int(row[1]):0{_COUNTER_DIGITS}d}") for row in rows],
             )
 
     @staticmethod
-    async def _apply_forwards(
-        db: aiosqlite.Connection, batch: CommitBatch
+    def _apply_forwards(
+        db: sqlite3.Connection, batch: CommitBatch
     ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId]]:
         """Forwards in, then claims (responses before timeouts), then settlements."""
         inserted: set[str] = set()
@@ -946,16 +983,16 @@ class SqliteStore(Opened):
             forwards = batch.forwarded[start : start + _CLAIM_ROWS]
             statement = _INSERT_FORWARDS.format(rows=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(forwards)))
             parameters = [part for entry in forwards for part in (*_forward_row(entry), batch.owner)]
-            async with db.execute(statement, parameters) as cursor:
-                inserted.update(row[0] for row in await cursor.fetchall())
+            cursor = db.execute(statement, parameters)
+            inserted.update(row[0] for row in cursor.fetchall())
         sent: set[str] = set()
         for chunk in _chunks(
             [str(e.request_id) for e in batch.forwarded if str(e.request_id) not in inserted]
         ):
-            async with db.execute(_SENT.format(marks=", ".join("?" * len(chunk))), chunk) as cursor:
-                sent.update(row[0] for row in await cursor.fetchall())
+            cursor = db.execute(_SENT.format(marks=", ".join("?" * len(chunk))), chunk)
+            sent.update(row[0] for row in cursor.fetchall())
         for chunk in _chunks([str(rid) for rid in batch.sent]):
-            await db.execute(_MARK_SENT.format(marks=", ".join("?" * len(chunk))), chunk)
+            db.execute(_MARK_SENT.format(marks=", ".join("?" * len(chunk))), chunk)
         known = frozenset(entry.request_id for entry in batch.forwarded if str(entry.request_id) in sent)
         now = utc_now()
         at = _time_text(now)
@@ -967,18 +1004,18 @@ class SqliteStore(Opened):
         ):
             for chunk in _chunks([str(rid) for rid in request_ids if rid not in claimed]):
                 statement = sql.format(marks=", ".join("?" * len(chunk)))
-                async with db.execute(statement, (answer, at, *chunk, *extra)) as cursor:
-                    for row in await cursor.fetchall():
+                cursor = db.execute(statement, (answer, at, *chunk, *extra))
+                for row in cursor.fetchall():
                         forward = _forward_from_row(row)
                         claimed[forward.request_id] = Claim(answer, forward)
         answers: dict[RequestId, str] = {}
         unclaimed = [str(rid) for rid in (*batch.answered, *batch.timed_out) if rid not in claimed]
         for chunk in _chunks(unclaimed):
             statement = _ANSWERS.format(marks=", ".join("?" * len(chunk)))
-            async with db.execute(statement, chunk) as cursor:
-                answers.update((_request_id(row), row[3]) for row in await cursor.fetchall())
+            cursor = db.execute(statement, chunk)
+            answers.update((_request_id(row), row[3]) for row in cursor.fetchall())
         for chunk in _chunks([str(rid) for rid in batch.settled]):
-            await db.execute(_SETTLE.format(marks=", ".join("?" * len(chunk))), chunk)
+            db.execute(_SETTLE.format(marks=", ".join("?" * len(chunk))), chunk)
         return claimed, answers, known
 
     async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:

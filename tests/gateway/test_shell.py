@@ -40,6 +40,7 @@ from tests.gateway.messages import (
     DCC,
     SECURITY_SRV,
     flag_request,
+    header,
     request,
     response_code,
 )
@@ -237,6 +238,49 @@ async def test_documents_to_users_are_signed_and_published_in_order(tmp_path: Pa
     assert answer_topic == TOPICS.out(IMPORT_SUPPLIER)
     assert answer.startswith(b"signed:")
     assert response_code(answer.removeprefix(b"signed:")) == ResponseCode.ACKNOWLEDGED
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A thread pool that counts the tasks it was given."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.tasks = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.tasks += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_documents_of_one_loop_iteration_are_signed_in_chunks_and_published_in_order(
+    tmp_path: Path,
+) -> None:
+    await seed(tmp_path / "gw.sqlite3")
+    signed: list[bytes] = []
+
+    def sign(payload: bytes) -> bytes:
+        signed.append(payload)
+        return b"signed:" + payload
+
+    counters = range(1, 41)
+    with CountingExecutor(2) as executor:
+        running = await start(tmp_path / "gw.sqlite3", sign=sign, executor=executor)
+        try:
+            await asyncio.gather(
+                *(
+                    running.send(IMPORT_SUPPLIER, request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, n))
+                    for n in counters
+                )
+            )
+        finally:
+            await stop(running)
+    answers = [payload for topic, payload in running.published if topic == TOPICS.out(IMPORT_SUPPLIER)]
+    assert len(signed) == len(answers) == len(counters)
+    assert all(answer.startswith(b"signed:") for answer in answers)
+    # In decision order, each answer its own request's.
+    request_ids = [header(answer.removeprefix(b"signed:"))[0] or "" for answer in answers]
+    assert [int(request_id.rsplit(":", 1)[1]) for request_id in request_ids] == list(counters)
+    assert executor.tasks < len(counters)  # several documents a task
 
 
 class GatedStore(SqliteStore):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -543,6 +544,31 @@ async def test_instances_racing_for_a_forward_claim_it_once(store_settings: Stor
         )
     taken = [rid for result in results for rid in result]
     assert sorted(taken, key=str) == sorted((forward.request_id for forward in forwards), key=str)
+
+
+async def test_a_failed_commit_leaves_nothing_of_its_batch(store: FlagStore) -> None:
+    # The flag of a device the inventory does not hold breaks its foreign key, after the history row
+    # and before the counters, RequestIDs and pending forwards: the whole transaction is rolled back.
+    deadline = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    forward = ForwardedRequest(RequestId(IMPORT_SUPPLIER, METER, 9), "4.8.1", "4.8", deadline)
+    await store.commit(CommitBatch(counters={IMPORT_SUPPLIER: 5}))
+    unknown = Eui("00-DB-12-34-56-78-90-FF")
+    failing = CommitBatch(
+        flag_events=[event(unknown)],
+        counters={IMPORT_SUPPLIER: 9, NEW_SUPPLIER: 3},
+        request_ids=[(IMPORT_SUPPLIER, 9)],
+        forwarded=(forward,),
+    )
+    with pytest.raises(INTEGRITY):
+        await store.commit(failing)
+    assert await store.load_request_counters() == {IMPORT_SUPPLIER: 5}
+    assert await store.flag_history() == []
+    assert await store.load_pending() == []
+    # The store goes on: the same batch without the bad event commits, its RequestID recorded afresh.
+    result = await store.commit(replace(failing, flag_events=()))
+    assert result.advanced == {IMPORT_SUPPLIER: 5, NEW_SUPPLIER: NO_COUNTER}
+    assert result.first(IMPORT_SUPPLIER, 9)
+    assert await store.load_pending() == [forward]
 
 
 async def test_a_store_that_fails_its_integrity_check_is_refused(tmp_path: Path) -> None:
