@@ -244,6 +244,17 @@ _INSERT_HISTORY = f"""
 """  # noqa: S608 - constant column list
 # One statement checks and advances every counter of the batch (rows locked in originator order):
 # `previous` is the value an advance replaced, so the caller learns which requests were fresh.
+_ADVANCE_COUNTERS = """
+    INSERT INTO request_counters (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
+    ON CONFLICT (originator) DO UPDATE SET previous = request_counters.counter, counter = excluded.counter
+    WHERE excluded.counter > request_counters.counter
+    RETURNING originator, previous
+"""
+_RECORD_REQUEST_IDS = """
+    INSERT INTO request_ids (originator, counter) SELECT * FROM unnest($1::text[], $2::numeric[])
+    ON CONFLICT (originator, counter) DO NOTHING
+    RETURNING originator, counter
+"""
 _NEXT_EPOCH = f"""
     UPDATE cluster_state SET flag_epoch = flag_epoch + 1
     RETURNING flag_epoch, pg_notify('{FLAGS_CHANNEL}', flag_epoch::text)

@@ -1006,8 +1006,8 @@ class SqliteStore(Opened):
                 statement = sql.format(marks=", ".join("?" * len(chunk)))
                 cursor = db.execute(statement, (answer, at, *chunk, *extra))
                 for row in cursor.fetchall():
-                        forward = _forward_from_row(row)
-                        claimed[forward.request_id] = Claim(answer, forward)
+                    forward = _forward_from_row(row)
+                    claimed[forward.request_id] = Claim(answer, forward)
         answers: dict[RequestId, str] = {}
         unclaimed = [str(rid) for rid in (*batch.answered, *batch.timed_out) if rid not in claimed]
         for chunk in _chunks(unclaimed):
