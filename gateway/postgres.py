@@ -174,6 +174,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pending_requests ADD COLUMN settled boolean NOT NULL DEFAULT false;
     ALTER TABLE pending_requests ADD COLUMN owner text NOT NULL DEFAULT '';
     ALTER TABLE pending_requests ADD COLUMN sent boolean NOT NULL DEFAULT false;
+    ALTER TABLE pending_requests ADD COLUMN answered_by text NOT NULL DEFAULT '';
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
@@ -302,18 +303,19 @@ _INSERT_FORWARDS = f"""
 # Row locks make the claims exact across instances: a second UPDATE of the same row waits for the
 # first to commit, then re-checks its WHERE against the committed row.
 _CLAIM_RESPONSE = f"""
-    UPDATE pending_requests SET answer = 'response', answered_at = now()
+    UPDATE pending_requests SET answer = 'response', answered_at = now(), answered_by = $2
     WHERE request_id = ANY($1::text[]) AND answer IS NULL
     RETURNING {_FORWARD_COLUMNS}
 """  # noqa: S608 - constant column list
 _CLAIM_TIMEOUT = f"""
-    UPDATE pending_requests SET answer = 'timeout', answered_at = now(), settled = false
+    UPDATE pending_requests SET answer = 'timeout', answered_at = now(), answered_by = $3, settled = false
     WHERE request_id = ANY($1::text[]) AND (answer IS NULL
         OR (answer = 'timeout' AND NOT settled AND answered_at < now() - make_interval(secs => $2)))
     RETURNING {_FORWARD_COLUMNS}
 """  # noqa: S608 - constant column list
 _ANSWERS = (
-    "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id = ANY($1::text[])"
+    "SELECT originator, target, counter, answer, answered_by FROM pending_requests"
+    " WHERE request_id = ANY($1::text[])"
 )
 _SENT = "SELECT request_id FROM pending_requests WHERE request_id = ANY($1::text[]) AND sent"
 _MARK_SENT = "UPDATE pending_requests SET sent = true WHERE request_id = ANY($1::text[])"
@@ -551,7 +553,7 @@ class PostgresStore(Opened):
             recorded = await db.fetch(
                 _RECORD_REQUEST_IDS, [name for name, _ in request_ids], [value for _, value in request_ids]
             )
-            claimed, answers, known = await self._apply_forwards(db, batch)
+            claimed, answers, here, known = await self._apply_forwards(db, batch)
         advanced = {row[0]: NO_COUNTER if row[1] is None else int(row[1]) for row in rows}
         return CommitResult(
             advanced,
@@ -559,6 +561,7 @@ class PostgresStore(Opened):
             frozenset((row[0], int(row[1])) for row in recorded),
             claimed=claimed,
             answers=answers,
+            answered_here=here,
             sent_forwards=known,
         )
 
@@ -603,9 +606,9 @@ class PostgresStore(Opened):
         return int(status.rsplit(" ", 1)[-1])
 
     @staticmethod
-    async def _apply_forwards(
+    async def _apply_forwards(  # noqa: C901 - the parts of one transaction, in order
         db: _Connection, batch: CommitBatch
-    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId]]:
+    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId], frozenset[RequestId]]:
         """As SqliteStore: forwards in, claims (responses before timeouts), settlements."""
         known: frozenset[RequestId] = frozenset()
         if batch.forwarded:
@@ -630,21 +633,24 @@ class PostgresStore(Opened):
             await db.execute(_MARK_SENT, [str(rid) for rid in batch.sent])
         claimed: dict[RequestId, Claim] = {}
         if batch.answered:
-            for row in await db.fetch(_CLAIM_RESPONSE, [str(rid) for rid in batch.answered]):
+            for row in await db.fetch(_CLAIM_RESPONSE, [str(rid) for rid in batch.answered], batch.owner):
                 forward = _forward(row)
                 claimed[forward.request_id] = Claim(ANSWER_RESPONSE, forward)
         timing_out = [str(rid) for rid in batch.timed_out if rid not in claimed]
         if timing_out:
-            for row in await db.fetch(_CLAIM_TIMEOUT, timing_out, batch.timeout_grace_seconds):
+            for row in await db.fetch(_CLAIM_TIMEOUT, timing_out, batch.timeout_grace_seconds, batch.owner):
                 forward = _forward(row)
                 claimed[forward.request_id] = Claim(ANSWER_TIMEOUT, forward)
         unclaimed = [str(rid) for rid in (*batch.answered, *batch.timed_out) if rid not in claimed]
         answers: dict[RequestId, str] = {}
-        if unclaimed:
-            answers = {_request_id(row): row[3] for row in await db.fetch(_ANSWERS, unclaimed)}
+        here: set[RequestId] = set()
+        for row in await db.fetch(_ANSWERS, unclaimed) if unclaimed else ():
+            answers[_request_id(row)] = row[3]
+            if row[4] == batch.owner:
+                here.add(_request_id(row))
         if batch.settled:
             await db.execute(_SETTLE, [str(rid) for rid in batch.settled])
-        return claimed, answers, known
+        return claimed, answers, frozenset(here), known
 
     async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
         rows = await self._db.fetch(

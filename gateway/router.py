@@ -124,6 +124,8 @@ class Committed:
     (ANSWER_RESPONSE or ANSWER_TIMEOUT); missing: the store holds no such forward."""
     sent_forwards: frozenset[RequestId] = frozenset()
     """The forwards of these commits whose command was sent already (`CommitResult.sent_forwards`)."""
+    answered_here: frozenset[RequestId] = frozenset()
+    """Of `answers`: those this instance claimed before (`CommitResult.answered_here`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +439,9 @@ class Router:
         # is acknowledged: holding it would hold every later message, and a cluster member catching
         # up waits for those (while its commits fail until it has caught up).
         self._claims_again: list[tuple[RequestId, _DeviceAnswer]] = []
+        # Claims tried again after a failed commit: one this instance finds it made already (the failed
+        # commit had committed) is still its own to answer.
+        self._retrying: set[RequestId] = set()
         # Forwards whose commit failed (answered STORE_FAILED), withdrawn by the next commit in case the
         # store did make them durable (a lost connection leaves it unknown).
         self._withdraw: list[RequestId] = []
@@ -648,10 +653,12 @@ class Router:
         if step.timed_out:
             self._answering.difference_update(step.timed_out)
             self._unclaimed_timeouts.update(step.timed_out)
+            self._retrying.update(step.timed_out)
         request = step.request
         if request is None:
             if step.answered is not None and step.device_answer is not None:
                 self._claims_again.append((step.answered, step.device_answer))
+                self._retrying.add(step.answered)
             return
         if step.forwarded is not None and step.admission is Admission.NEW:
             self._withdraw.append(step.forwarded.request_id)
@@ -1136,9 +1143,10 @@ class Router:
         answer already (or the device answers a request no instance forwarded)."""
         claim = event.claimed.get(request_id)
         given = event.answers.get(request_id)
+        mine = self._retried_here(request_id, event)
         if claim is not None and claim.answer == ANSWER_RESPONSE:
             self._publish_answer(step, request_id, answer, claim.forward, now)
-        elif given == ANSWER_RESPONSE and answer.received.redelivered:
+        elif given == ANSWER_RESPONSE and (answer.received.redelivered or mine):
             # Redelivered after a crash between the claim and the publish: at least once.
             self._publish_answer(step, request_id, answer, None, now)
         elif given is None:
@@ -1147,6 +1155,13 @@ class Router:
             reason = "late-response" if given == ANSWER_TIMEOUT else "duplicate-response"
             delivery = "late" if given == ANSWER_TIMEOUT else "duplicate"
             step.effects.append(self._routed(now, answer.device, answer.response, delivery, reason))
+
+    def _retried_here(self, request_id: RequestId, event: Committed) -> bool:
+        """A retried claim that this instance had made already: its failed commit did commit."""
+        if request_id not in self._retrying:
+            return False
+        self._retrying.discard(request_id)
+        return request_id in event.answered_here
 
     def _publish_answer(
         self,
@@ -1312,7 +1327,8 @@ class Router:
         target = self.settings.target_response_seconds
         for request_id, pending in step.timed_out.items():
             claim = event.claimed.get(request_id)
-            if claim is None or claim.answer != ANSWER_TIMEOUT:
+            mine = self._retried_here(request_id, event) and event.answers.get(request_id) == ANSWER_TIMEOUT
+            if (claim is None or claim.answer != ANSWER_TIMEOUT) and not mine:
                 self._answering.discard(request_id)
                 continue
             step.effects.append(

@@ -374,7 +374,16 @@ class Shell:
                     self._metrics.commit_seconds.observe(time.perf_counter() - started)
                     self._metrics.commit_batch_size.observe(len(batches))
                 taken = _taken(plain, result) if self._member is not None else frozenset()
-                self._feed(Committed(batches, taken, result.claimed, result.answers, result.sent_forwards))
+                self._feed(
+                    Committed(
+                        batches,
+                        taken,
+                        result.claimed,
+                        result.answers,
+                        result.sent_forwards,
+                        result.answered_here,
+                    )
+                )
             finally:
                 for _ in commits:
                     self._commits.task_done()

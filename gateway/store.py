@@ -157,6 +157,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE pending_requests ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE pending_requests ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE pending_requests ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pending_requests ADD COLUMN answered_by TEXT NOT NULL DEFAULT '';
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
@@ -239,17 +240,20 @@ _INSERT_FORWARDS = f"""
     RETURNING request_id
 """  # noqa: S608 - constant column list
 _CLAIM_RESPONSE = f"""
-    UPDATE pending_requests SET answer = ?, answered_at = ?
+    UPDATE pending_requests SET answer = ?, answered_at = ?, answered_by = ?
     WHERE request_id IN ({{marks}}) AND answer IS NULL
     RETURNING {_FORWARD_COLUMNS}
 """  # noqa: S608 - constant column list
 _CLAIM_TIMEOUT = f"""
-    UPDATE pending_requests SET answer = ?, answered_at = ?, settled = 0
+    UPDATE pending_requests SET answer = ?, answered_at = ?, answered_by = ?, settled = 0
     WHERE request_id IN ({{marks}})
         AND (answer IS NULL OR (answer = 'timeout' AND settled = 0 AND answered_at < ?))
     RETURNING {_FORWARD_COLUMNS}
 """  # noqa: S608 - constant column list
-_ANSWERS = "SELECT originator, target, counter, answer FROM pending_requests WHERE request_id IN ({marks})"
+_ANSWERS = (
+    "SELECT originator, target, counter, answer, answered_by FROM pending_requests"
+    " WHERE request_id IN ({marks})"
+)
 _SENT = "SELECT request_id FROM pending_requests WHERE request_id IN ({marks}) AND sent = 1"
 _MARK_SENT = "UPDATE pending_requests SET sent = 1 WHERE request_id IN ({marks})"
 _SETTLE = "UPDATE pending_requests SET settled = 1 WHERE request_id IN ({marks}) AND answer = 'timeout'"
@@ -373,6 +377,9 @@ class CommitResult:
     answers: Mapping[RequestId, str] = field(default_factory=dict)
     """The others' final answer, given already (ANSWER_RESPONSE, ANSWER_TIMEOUT); missing: no such
     forward is stored."""
+    answered_here: frozenset[RequestId] = frozenset()
+    """Of `answers`: those this commit's owner claimed, in an earlier commit (whose outcome it may not
+    have heard: the connection dropped as it committed)."""
     sent_forwards: frozenset[RequestId] = frozenset()
     """The batch's `forwarded` that were stored before it and whose command was marked sent (by an
     earlier process or another instance): not to be sent again. The stored one keeps its deadline and
@@ -837,12 +844,17 @@ class SqliteStore(Opened):
         counters = checked_counters(batch.counters)
         request_ids = checked_request_ids(batch.request_ids)
         async with self._lock:
-            advanced, recorded, claimed, answers, known = await in_thread(
+            advanced, recorded, claimed, answers, here, known = await in_thread(
                 self._conn,
                 partial(self._commit_in_thread, batch=batch, counters=counters, request_ids=request_ids),
             )
         return CommitResult(
-            advanced, recorded=recorded, claimed=claimed, answers=answers, sent_forwards=known
+            advanced,
+            recorded=recorded,
+            claimed=claimed,
+            answers=answers,
+            answered_here=here,
+            sent_forwards=known,
         )
 
     @classmethod
@@ -859,6 +871,7 @@ class SqliteStore(Opened):
         dict[RequestId, Claim],
         dict[RequestId, str],
         frozenset[RequestId],
+        frozenset[RequestId],
     ]:
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -867,14 +880,14 @@ class SqliteStore(Opened):
             cls._withdraw(db, batch)
             advanced = cls._advance_counters(db, counters)
             recorded = cls._record_request_ids(db, request_ids)
-            claimed, answers, known = cls._apply_forwards(db, batch)
+            claimed, answers, here, known = cls._apply_forwards(db, batch)
             db.execute("COMMIT")
         except BaseException:
             # As _rollback: a failed COMMIT on a full disk has rolled back already.
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return advanced, recorded, claimed, answers, known
+        return advanced, recorded, claimed, answers, here, known
 
     @staticmethod
     def _apply_flag_events(db: sqlite3.Connection, events: Sequence[FlagEvent]) -> None:
@@ -974,9 +987,9 @@ class SqliteStore(Opened):
             )
 
     @staticmethod
-    def _apply_forwards(
+    def _apply_forwards(  # noqa: C901 - the parts of one transaction, in order
         db: sqlite3.Connection, batch: CommitBatch
-    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId]]:
+    ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId], frozenset[RequestId]]:
         """Forwards in, then claims (responses before timeouts), then settlements."""
         inserted: set[str] = set()
         for start in range(0, len(batch.forwarded), _CLAIM_ROWS):
@@ -1004,19 +1017,23 @@ class SqliteStore(Opened):
         ):
             for chunk in _chunks([str(rid) for rid in request_ids if rid not in claimed]):
                 statement = sql.format(marks=", ".join("?" * len(chunk)))
-                cursor = db.execute(statement, (answer, at, *chunk, *extra))
+                cursor = db.execute(statement, (answer, at, batch.owner, *chunk, *extra))
                 for row in cursor.fetchall():
                     forward = _forward_from_row(row)
                     claimed[forward.request_id] = Claim(answer, forward)
         answers: dict[RequestId, str] = {}
+        answered_here: set[RequestId] = set()
         unclaimed = [str(rid) for rid in (*batch.answered, *batch.timed_out) if rid not in claimed]
         for chunk in _chunks(unclaimed):
             statement = _ANSWERS.format(marks=", ".join("?" * len(chunk)))
             cursor = db.execute(statement, chunk)
-            answers.update((_request_id(row), row[3]) for row in cursor.fetchall())
+            for row in cursor.fetchall():
+                answers[_request_id(row)] = row[3]
+                if row[4] == batch.owner:
+                    answered_here.add(_request_id(row))
         for chunk in _chunks([str(rid) for rid in batch.settled]):
             db.execute(_SETTLE.format(marks=", ".join("?" * len(chunk))), chunk)
-        return claimed, answers, known
+        return claimed, answers, frozenset(answered_here), known
 
     async def load_pending(self, owner: str = "") -> list[ForwardedRequest]:
         """`owner`'s forwarded requests still waiting for their device's answer, earliest deadline first."""

@@ -115,7 +115,8 @@ class Durable:
         tried = {rid for commit in commits for rid in (*commit.answered, *commit.timed_out)}
         answers = {rid: self.answers[rid] for rid in tried - claimed.keys() if rid in self.answers}
         batches = tuple(commit.batch for commit in commits)
-        return Committed(batches, frozenset(taken), claimed, answers, frozenset(known))
+        # One owner here (no client ids): every answer given before is this Desk's routers' own.
+        return Committed(batches, frozenset(taken), claimed, answers, frozenset(known), frozenset(answers))
 
     @property
     def waiting(self) -> dict[RequestId, ForwardedRequest]:

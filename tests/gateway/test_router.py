@@ -666,6 +666,31 @@ def test_an_answer_whose_claim_failed_is_claimed_again_and_holds_nothing_up() ->
     assert desk.durable.answers == {RequestId(IMPORT_SUPPLIER, METER, 1): ANSWER_RESPONSE}
 
 
+def test_an_answer_whose_claim_committed_unheard_is_still_given_once() -> None:
+    # The claim committed, the gateway heard a failure: the retry finds the claim its own.
+    desk = Desk(hold=True)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    desk.device_says(METER, meter_reading_answer(1))
+    assert desk.commit_lost("connection lost") == []
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.SUCCESS]
+    desk.device_says(METER, meter_reading_answer(1))  # the device repeats itself: dropped
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []
+
+
+def test_an_e21_whose_claim_committed_unheard_is_still_given_once() -> None:
+    desk = Desk(hold=True, target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    desk.pass_time(30.0)
+    assert desk.commit_lost("connection lost") == []
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.DEVICE_TIMEOUT]
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []
+
+
 def test_an_answer_whose_claim_was_lost_is_not_given_after_the_e21() -> None:
     desk = Desk(hold=True, target_response_seconds=30.0)
     desk.send(IMPORT_SUPPLIER, read(1))
