@@ -588,10 +588,7 @@ class Router:
                 # Sent before, by a process that died (or another instance): not sent again (at most
                 # once to the device); the request keeps its first deadline in the store, and the sweep
                 # answers it E21 if nobody else does. One stored but never marked sent is sent now.
-                command = self.topics.command(request_id.target)
-                step.effects = [
-                    e for e in step.effects if not (isinstance(e, Publish) and e.topic == command)
-                ]
+                step.effects = [e for e in step.effects if not self._is_command(e, forwarded)]
             # The E21 clock starts now, as the forward is released.
             if self._pending.pop(request_id, None) is not None and step.counted:
                 self._resolved(request_id)
@@ -605,9 +602,10 @@ class Router:
             else:
                 self.view.clear_flag(device)
 
-    def _sends_command(self, step: _Step) -> bool:
-        command = self.topics.command(step.forwarded.request_id.target) if step.forwarded else None
-        return any(isinstance(effect, Publish) and effect.topic == command for effect in step.effects)
+    def _is_command(self, effect: Effect, forwarded: ForwardedRequest) -> bool:
+        """Is `effect` the publish of `forwarded`'s command to its device?"""
+        command = self.topics.command(forwarded.request_id.target)
+        return isinstance(effect, Publish) and effect.topic == command
 
     def _claims_committed(self, step: _Step, event: Committed, now: Instant) -> None:
         if step.answered is not None:
@@ -722,8 +720,9 @@ class Router:
                 # Settled (marked sent) only by a commit the shell makes after these E21s (this
                 # command) were handed over.
                 self._settle.extend(rid for rid in step.timed_out if rid in self._answering)
-                if step.forwarded is not None and self._sends_command(step):
-                    self._sent.append(step.forwarded.request_id)
+                forwarded = step.forwarded
+                if forwarded is not None and any(self._is_command(e, forwarded) for e in step.effects):
+                    self._sent.append(forwarded.request_id)
             flag_step = self._flag_step
             if flag_step is None or not flag_step.durable:
                 return
