@@ -178,6 +178,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
+    # 7: a stored forward counts as sent, as SQLite's migration 7.
+    """
+    ALTER TABLE pending_requests DROP COLUMN sent;
+    """,
 )
 
 # Component "cluster": what several instances over one database need. Append; never edit.
@@ -317,8 +321,6 @@ _ANSWERS = (
     "SELECT originator, target, counter, answer, answered_by FROM pending_requests"
     " WHERE request_id = ANY($1::text[])"
 )
-_SENT = "SELECT request_id FROM pending_requests WHERE request_id = ANY($1::text[]) AND sent"
-_MARK_SENT = "UPDATE pending_requests SET sent = true WHERE request_id = ANY($1::text[])"
 _SETTLE = (
     "UPDATE pending_requests SET settled = true WHERE request_id = ANY($1::text[]) AND answer = 'timeout'"
 )
@@ -562,7 +564,7 @@ class PostgresStore(Opened):
             claimed=claimed,
             answers=answers,
             answered_here=here,
-            sent_forwards=known,
+            stored_forwards=known,
         )
 
     @staticmethod
@@ -606,7 +608,7 @@ class PostgresStore(Opened):
         return int(status.rsplit(" ", 1)[-1])
 
     @staticmethod
-    async def _apply_forwards(  # noqa: C901 - the parts of one transaction, in order
+    async def _apply_forwards(
         db: _Connection, batch: CommitBatch
     ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId], frozenset[RequestId]]:
         """As SqliteStore: forwards in, claims (responses before timeouts), settlements."""
@@ -625,12 +627,7 @@ class PostgresStore(Opened):
                 batch.owner,
             )
             stored = {row[0] for row in inserted}
-            repeats = [str(entry.request_id) for entry in entries if str(entry.request_id) not in stored]
-            if repeats:
-                sent = {row[0] for row in await db.fetch(_SENT, repeats)}
-                known = frozenset(entry.request_id for entry in entries if str(entry.request_id) in sent)
-        if batch.sent:
-            await db.execute(_MARK_SENT, [str(rid) for rid in batch.sent])
+            known = frozenset(entry.request_id for entry in entries if str(entry.request_id) not in stored)
         claimed: dict[RequestId, Claim] = {}
         if batch.answered:
             for row in await db.fetch(_CLAIM_RESPONSE, [str(rid) for rid in batch.answered], batch.owner):

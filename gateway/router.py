@@ -122,8 +122,9 @@ class Committed:
     answers: Mapping[RequestId, str] = field(default_factory=dict)
     """Of the forwards these commits tried to claim and did not: the final answer already given
     (ANSWER_RESPONSE or ANSWER_TIMEOUT); missing: the store holds no such forward."""
-    sent_forwards: frozenset[RequestId] = frozenset()
-    """The forwards of these commits whose command was sent already (`CommitResult.sent_forwards`)."""
+    stored_forwards: frozenset[RequestId] = frozenset()
+    """The forwards of these commits stored before (`CommitResult.stored_forwards`): their command may
+    have left already."""
     answered_here: frozenset[RequestId] = frozenset()
     """Of `answers`: those this instance claimed before (`CommitResult.answered_here`)."""
 
@@ -180,9 +181,6 @@ class Commit:
     transport, so a crash repeats an E21 (the sweep finds it unsettled) rather than losing it."""
     withdrawn: tuple[RequestId, ...] = ()
     """Forwards answered STORE_FAILED: removed with their RequestID if a failed commit stored them."""
-    sent: tuple[RequestId, ...] = ()
-    """Forwards whose command was released: the shell makes this durable only after it handed the
-    command to the transport, so a redelivered request is sent again only if its command never left."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +382,6 @@ class _DeviceAnswer:
 class _Carried:
     settled: tuple[RequestId, ...]
     withdrawn: tuple[RequestId, ...]
-    sent: tuple[RequestId, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,8 +442,6 @@ class Router:
         # Forwards whose commit failed (answered STORE_FAILED), withdrawn by the next commit in case the
         # store did make them durable (a lost connection leaves it unknown).
         self._withdraw: list[RequestId] = []
-        # Forwards whose command was released, marked sent by the next commit.
-        self._sent: list[RequestId] = []
         # Forwards whose E21 claim failed to commit: claimed again at the next tick.
         self._unclaimed_timeouts: dict[RequestId, PendingRequest] = {}
         # Forwards this process is answering (a claim in flight, or an E21 not yet settled): the
@@ -507,9 +502,8 @@ class Router:
             self._sweep(now, out)
             self._claim_again(out)
         self._release(now, out)
-        if (self._settle or self._withdraw or self._sent) and isinstance(event, TimePassed | Committed):
-            # No request came to carry the settlements and sent marks: commit them on their own (a sent
-            # mark soon after its command left keeps a redelivery after a crash from sending it twice).
+        if (self._settle or self._withdraw) and isinstance(event, TimePassed | Committed):
+            # No request came to carry the settlements and withdrawals: commit them on their own.
             self._commit(self._step(None), out)
             self._release(now, out)
         return out
@@ -542,7 +536,7 @@ class Router:
     def _commit(self, step: _Step, out: list[Effect], flag_events: tuple[FlagEvent, ...] = ()) -> None:
         """Ask for the step's state to be made durable; its publishes wait for the answer. Pending
         settlements and re-claims ride along."""
-        carried = _Carried(tuple(self._settle), tuple(self._withdraw), tuple(self._sent))
+        carried = _Carried(tuple(self._settle), tuple(self._withdraw))
         if not (
             step.counters
             or flag_events
@@ -551,10 +545,9 @@ class Router:
             or step.timed_out
             or carried.settled
             or carried.withdrawn
-            or carried.sent
         ):
             return
-        self._settle, self._withdraw, self._sent = [], [], []
+        self._settle, self._withdraw = [], []
         step.carried = carried
         step.batch = self._next_batch
         self._next_batch += 1
@@ -569,7 +562,6 @@ class Router:
                 timed_out=tuple(step.timed_out),
                 settled=carried.settled,
                 withdrawn=carried.withdrawn,
-                sent=carried.sent,
             )
         )
 
@@ -584,10 +576,11 @@ class Router:
         forwarded = step.forwarded
         if forwarded is not None:
             request_id = forwarded.request_id
-            if request_id in event.sent_forwards:
-                # Sent before, by a process that died (or another instance): not sent again (at most
-                # once to the device); the request keeps its first deadline in the store, and the sweep
-                # answers it E21 if nobody else does. One stored but never marked sent is sent now.
+            if request_id in event.stored_forwards:
+                # Forwarded before, by a process that died (or another instance): its command may have
+                # left, so it is not sent again (at most once to the device; a crash between that commit
+                # and the command's publish leaves it unsent, and the request gets its E21). The request
+                # keeps its first deadline in the store, and the sweep answers it if nobody else does.
                 step.effects = [e for e in step.effects if not self._is_command(e, forwarded)]
             # The E21 clock starts now, as the forward is released.
             if self._pending.pop(request_id, None) is not None and step.counted:
@@ -647,7 +640,6 @@ class Router:
         if step.carried is not None:
             self._settle.extend(step.carried.settled)
             self._withdraw.extend(step.carried.withdrawn)
-            self._sent.extend(step.carried.sent)
         if step.timed_out:
             self._answering.difference_update(step.timed_out)
             self._unclaimed_timeouts.update(step.timed_out)
@@ -717,12 +709,8 @@ class Router:
                 out.extend(step.effects)
                 if step.ticket is not None:
                     out.append(Acknowledge(step.ticket))
-                # Settled (marked sent) only by a commit the shell makes after these E21s (this
-                # command) were handed over.
+                # Settled only by a commit the shell makes after these E21s were handed over.
                 self._settle.extend(rid for rid in step.timed_out if rid in self._answering)
-                forwarded = step.forwarded
-                if forwarded is not None and any(self._is_command(e, forwarded) for e in step.effects):
-                    self._sent.append(forwarded.request_id)
             flag_step = self._flag_step
             if flag_step is None or not flag_step.durable:
                 return

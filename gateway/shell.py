@@ -351,10 +351,9 @@ class Shell:
             if self._budget is not None:
                 self._budget.commit_started(batches, started)
             try:
-                # E21 answers and commands leave before they are settled or marked sent: a crash repeats
-                # them rather than losing them.
+                # E21 answers leave before they are settled: a crash repeats them rather than losing them.
                 await self._handed_over(
-                    max((queued for commit, queued in commits if commit.settled or commit.sent), default=0)
+                    max((queued for commit, queued in commits if commit.settled), default=0)
                 )
                 joined = _joined(
                     plain,
@@ -380,7 +379,7 @@ class Shell:
                         taken,
                         result.claimed,
                         result.answers,
-                        result.sent_forwards,
+                        result.stored_forwards,
                         result.answered_here,
                     )
                 )
@@ -544,7 +543,6 @@ def _joined(commits: Sequence[Commit], *, grouped: bool, grace_seconds: float, o
         timed_out=tuple(rid for commit in commits for rid in commit.timed_out),
         settled=tuple(rid for commit in commits for rid in commit.settled),
         withdrawn=tuple(rid for commit in commits for rid in commit.withdrawn),
-        sent=tuple(rid for commit in commits for rid in commit.sent),
         timeout_grace_seconds=grace_seconds,
         owner=owner,
     )

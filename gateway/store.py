@@ -161,6 +161,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX pending_requests_waiting ON pending_requests (deadline) WHERE answer IS NULL;
     CREATE INDEX pending_requests_answered ON pending_requests (answered_at) WHERE answer IS NOT NULL;
     """,
+    # 7: a stored forward counts as sent (its command may have left): no separate sent mark.
+    """
+    ALTER TABLE pending_requests DROP COLUMN sent;
+    """,
 )
 
 DEVICE_COLUMNS = (
@@ -254,8 +258,6 @@ _ANSWERS = (
     "SELECT originator, target, counter, answer, answered_by FROM pending_requests"
     " WHERE request_id IN ({marks})"
 )
-_SENT = "SELECT request_id FROM pending_requests WHERE request_id IN ({marks}) AND sent = 1"
-_MARK_SENT = "UPDATE pending_requests SET sent = 1 WHERE request_id IN ({marks})"
 _SETTLE = "UPDATE pending_requests SET settled = 1 WHERE request_id IN ({marks}) AND answer = 'timeout'"
 _WAITING = f"""
     SELECT {_FORWARD_COLUMNS} FROM pending_requests WHERE answer IS NULL AND owner = ? ORDER BY deadline
@@ -330,7 +332,7 @@ class CommitBatch:
     """(originator, counter) of every request the batch acts on, each recorded once (`CommitResult.first`)."""
     forwarded: Sequence[ForwardedRequest] = ()
     """Requests forwarded to their device, now waiting for its answer (one stored already is left as it
-    is: `CommitResult.sent_forwards`)."""
+    is: `CommitResult.stored_forwards`)."""
     answered: Sequence[RequestId] = ()
     """Forwards to claim for their device's response: claimed only if still unanswered."""
     timed_out: Sequence[RequestId] = ()
@@ -338,8 +340,6 @@ class CommitBatch:
     for `timeout_grace_seconds` (its claimer died before it could know its E21 was out)."""
     settled: Sequence[RequestId] = ()
     """Claimed E21s that have left: no sweep gives them again."""
-    sent: Sequence[RequestId] = ()
-    """Forwards whose command was handed to the broker (applied after `forwarded`)."""
     withdrawn: Sequence[RequestId] = ()
     """Forwards of `owner` whose commit failed and were answered STORE_FAILED (send again): if that
     commit stored them after all, they and their RequestIDs are removed (applied first)."""
@@ -380,10 +380,10 @@ class CommitResult:
     answered_here: frozenset[RequestId] = frozenset()
     """Of `answers`: those this commit's owner claimed, in an earlier commit (whose outcome it may not
     have heard: the connection dropped as it committed)."""
-    sent_forwards: frozenset[RequestId] = frozenset()
-    """The batch's `forwarded` that were stored before it and whose command was marked sent (by an
-    earlier process or another instance): not to be sent again. The stored one keeps its deadline and
-    owner."""
+    stored_forwards: frozenset[RequestId] = frozenset()
+    """The batch's `forwarded` that were stored before it (by an earlier process or another instance):
+    their command may have left, so it is not sent again (at most once to the device). The stored one
+    keeps its deadline and owner."""
 
     def first(self, originator: Eui, counter: int) -> bool:
         """Whether this commit recorded the RequestID, so no other commit acts on it (exact, whatever
@@ -854,7 +854,7 @@ class SqliteStore(Opened):
             claimed=claimed,
             answers=answers,
             answered_here=here,
-            sent_forwards=known,
+            stored_forwards=known,
         )
 
     @classmethod
@@ -987,7 +987,7 @@ class SqliteStore(Opened):
             )
 
     @staticmethod
-    def _apply_forwards(  # noqa: C901 - the parts of one transaction, in order
+    def _apply_forwards(
         db: sqlite3.Connection, batch: CommitBatch
     ) -> tuple[dict[RequestId, Claim], dict[RequestId, str], frozenset[RequestId], frozenset[RequestId]]:
         """Forwards in, then claims (responses before timeouts), then settlements."""
@@ -998,15 +998,9 @@ class SqliteStore(Opened):
             parameters = [part for entry in forwards for part in (*_forward_row(entry), batch.owner)]
             cursor = db.execute(statement, parameters)
             inserted.update(row[0] for row in cursor.fetchall())
-        sent: set[str] = set()
-        for chunk in _chunks(
-            [str(e.request_id) for e in batch.forwarded if str(e.request_id) not in inserted]
-        ):
-            cursor = db.execute(_SENT.format(marks=", ".join("?" * len(chunk))), chunk)
-            sent.update(row[0] for row in cursor.fetchall())
-        for chunk in _chunks([str(rid) for rid in batch.sent]):
-            db.execute(_MARK_SENT.format(marks=", ".join("?" * len(chunk))), chunk)
-        known = frozenset(entry.request_id for entry in batch.forwarded if str(entry.request_id) in sent)
+        known = frozenset(
+            entry.request_id for entry in batch.forwarded if str(entry.request_id) not in inserted
+        )
         now = utc_now()
         at = _time_text(now)
         unsettled_before = _time_text(now - timedelta(seconds=batch.timeout_grace_seconds))

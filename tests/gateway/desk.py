@@ -61,8 +61,6 @@ class Durable:
     answers: dict[RequestId, str] = field(default_factory=dict)
     """The final answer each answered forward got (its claim), as the stores' pending_requests.answer."""
     unsettled: set[RequestId] = field(default_factory=set)
-    sent: set[RequestId] = field(default_factory=set)
-    """Forwards whose command was marked sent."""
 
     @classmethod
     def of(cls, devices: Iterable[DeviceRecord] = (), users: Iterable[UserRecord] = USERS) -> Durable:
@@ -92,11 +90,10 @@ class Durable:
             for originator, counter in commit.counters.items():
                 self.counters[originator] = max(counter, self.counters.get(originator, -1))
             stored = {entry.request_id for entry in commit.forwarded if entry.request_id in self.pending}
-            known.update(stored & self.sent)
+            known.update(stored)
             self.pending.update(
                 (entry.request_id, entry) for entry in commit.forwarded if entry.request_id not in stored
             )
-            self.sent.update(commit.sent)
             for answer, request_ids in (
                 (ANSWER_RESPONSE, commit.answered),
                 (ANSWER_TIMEOUT, commit.timed_out),

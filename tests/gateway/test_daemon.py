@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -313,7 +313,7 @@ async def test_a_killed_daemon_loses_no_acknowledged_request(
         f'[broker]\nurl = "{mosquitto.url}"\nreconnect_min_seconds = 0.05\nreconnect_max_seconds = 0.5\n'
         f'[store]\npath = "{tmp_path / "gw.sqlite3"}"\n'
         # Every request is forwarded: none is refused for the forward limit (tests/gateway/test_faults.py).
-        "[gateway]\nmetrics_port = 0\nmax_forwards_per_user = 3000\n"
+        "[gateway]\nmetrics_port = 0\nmax_forwards_per_user = 3000\ntarget_response_seconds = 5.0\n"
         f"[signing]\n{signing}"
     )
     daemon = Daemon(config)
@@ -328,19 +328,22 @@ async def test_a_killed_daemon_loses_no_acknowledged_request(
         restarted = Daemon(config)
         await restarted.start()
         ids = [rid(IMPORT_SUPPLIER, METER, counter) for counter in range(1, total + 1)]
+        finals = {ResponseCode.SUCCESS, ResponseCode.DEVICE_TIMEOUT}
         try:
-            for request_id in ids:
-                codes = await estate.answers.until_answered(request_id)
-                # At least once and never mistaken for a duplicate of itself.
-                assert ResponseCode.DUPLICATE_REQUEST_ID not in codes, request_id
-            # Every request also reached the meter, whose answer came back through the gateway.
-            await estate.answers.until(
-                lambda _: all(ResponseCode.SUCCESS in estate.answers.codes(i) for i in ids)
-            )
+            # Every request gets a final answer: the meter's, or E21 (its command never left, or the
+            # meter's answer came after the target time).
+            await estate.answers.until(lambda _: all(finals & set(estate.answers.codes(i)) for i in ids))
+            for request_id in ids:  # never mistaken for a duplicate of itself
+                assert ResponseCode.DUPLICATE_REQUEST_ID not in estate.answers.codes(request_id), request_id
         finally:
             assert await restarted.signal(signal.SIGTERM) == 0
     finally:
         if daemon.process is not None and daemon.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 daemon.process.kill()
-    assert {counter_of(command.request_id) for command in estate.devices.received} == set(range(1, total + 1))
+    # At most once to the meter, whichever process forwarded it; one that never reached it got its E21.
+    reached = Counter(counter_of(command.request_id) for command in estate.devices.received)
+    assert [counter for counter, copies in reached.items() if copies > 1] == []
+    unsent = [i for counter, i in enumerate(ids, start=1) if counter not in reached]
+    assert all(ResponseCode.DEVICE_TIMEOUT in estate.answers.codes(i) for i in unsent)
+    assert len(reached) > total // 2, "most commands should have reached the meter"

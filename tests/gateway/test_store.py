@@ -440,14 +440,10 @@ async def test_a_restarted_instance_takes_back_only_its_own_forwards(store: Flag
     )
     first = await store.commit(CommitBatch(forwarded=(mine,), owner="gw-1"))
     await store.commit(CommitBatch(forwarded=(theirs,), owner="gw-2"))
-    assert first.sent_forwards == frozenset()
-    # A repeat forward leaves the forward with its first owner; its command is sent again only if it
-    # was never marked sent.
-    unsent = await store.commit(CommitBatch(forwarded=(mine,), owner="gw-2"))
-    assert unsent.sent_forwards == frozenset()
-    await store.commit(CommitBatch(sent=(mine.request_id,)))
+    assert first.stored_forwards == frozenset()
+    # A repeat forward leaves the forward with its first owner, and is known stored (not sent again).
     repeat = await store.commit(CommitBatch(forwarded=(mine,), owner="gw-2"))
-    assert repeat.sent_forwards == {mine.request_id}
+    assert repeat.stored_forwards == {mine.request_id}
     assert await store.load_pending("gw-1") == [mine]
     assert await store.load_pending("gw-2") == [theirs]
     assert await store.load_pending() == []
@@ -473,7 +469,7 @@ async def test_a_withdrawn_forward_leaves_with_its_request_id_if_its_owner_store
     assert await store.load_pending("gw-1") == [kept]
     again = await store.commit(CommitBatch(request_ids=ids, forwarded=(withdrawn,), owner="gw-1"))
     assert again.recorded == {(IMPORT_SUPPLIER, 2)}  # the retry is new
-    assert again.sent_forwards == frozenset()
+    assert again.stored_forwards == frozenset()
 
 
 async def test_a_forward_is_claimed_once_for_its_final_answer(store: FlagStore) -> None:
