@@ -436,9 +436,10 @@ class Router:
         # is acknowledged: holding it would hold every later message, and a cluster member catching
         # up waits for those (while its commits fail until it has caught up).
         self._claims_again: list[tuple[RequestId, _DeviceAnswer]] = []
-        # Claims tried again after a failed commit: one this instance finds it made already (the failed
-        # commit had committed) is still its own to answer.
-        self._retrying: set[RequestId] = set()
+        # Claims tried again after a failed commit, with the answer each claims (a forward may have both
+        # a device answer's and an E21's in flight): one this instance finds it made already (the failed
+        # commit had committed) is still its own to publish.
+        self._retrying: dict[RequestId, set[str]] = {}
         # Forwards whose commit failed (answered STORE_FAILED), withdrawn by the next commit in case the
         # store did make them durable (a lost connection leaves it unknown).
         self._withdraw: list[RequestId] = []
@@ -643,12 +644,13 @@ class Router:
         if step.timed_out:
             self._answering.difference_update(step.timed_out)
             self._unclaimed_timeouts.update(step.timed_out)
-            self._retrying.update(step.timed_out)
+            for request_id in step.timed_out:
+                self._retrying.setdefault(request_id, set()).add(ANSWER_TIMEOUT)
         request = step.request
         if request is None:
             if step.answered is not None and step.device_answer is not None:
                 self._claims_again.append((step.answered, step.device_answer))
-                self._retrying.add(step.answered)
+                self._retrying.setdefault(step.answered, set()).add(ANSWER_RESPONSE)
             return
         if step.forwarded is not None and step.admission is Admission.NEW:
             self._withdraw.append(step.forwarded.request_id)
@@ -1130,7 +1132,7 @@ class Router:
         answer already (or the device answers a request no instance forwarded)."""
         claim = event.claimed.get(request_id)
         given = event.answers.get(request_id)
-        mine = self._retried_here(request_id, event)
+        mine = self._retried_here(request_id, ANSWER_RESPONSE, event)
         if claim is not None and claim.answer == ANSWER_RESPONSE:
             self._publish_answer(step, request_id, answer, claim.forward, now)
         elif given == ANSWER_RESPONSE and (answer.received.redelivered or mine):
@@ -1143,12 +1145,16 @@ class Router:
             delivery = "late" if given == ANSWER_TIMEOUT else "duplicate"
             step.effects.append(self._routed(now, answer.device, answer.response, delivery, reason))
 
-    def _retried_here(self, request_id: RequestId, event: Committed) -> bool:
-        """A retried claim that this instance had made already: its failed commit did commit."""
-        if request_id not in self._retrying:
+    def _retried_here(self, request_id: RequestId, answer: str, event: Committed) -> bool:
+        """Is this retried claim for `answer` one this instance had made already (its failed commit did
+        commit)? The retry is then over, and forgotten."""
+        retried = self._retrying.get(request_id)
+        if retried is None or answer not in retried:
             return False
-        self._retrying.discard(request_id)
-        return request_id in event.answered_here
+        retried.discard(answer)
+        if not retried:
+            del self._retrying[request_id]
+        return event.answers.get(request_id) == answer and request_id in event.answered_here
 
     def _publish_answer(
         self,
@@ -1314,7 +1320,7 @@ class Router:
         target = self.settings.target_response_seconds
         for request_id, pending in step.timed_out.items():
             claim = event.claimed.get(request_id)
-            mine = self._retried_here(request_id, event) and event.answers.get(request_id) == ANSWER_TIMEOUT
+            mine = self._retried_here(request_id, ANSWER_TIMEOUT, event)
             if (claim is None or claim.answer != ANSWER_TIMEOUT) and not mine:
                 self._answering.discard(request_id)
                 continue

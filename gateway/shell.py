@@ -147,6 +147,8 @@ class Shell:
         self._users = f"{router.topics.outbound}/"
         self._fed: asyncio.Future[None] | None = None
         """Set once the latest message so far reached the router: the next one waits for it."""
+        self._last_fed = -1
+        """The ticket of the latest message fed to the router (tickets are fed in arrival order)."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -199,12 +201,14 @@ class Shell:
                 metrics.latency.observe(time.perf_counter() - started)
 
     async def settled(self) -> None:
-        """Return once every message decided so far has its effects published (the messages the router
-        holds behind a flag request are decided later, with the view as it is then)."""
-        flag_ticket = self._flag_ticket
-        decided = [
-            done for ticket, done in self._waiting.items() if flag_ticket is None or ticket < flag_ticket
-        ]
+        """Return once every message decided so far has its effects published. Messages not decided
+        yet are not waited for: they are decided with the view as it is now, whether still in their
+        signature check or held by the router behind a flag request. Nor is that flag request: its
+        answer waits for every instance's acknowledgement, and another instance's may be waiting for
+        this one's (two instances answering flag requests at once would wait for each other until a
+        lease lapsed)."""
+        last = self._last_fed if self._flag_ticket is None else self._flag_ticket - 1
+        decided = [done for ticket, done in self._waiting.items() if ticket <= last]
         await asyncio.gather(*decided, return_exceptions=True)
 
     async def _pass_gate(self) -> None:
@@ -248,6 +252,7 @@ class Shell:
 
     def _received(self, received: Received) -> None:
         """Feed a message to the router, marking the latency budget's stages when one is kept."""
+        self._last_fed = received.ticket
         budget = self._budget
         if budget is None:
             self._feed(received)

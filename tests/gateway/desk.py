@@ -72,7 +72,6 @@ class Durable:
         claimed only while unanswered (an E21 also when its claim was never settled: no grace here)."""
         commits = list(commits)
         taken = set()
-        claimed: dict[RequestId, Claim] = {}
         known: set[RequestId] = set()
         for commit in commits:
             for withdrawn in commit.withdrawn:
@@ -94,26 +93,33 @@ class Durable:
             self.pending.update(
                 (entry.request_id, entry) for entry in commit.forwarded if entry.request_id not in stored
             )
-            for answer, request_ids in (
-                (ANSWER_RESPONSE, commit.answered),
-                (ANSWER_TIMEOUT, commit.timed_out),
-            ):
-                for request_id in request_ids:
-                    given = self.answers.get(request_id)
-                    reclaim = (
-                        answer == ANSWER_TIMEOUT and given == ANSWER_TIMEOUT and request_id in self.unsettled
-                    )
-                    if request_id in self.pending and (given is None or reclaim):
-                        self.answers[request_id] = answer
-                        claimed[request_id] = Claim(answer, self.pending[request_id])
-                        if answer == ANSWER_TIMEOUT:
-                            self.unsettled.add(request_id)
+        claimed = self._claim(commits)
+        for commit in commits:
             self.unsettled.difference_update(commit.settled)
         tried = {rid for commit in commits for rid in (*commit.answered, *commit.timed_out)}
         answers = {rid: self.answers[rid] for rid in tried - claimed.keys() if rid in self.answers}
         batches = tuple(commit.batch for commit in commits)
         # One owner here (no client ids): every answer given before is this Desk's routers' own.
         return Committed(batches, frozenset(taken), claimed, answers, frozenset(known), frozenset(answers))
+
+    def _claim(self, commits: list[Commit]) -> dict[RequestId, Claim]:
+        """As the stores: the claims of the whole transaction after its forwards, responses first."""
+        claimed: dict[RequestId, Claim] = {}
+        for answer, request_ids in (
+            (ANSWER_RESPONSE, [rid for commit in commits for rid in commit.answered]),
+            (ANSWER_TIMEOUT, [rid for commit in commits for rid in commit.timed_out]),
+        ):
+            for request_id in request_ids:
+                given = self.answers.get(request_id)
+                reclaim = (
+                    answer == ANSWER_TIMEOUT and given == ANSWER_TIMEOUT and request_id in self.unsettled
+                )
+                if request_id in self.pending and request_id not in claimed and (given is None or reclaim):
+                    self.answers[request_id] = answer
+                    claimed[request_id] = Claim(answer, self.pending[request_id])
+                    if answer == ANSWER_TIMEOUT:
+                        self.unsettled.add(request_id)
+        return claimed
 
     @property
     def waiting(self) -> dict[RequestId, ForwardedRequest]:

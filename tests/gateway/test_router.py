@@ -683,6 +683,22 @@ def test_an_answer_whose_claim_committed_unheard_is_still_given_once() -> None:
     assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []
 
 
+def test_an_answer_and_an_e21_claimed_together_unheard_give_the_answer_once() -> None:
+    # The device answered as the timer ran out (the answer waited, e.g. for the cluster lease): both
+    # claims go in one transaction that commits unheard. The store took the answer (responses are
+    # claimed first); the retries find it this instance's, and the answer, not the E21, is given.
+    desk = Desk(hold=True, target_response_seconds=30.0)
+    desk.send(IMPORT_SUPPLIER, read(1))
+    desk.commit()
+    desk.pass_time(30.0)
+    desk.device_says(METER, meter_reading_answer(1))
+    assert desk.commit_lost("lease lost") == []
+    desk.pass_time(1.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == [ResponseCode.SUCCESS]
+    desk.pass_time(60.0)
+    assert desk.answers_to(IMPORT_SUPPLIER, desk.commit()) == []
+
+
 def test_an_e21_whose_claim_committed_unheard_is_still_given_once() -> None:
     desk = Desk(hold=True, target_response_seconds=30.0)
     desk.send(IMPORT_SUPPLIER, read(1))
