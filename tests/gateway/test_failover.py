@@ -223,22 +223,11 @@ def test_a_no_consumption_command_reaches_a_meter_after_its_flag_set_was_acknowl
     assert holds(result), explain(result, failover)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 12): now and then a device answer is given twice after the SIGKILL or the "
-    "store restart (same code, I0 I0, bytes differing: each copy is signed anew, and the check "
-    "compares bytes); not yet told apart from two different answers",
-)
 def test_b_every_request_gets_exactly_one_final_answer(failover: FailoverRun) -> None:
     result = check_exactly_one_final(failover.analysis)
     assert holds(result), explain(result, failover)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open bug (issue 12, README known limits): in about one run in three a few forwarded "
-    "requests (0 to 4 of 1,440) get no final answer after the SIGKILL and the PostgreSQL restart",
-)
 def test_c_no_request_is_lost(failover: FailoverRun) -> None:
     result = check_none_lost(failover.analysis)
     assert holds(result), explain(result, failover)
