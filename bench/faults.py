@@ -37,9 +37,11 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,7 @@ from rules.domain import DeviceType, Eui, RequestId
 from simulator.devices import DeviceConfig, DeviceSimulator
 from simulator.estate import generate_estate
 from simulator.mosquitto import Mosquitto, shipped_limits
+from simulator.server import free_port
 from simulator.traffic import load_templates, render
 
 if TYPE_CHECKING:
@@ -192,6 +195,47 @@ def users_apart(devices: tuple[DeviceRecord, ...]) -> tuple[Eui, Eui]:
     return loud, quiet
 
 
+def longest_commit_seconds(metrics_port: int) -> float:
+    """An upper bound on the gateway's longest store commit so far: the smallest bucket edge of
+    `mp169_store_commit_seconds` that holds every commit (scraped from its Prometheus endpoint)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith("mp169_store_commit_seconds_bucket{"):
+            edge = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(edge), float(line.rsplit(" ", 1)[1])))
+    total = max(count for _, count in buckets)
+    return min(edge for edge, count in buckets if count >= total)
+
+
+def fairness_bound(
+    *,
+    sessions: int,
+    window: int,
+    broker_inflight: int,
+    messages: int,
+    publishes: int,
+    seconds: float,
+    longest_commit: float,
+) -> dict[str, float]:
+    """The stated bound (README, "Fair sessions") on a quiet User's wait beside a burst in another
+    session, in seconds at the rates the gateway worked at in the same phase: its request is decided
+    behind at most N x w messages of others (N - 1 inbound windows and the device window, w =
+    inflight_window / (N + 1)); its answer leaves behind at most 2 publishes of each unacknowledged
+    message (a command and an I99) and the broker's in-flight window; and its commit waits for at most
+    the commit in progress and its own."""
+    per_session = window // (sessions + 1)
+    deciding = sessions * per_session / (messages / seconds)
+    publishing = (2 * window + broker_inflight) / (publishes / seconds)
+    return {
+        "deciding_s": round(deciding, 3),
+        "publishing_s": round(publishing, 3),
+        "committing_s": round(2 * longest_commit, 3),
+        "bound_ms": round(1000 * (deciding + publishing + 2 * longest_commit), 1),
+    }
+
+
 def garbage_for(count: int) -> list[tuple[str, bytes]]:
     return [("", b"<not-xml %d" % n) for n in range(count)]
 
@@ -226,7 +270,9 @@ async def campaign(
     config: tuple[int, int], burst: int, garbage: int, workdir: Path, pool: ProcessPoolExecutor
 ) -> dict[str, Any]:
     sessions, window = config
-    broker = Mosquitto(workdir / "mosquitto", shipped_limits())
+    limits = shipped_limits()
+    broker = Mosquitto(workdir / "mosquitto", limits)
+    metrics_port = free_port()
     broker.start()
     estate = generate_estate(1, 300)
     async with SqliteStore(workdir / "gw.sqlite3") as store:
@@ -235,7 +281,7 @@ async def campaign(
     config_file = workdir / "config.toml"
     config_file.write_text(
         f'[broker]\nurl = "{broker.url}"\n[store]\npath = "{workdir / "gw.sqlite3"}"\n'
-        f'[gateway]\nmetrics_port = 0\nlog_level = "info"\ninbound_sessions = {sessions}\n'
+        f'[gateway]\nmetrics_port = {metrics_port}\nlog_level = "info"\ninbound_sessions = {sessions}\n'
         f"inflight_window = {window}\n"
         # The bench's requests are unsigned (verification's cost is bench.gateway_mqtt --verify's).
         "[signing]\nverify = false\n"
@@ -288,6 +334,7 @@ async def campaign(
         await answers.until_deadletters(garbage)
         garbage_seconds = time.perf_counter() - started
         rss = peak_rss_mb(daemon.pid)
+        longest_commit = await asyncio.to_thread(longest_commit_seconds, metrics_port)
     finally:
         daemon.terminate()
         await daemon.wait()
@@ -297,6 +344,25 @@ async def campaign(
     quiet_answers = Answers()
     for run in (alone, with_burst, with_garbage):
         quiet_answers.codes.update(run.codes)
+    burst_outcome = outcome(answers, loud_ids)
+    forwarded = burst_outcome.get(f"code_{ResponseCode.ACKNOWLEDGED.value}", 0) + QUIET
+    refused = burst_outcome.get(f"code_{ResponseCode.GATEWAY_BUSY.value}", 0)
+    bound = partial(
+        fairness_bound,
+        sessions=sessions,
+        window=window,
+        broker_inflight=int(limits["max_inflight_messages"]),
+        longest_commit=longest_commit,
+    )
+    # Burst: each forward is a request and a device answer in, a command, an I99 and the answer out.
+    bounds = {
+        "quiet_beside_burst": bound(
+            messages=2 * forwarded + refused, publishes=3 * forwarded + refused, seconds=burst_seconds
+        ),
+        "quiet_beside_garbage": bound(
+            messages=garbage + 2 * QUIET, publishes=garbage + 3 * QUIET, seconds=garbage_seconds
+        ),
+    }
     return {
         "inbound_sessions": sessions,
         "inflight_window": window,
@@ -307,7 +373,10 @@ async def campaign(
         "quiet_alone": percentiles(list(alone.latencies.values())),
         "quiet_beside_burst": percentiles(list(with_burst.latencies.values())),
         "quiet_beside_garbage": percentiles(list(with_garbage.latencies.values())),
-        "burst_outcome": outcome(answers, loud_ids),
+        "burst_outcome": burst_outcome,
+        # The bound holds for a quiet User in a session of its own (inbound_sessions > 1) only.
+        "stated_bound": bounds if sessions > 1 else None,
+        "longest_commit_s": longest_commit,
         "quiet_outcome": outcome(
             quiet_answers, [*alone.latencies, *with_burst.latencies, *with_garbage.latencies]
         ),
@@ -325,15 +394,17 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         "",
         (
-            "| inbound sessions | window | alone | beside the burst | beside the garbage "
+            "| inbound sessions | window | alone | beside the burst (bound) | beside the garbage (bound) "
             "| burst E16921 | burst lost / dup | garbage dead-lettered | peak RSS |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         burst = run["burst_outcome"]
+        bounds = run["stated_bound"] or {}
         cells = [
             f"{run[phase]['p50_ms']} / {run[phase]['p99_ms']}"
+            + (f" ({bounds[phase]['bound_ms']})" if phase in bounds else "")
             for phase in ("quiet_alone", "quiet_beside_burst", "quiet_beside_garbage")
         ]
         lines.append(
