@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -236,6 +237,19 @@ def fairness_bound(
     }
 
 
+def duplicate_refusals(log: Path, limit: int = 20) -> dict[str, Any]:
+    """The gateway's E16901 refusals in its JSON log: how many, and the first few with the counter each
+    was held against (a burst's requests come in counter order, so any is a delivery out of order)."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"duplicate-request-id"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            found.append({key: entry.get(key) for key in ("timestamp", "request_id", "detail")})
+    return {"count": len(found), "first": found[:limit]}
+
+
 def garbage_for(count: int) -> list[tuple[str, bytes]]:
     return [("", b"<not-xml %d" % n) for n in range(count)]
 
@@ -383,6 +397,7 @@ async def campaign(
         "garbage_deadlettered": answers.deadletters,
         "gateway_peak_rss_mb": rss,
         "daemon_exit": daemon.returncode,
+        "duplicate_request_id_refusals": duplicate_refusals(log),
     }
 
 

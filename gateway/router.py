@@ -774,8 +774,8 @@ class Router:
                 admission=admission,
                 code=ResponseCode.DUPLICATE_REQUEST_ID,
                 reason="duplicate-request-id",
-                detail=f"RequestID counter {request.request_id.counter} is not above the highest accepted "
-                f"from {request.request_id.originator}",
+                detail=f"RequestID counter {request.request_id.counter} is not above "
+                f"{self._counters.get(user, -1)}, the highest accepted from {request.request_id.originator}",
                 now=now,
             )
             return

@@ -221,6 +221,16 @@ def test_a_repeated_request_id_is_refused_and_never_forwarded_twice(desk: Desk) 
     again = desk.send(IMPORT_SUPPLIER, read(7)) + desk.send(IMPORT_SUPPLIER, read(6))
     assert desk.commands(again) == []
     assert desk.answers_to(IMPORT_SUPPLIER, again) == [ResponseCode.DUPLICATE_REQUEST_ID] * 2
+    # The refusal names the counter it was held against: the user can tell a repeat from a reordering.
+    refusals = [
+        o.detail
+        for o in desk.observed
+        if isinstance(o, RequestDecided) and o.admission is Admission.DUPLICATE
+    ]
+    assert [detail.split(",")[0] for detail in refusals] == [
+        "RequestID counter 7 is not above 7",
+        "RequestID counter 6 is not above 7",
+    ]
 
 
 def test_a_repeat_of_a_request_still_being_committed_is_a_duplicate_too() -> None:
