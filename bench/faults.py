@@ -197,17 +197,14 @@ def users_apart(devices: tuple[DeviceRecord, ...]) -> tuple[Eui, Eui]:
 
 
 def longest_commit_seconds(metrics_port: int) -> float:
-    """An upper bound on the gateway's longest store commit so far: the smallest bucket edge of
-    `mp169_store_commit_seconds` that holds every commit (scraped from its Prometheus endpoint)."""
+    """The gateway's longest store commit so far (`mp169_store_commit_seconds_max`, scraped from its
+    Prometheus endpoint)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    buckets: list[tuple[float, float]] = []
     for line in text.splitlines():
-        if line.startswith("mp169_store_commit_seconds_bucket{"):
-            edge = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float(edge), float(line.rsplit(" ", 1)[1])))
-    total = max(count for _, count in buckets)
-    return min(edge for edge, count in buckets if count >= total)
+        if line.startswith("mp169_store_commit_seconds_max "):
+            return float(line.split()[1])
+    raise RuntimeError("the gateway serves no mp169_store_commit_seconds_max")
 
 
 def fairness_bound(

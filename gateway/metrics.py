@@ -73,6 +73,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.commit_seconds_max = Gauge(
+            "mp169_store_commit_seconds_max",
+            "The longest store transaction of routing state since the gateway started (the histogram's "
+            "buckets are too coarse for a bound that rests on it: README, Fair sessions).",
+            registry=self.registry,
+        )
+        self._longest_commit = 0.0
         self.commit_batch_size = Histogram(
             "mp169_store_commit_batch_size",
             "Messages whose routing state one store transaction made durable.",
@@ -127,6 +134,14 @@ class Metrics:
             counter = self.requests.labels(category=category, decision=decision)
             self._request_counters[category, decision] = counter
         counter.inc()
+
+    def observe_commit(self, seconds: float, batch: int) -> None:
+        """One store commit of `batch` messages' routing state that took `seconds`."""
+        self.commit_seconds.observe(seconds)
+        self.commit_batch_size.observe(batch)
+        if seconds > self._longest_commit:
+            self._longest_commit = seconds
+            self.commit_seconds_max.set(seconds)
 
     def serve(self, port: int, health: Health | None = None) -> MetricsServer:
         """Serve /metrics (and, given `health`, /healthz and /readyz) on 127.0.0.1:port in a thread.

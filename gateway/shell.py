@@ -375,8 +375,7 @@ class Shell:
                 if self._budget is not None:
                     self._budget.commit_done(batches, time.perf_counter())
                 if self._metrics is not None:
-                    self._metrics.commit_seconds.observe(time.perf_counter() - started)
-                    self._metrics.commit_batch_size.observe(len(batches))
+                    self._metrics.observe_commit(time.perf_counter() - started, len(batches))
                 taken = _taken(plain, result) if self._member is not None else frozenset()
                 self._feed(
                     Committed(

@@ -22,3 +22,12 @@ def test_the_endpoint_serves_requests_by_category_and_decision() -> None:
     assert 'mp169_requests_total{category="firmware",decision="forward"} 1.0' in text
     assert 'mp169_alerts_total{category="billing",delivery="withhold"} 1.0' in text
     assert "mp169_request_handling_seconds_bucket" in text
+
+
+def test_the_longest_commit_is_kept_beside_the_commit_histogram() -> None:
+    metrics = Metrics()
+    for seconds in (0.02, 0.7, 0.3):
+        metrics.observe_commit(seconds, 4)
+    assert metrics.registry.get_sample_value("mp169_store_commit_seconds_max") == 0.7
+    assert metrics.registry.get_sample_value("mp169_store_commit_seconds_count") == 3
+    assert metrics.registry.get_sample_value("mp169_store_commit_batch_size_sum") == 12
