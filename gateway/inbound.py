@@ -100,7 +100,7 @@ class FairQueue(Generic[T]):
 class FairFeed:
     """Several sources' messages into one handler: at most `limit` handlers run at once, and a free
     place goes to the sources round-robin (`FairQueue`). A source's messages start in the order they
-    came; each waits for its place, in order, before its handler starts."""
+    came: each waits for its place, in order, and for the one before it to start."""
 
     def __init__(self, handler: Handler, sources: int, limit: int) -> None:
         if limit < 1:
@@ -109,6 +109,8 @@ class FairFeed:
         self._queue: FairQueue[asyncio.Future[None]] = FairQueue(sources)
         self._limit = limit
         self._running = 0
+        # Per source, resolved once its latest message started (or gave up): the next one waits for it.
+        self._started: list[asyncio.Future[None] | None] = [None] * sources
 
     @property
     def waiting(self) -> int:
@@ -122,15 +124,25 @@ class FairFeed:
         """The handler for one source's messages."""
 
         async def handle(message: Message) -> None:
-            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            turn: asyncio.Future[None] = loop.create_future()
+            previous, started = self._started[source], loop.create_future()
+            self._started[source] = started
             self._queue.put(source, turn)
             self._admit()
             try:
                 await turn
+                # Given a place, it resumes a loop iteration later: a later message of its source that
+                # finds a place free meanwhile must not start first (a User's requests are decided in
+                # the order they came: a lower RequestID counter after a higher one is refused).
+                if previous is not None and not previous.done():
+                    await asyncio.shield(previous)
             except asyncio.CancelledError:
                 if turn.done() and not turn.cancelled():  # given its place as it was cancelled
                     self._release()
                 raise
+            finally:
+                started.set_result(None)
             try:
                 await self._handler(message)
             finally:
@@ -152,6 +164,30 @@ class FairFeed:
                 continue
             turn.set_result(None)
             self._running += 1
+
+
+class OrderedGate:
+    """Holds messages until opened, then lets them through in the order they came: one that arrives
+    as the gate opens (its first step runs before the held ones resume) waits for those before it."""
+
+    def __init__(self) -> None:
+        self._opened = asyncio.Event()
+        self._last: asyncio.Future[None] | None = None
+
+    def open(self) -> None:
+        self._opened.set()
+
+    async def passed(self) -> None:
+        """Return once the gate is open and every message that came before this one has passed."""
+        previous, mine = self._last, asyncio.get_running_loop().create_future()
+        self._last = mine
+        try:
+            if not self._opened.is_set():
+                await self._opened.wait()
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+        finally:
+            mine.set_result(None)
 
 
 class InboundSessions:

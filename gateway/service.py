@@ -22,6 +22,7 @@ import structlog
 
 from gateway import signing
 from gateway.cluster import ClusterMember
+from gateway.inbound import OrderedGate
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
 from gateway.outcomes.recorder import OutcomeRecorder
@@ -278,10 +279,10 @@ class GatewayService:
         # The request session first (every answer leaves on it; a second instance with the same client
         # id is noticed on it as before), but no request is decided until the device session is
         # subscribed: no device answer finds it missing.
-        subscribed = asyncio.Event()
+        subscribed = OrderedGate()  # in arrival order: a backlog delivered at connect keeps its order
 
         async def handle_request(message: Message) -> None:
-            await subscribed.wait()
+            await subscribed.passed()
             await shell.handle(message)
 
         if inbound is None:
@@ -291,7 +292,7 @@ class GatewayService:
         await devices.transport.start(topics.device_subscriptions(group), devices.handler(shell))
         if inbound is not None:
             await inbound.start(self.view.users)
-        subscribed.set()
+        subscribed.open()
 
     def reload_rules(self) -> bool:
         """Swap in a freshly loaded rules table; a bad table leaves the running one in place."""

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.inbound import FairFeed, FairQueue, InboundSessions, shard_of
+from gateway.inbound import FairFeed, FairQueue, InboundSessions, OrderedGate, shard_of
 from gateway.mqtt import MqttTransport
 from gateway.transport import Message
 from rules.domain import Eui
@@ -101,6 +101,40 @@ async def test_a_free_place_goes_to_the_sources_in_turn() -> None:
     # a0 had the place; then each source in turn, each in its own order.
     assert gate.started == [b"a0", b"b0", b"c0", b"a1", b"a2", b"a3", b"a4"]
     assert (feed.running, feed.waiting) == (0, 0)
+
+
+async def test_a_source_s_messages_start_in_order_when_a_later_one_finds_a_free_place() -> None:
+    # a2 is given a place as a0 ends; before it resumes, a1 ends too and a3 arrives to a free place.
+    # Started at once, a3 would overtake a2 (the router would refuse a2's lower RequestID counter).
+    gate = Gate()
+    feed = FairFeed(gate, sources=1, limit=2)
+    handlers = [asyncio.create_task(feed.source(0)(Message("dsp/in/a", b"a%d" % n))) for n in range(3)]
+    await gate.until_started(2)
+    gate.let_go(b"a0")
+    gate.let_go(b"a1")
+    handlers.append(asyncio.create_task(feed.source(0)(Message("dsp/in/a", b"a3"))))
+    await gate.until_started(4)
+    gate.let_go(b"a2")
+    gate.let_go(b"a3")
+    await asyncio.gather(*handlers)
+    assert gate.started == [b"a0", b"a1", b"a2", b"a3"]
+    assert (feed.running, feed.waiting) == (0, 0)
+
+
+async def test_a_gate_lets_held_messages_through_in_order_with_one_arriving_as_it_opens() -> None:
+    gate = OrderedGate()
+    passed: list[int] = []
+
+    async def message(n: int) -> None:
+        await gate.passed()
+        passed.append(n)
+
+    held = [asyncio.create_task(message(n)) for n in range(3)]
+    await asyncio.sleep(0)  # all three wait at the closed gate
+    late = asyncio.create_task(message(3))  # its first step runs before the held ones resume
+    gate.open()
+    await asyncio.gather(*held, late)
+    assert passed == [0, 1, 2, 3]
 
 
 async def test_a_handler_cancelled_while_it_waits_gives_up_its_place() -> None:
