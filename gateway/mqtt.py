@@ -6,8 +6,8 @@ Delivery (the reasoning is in docs/transport.md):
   `on_message` returned (only for coroutine callbacks, so `_Link._on_publish` must stay `async`).
 - The session is persistent (clean start off, a session expiry interval), so what arrives while the
   gateway is away, and what it had not acknowledged, is delivered when it connects again.
-- The Receive Maximum connect property is the in-flight window: the broker never has more than that
-  many unacknowledged messages out to the gateway, which is the gateway's backpressure.
+- The Receive Maximum connect property is the in-flight window asked of the broker (Mosquitto 2.0.11
+  holds it only while no acknowledgements flow: docs/transport.md, bench/receive_maximum.py).
 - `publish` writes a QoS 1 PUBLISH on the connection and returns. A handler's publishes are written
   before its message's PUBACK on the same TCP connection, so the broker never holds the ack without
   the publish. Publishes not acknowledged by the broker when a connection drops are published again,

@@ -81,6 +81,8 @@ _RETRY_CAP_SECONDS = 2.0
 # document, few enough that the first of a chunk does not wait long for the rest (a signature is
 # about 150 µs) and that a burst is spread over the pool's workers.
 _SIGN_CHUNK = 8
+MAX_COMMIT_BATCH = 512
+"""Commits joined into one store transaction, at most."""
 
 Publisher: TypeAlias = "Callable[[str, bytes], Awaitable[None]]"
 Clock: TypeAlias = "Callable[[], datetime]"
@@ -99,7 +101,7 @@ class Shell:
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
-        max_batch: int = 512,
+        max_batch: int = MAX_COMMIT_BATCH,
         member: ClusterMember | None = None,
         retry_seconds: float = 30.0,
         budget: LatencyBudget | None = None,
