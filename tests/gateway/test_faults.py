@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from gateway.config import Settings
 from gateway.daemon import EXIT_STOP_TIMEOUT, EXIT_STORE_CORRUPT
+from gateway.metrics import Metrics
 from gateway.mqtt import MqttTransport
 from gateway.pki import init_pki
-from gateway.service import GatewayService
+from gateway.service import DeviceSession, GatewayService
 from gateway.signing import sign
+from gateway.transport import MemoryBroker, MemoryTransport
 from rules.codes import ResponseCode
 from simulator.mosquitto import shipped_limits
 from simulator.replay import Signatures
@@ -103,6 +106,61 @@ async def test_an_oversize_unparseable_message_is_dead_lettered_once_and_serves_
     finally:
         await service.stop()
     assert service.router.unreleased == 0
+
+
+# -- bounded work, whatever the broker delivers ---------------------------------------------------
+
+
+async def nothing_to_flush() -> None:
+    return
+
+
+async def test_the_gateway_handles_at_most_its_window_even_if_the_broker_delivers_more(
+    tmp_path: Path,
+) -> None:
+    # Mosquitto 2.0.11 does not hold a session's Receive Maximum once acknowledgements flow
+    # (bench/receive_maximum.py): a memory broker with a window of 65,535 stands in for it.
+    store = tmp_path / "gw.sqlite3"
+    await seed(store)
+    settings = Settings.model_validate(
+        {
+            "store": {"path": str(store)},
+            "gateway": {"metrics_port": 0, "inflight_window": 2},
+            "signing": {"verify": False},
+        }
+    )
+    broker = MemoryBroker()
+    devices = DeviceSession(MemoryTransport(broker, "gw-devices", receive_maximum=65535), nothing_to_flush)
+    metrics = Metrics()
+    service = await GatewayService.start(
+        settings, MemoryTransport(broker, "gw", receive_maximum=65535), metrics=metrics, devices=devices
+    )
+    answers = Answers()
+    user = MemoryTransport(broker, "user")
+    await user.start([f"dsp/out/{IMPORT_SUPPLIER}"], answers)
+    writer = sqlite3.connect(store)
+    writer.execute("BEGIN IMMEDIATE")  # every commit waits (retried while the store is locked)
+    try:
+        for counter in range(1, 11):
+            await user.publish(
+                f"dsp/in/{IMPORT_SUPPLIER}", request(CONSUMPTION_SRV, IMPORT_SUPPLIER, METER, counter)
+            )
+        async with asyncio.timeout(GUARD_SECONDS):  # the broker delivered all ten at once
+            while len(broker.session("gw").in_flight) < 10 or metrics.inflight._value.get() < 2:  # noqa: ASYNC110 - the broker's and the gauge's state
+                await asyncio.sleep(0.01)
+        for _ in range(20):  # every delivered message has had its turns: two are handled, eight wait
+            await asyncio.sleep(0)
+        assert metrics.inflight._value.get() == 2
+        assert len(broker.session("gw").in_flight) == 10
+    finally:
+        writer.rollback()
+        writer.close()
+    ids = [rid(IMPORT_SUPPLIER, METER, counter) for counter in range(1, 11)]
+    async with asyncio.timeout(GUARD_SECONDS):
+        for request_id in ids:
+            await answers.until_answered(request_id)
+    await service.stop()
+    assert [answers.codes(i)[0] for i in ids] == [ResponseCode.ACKNOWLEDGED] * 10
 
 
 # -- SIGTERM in every state -----------------------------------------------------------------------
