@@ -22,7 +22,7 @@ import structlog
 
 from gateway import signing
 from gateway.cluster import ClusterMember
-from gateway.inbound import FairFeed, OrderedGate, session_window
+from gateway.inbound import FairFeed, OrderedGate
 from gateway.metrics import Metrics
 from gateway.observers import LogObserver, MetricsObserver, OutcomeObserver
 from gateway.outcomes.recorder import OutcomeRecorder
@@ -286,17 +286,16 @@ class GatewayService:
             await shell.handle(message)
 
         # The broker's Receive Maximum is not a bound Mosquitto 2.0.11 holds once acknowledgements flow
-        # (bench/receive_maximum.py): each session's messages are handled through a feed of the
-        # window's size, so the work in progress is bounded whatever the broker delivers.
-        window = self.settings.gateway.inflight_window
+        # (bench/receive_maximum.py): requests are handled through a feed of the window's size, so
+        # the work in progress is bounded whatever the broker delivers. Device messages are not held
+        # back: each answers a forward (at most `max_forwards` wait) and must not wait for its E21.
         if inbound is None:
+            window = self.settings.gateway.inflight_window
             requests = FairFeed(handle_request, sources=1, limit=window).source(0)
             await self.transport.start(topics.request_subscriptions(group), requests)
         else:
             await self.transport.start([], inbound.attach(handle_request))
-        device_window = window if inbound is None else session_window(self.settings)
-        device_messages = FairFeed(devices.handler(shell), sources=1, limit=device_window).source(0)
-        await devices.transport.start(topics.device_subscriptions(group), device_messages)
+        await devices.transport.start(topics.device_subscriptions(group), devices.handler(shell))
         if inbound is not None:
             await inbound.start(self.view.users)
         subscribed.open()
