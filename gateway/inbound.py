@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
 
+from gateway.arrival import ArrivalOrder
 from gateway.mqtt import MqttTransport
 
 if TYPE_CHECKING:
@@ -109,8 +110,8 @@ class FairFeed:
         self._queue: FairQueue[asyncio.Future[None]] = FairQueue(sources)
         self._limit = limit
         self._running = 0
-        # Per source, resolved once its latest message started (or gave up): the next one waits for it.
-        self._started: list[asyncio.Future[None] | None] = [None] * sources
+        # Per source: its messages start in the order they came.
+        self._orders = [ArrivalOrder() for _ in range(sources)]
 
     @property
     def waiting(self) -> int:
@@ -124,10 +125,8 @@ class FairFeed:
         """The handler for one source's messages."""
 
         async def handle(message: Message) -> None:
-            loop = asyncio.get_running_loop()
-            turn: asyncio.Future[None] = loop.create_future()
-            previous, started = self._started[source], loop.create_future()
-            self._started[source] = started
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            place = self._orders[source].place()
             self._queue.put(source, turn)
             self._admit()
             try:
@@ -135,14 +134,13 @@ class FairFeed:
                 # Given a place, it resumes a loop iteration later: a later message of its source that
                 # finds a place free meanwhile must not start first (a User's requests are decided in
                 # the order they came: a lower RequestID counter after a higher one is refused).
-                if previous is not None and not previous.done():
-                    await asyncio.shield(previous)
+                await place.turn()
             except asyncio.CancelledError:
                 if turn.done() and not turn.cancelled():  # given its place as it was cancelled
                     self._release()
                 raise
             finally:
-                started.set_result(None)
+                place.passed()
             try:
                 await self._handler(message)
             finally:
@@ -172,22 +170,19 @@ class OrderedGate:
 
     def __init__(self) -> None:
         self._opened = asyncio.Event()
-        self._last: asyncio.Future[None] | None = None
+        self._order = ArrivalOrder()
 
     def open(self) -> None:
         self._opened.set()
 
     async def passed(self) -> None:
         """Return once the gate is open and every message that came before this one has passed."""
-        previous, mine = self._last, asyncio.get_running_loop().create_future()
-        self._last = mine
+        place = self._order.place()
         try:
-            if not self._opened.is_set():
-                await self._opened.wait()
-            if previous is not None and not previous.done():
-                await asyncio.shield(previous)
+            await self._opened.wait()
+            await place.turn()
         finally:
-            mine.set_result(None)
+            place.passed()
 
 
 class InboundSessions:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import structlog
 
+from gateway.arrival import ArrivalOrder
 from gateway.router import (
     Acknowledge,
     Commit,
@@ -147,8 +148,8 @@ class Shell:
         """Documents to users produced in this event-loop iteration, to be signed together."""
         self._requests = f"{router.topics.inbound}/"
         self._users = f"{router.topics.outbound}/"
-        self._fed: asyncio.Future[None] | None = None
-        """Set once the latest message so far reached the router: the next one waits for it."""
+        self._feeding_order = ArrivalOrder()
+        """Messages reach the router in arrival order, whatever order their signature checks end in."""
         self._last_fed = -1
         """The ticket of the latest message fed to the router (tickets are fed in arrival order)."""
 
@@ -235,22 +236,20 @@ class Shell:
     async def _verified_in_order(
         self, ticket: int, message: Message, verify: Callable[[bytes], Verification]
     ) -> None:
-        loop = asyncio.get_running_loop()
-        previous, fed = self._fed, loop.create_future()
-        self._fed = fed
+        place = self._feeding_order.place()
         try:
             verification = None
             if message.topic.startswith(self._requests):
+                loop = asyncio.get_running_loop()
                 verification = await loop.run_in_executor(self._executor, verify, message.payload)
                 if self._metrics is not None:
                     self._metrics.signature_checks.labels(result=verification.reason).inc()
-            if previous is not None:
-                await previous
+            await place.turn()
             self._received(
                 Received(ticket, message.topic, message.payload, message.redelivered, verification)
             )
         finally:
-            fed.set_result(None)  # even if cancelled: the messages after this one go on
+            place.passed()  # even if cancelled: the messages after this one go on
 
     def _received(self, received: Received) -> None:
         """Feed a message to the router, marking the latency budget's stages when one is kept."""
